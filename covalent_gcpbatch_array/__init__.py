@@ -1,0 +1,1 @@
+"""Covalent executor that coalesces electrons into Google Cloud Batch array jobs."""
