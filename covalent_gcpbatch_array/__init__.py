@@ -1,1 +1,56 @@
-"""Covalent executor that coalesces electrons into Google Cloud Batch array jobs."""
+"""Covalent executor that coalesces electrons into Google Cloud Batch array jobs.
+
+``GCPBatchArrayExecutor`` imports covalent (seconds), so it is loaded on first use;
+``LocalCloud`` lives in :mod:`covalent_gcpbatch_array.local`.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+from .config import ExecutorConfig, JobShape
+from .exceptions import (
+    BatchApiError,
+    CloudApiError,
+    ConfigError,
+    ElectronInputError,
+    GCPBatchArrayError,
+    RemoteTaskError,
+    ResultIntegrityError,
+    StorageError,
+    TaskEnvironmentError,
+    TaskInfrastructureError,
+    TimeLimitExceeded,
+)
+
+if TYPE_CHECKING:
+    from .gcpbatch_array import GCPBatchArrayExecutor
+
+__version__ = metadata.version("covalent-gcpbatch-array")
+
+__all__ = [
+    "BatchApiError",
+    "CloudApiError",
+    "ConfigError",
+    "ElectronInputError",
+    "ExecutorConfig",
+    "GCPBatchArrayError",
+    "GCPBatchArrayExecutor",
+    "JobShape",
+    "RemoteTaskError",
+    "ResultIntegrityError",
+    "StorageError",
+    "TaskEnvironmentError",
+    "TaskInfrastructureError",
+    "TimeLimitExceeded",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GCPBatchArrayExecutor":
+        from .gcpbatch_array import GCPBatchArrayExecutor
+
+        return GCPBatchArrayExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

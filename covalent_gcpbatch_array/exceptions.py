@@ -62,6 +62,9 @@ class ConfigError(GCPBatchArrayError, ValueError):
         self.hint = hint
         super().__init__(f"gcpbatch_array config key {key!r}: {problem}; fix: {hint}")
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.key, self.problem, self.hint)
+
 
 class ElectronInputError(GCPBatchArrayError):
     """An electron's function, arguments or result cannot be serialized."""

@@ -1,0 +1,300 @@
+"""Google Batch: building the array job, and a small async facade over ``BatchServiceClient``.
+
+The facade calls the real synchronous REST client through ``anyio.to_thread`` (the async REST
+client of google-cloud-batch 0.22 blocks), retries with ``google.api_core.retry``, and maps API
+errors to :class:`~covalent_gcpbatch_array.exceptions.BatchApiError` in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import anyio
+from google.api_core import exceptions as api_exceptions
+from google.api_core import retry as api_retry
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import batch_v1
+
+from . import __version__
+from .config import JobShape
+from .exceptions import BatchApiError
+
+__all__ = ["BatchJobs", "build_job", "make_batch_client", "new_job_id"]
+
+#: The runner's exit code for "the user's function raised": never worth a retry.
+USER_ERROR_EXIT_CODE = 3
+#: Label every job carries, so `gcpbatch-array jobs` and `gc` find ours and only ours.
+CREATED_BY_LABEL = ("created-by", "covalent-gcpbatch-array")
+#: Largest ListTasks page; a job of up to this many tasks costs one call per poll.
+TASK_PAGE_SIZE = 1000
+
+_T = TypeVar("_T")
+
+_TRANSIENT = api_retry.if_exception_type(
+    api_exceptions.TooManyRequests,
+    api_exceptions.InternalServerError,
+    api_exceptions.BadGateway,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.GatewayTimeout,
+)
+#: Creating a job is retried for a long time: a job-creation quota can stay exceeded for
+#: minutes, and ``request_id`` makes every retry safe.
+CREATE_RETRY = api_retry.Retry(
+    predicate=_TRANSIENT, initial=0.5, maximum=30.0, multiplier=2.0, timeout=1800.0
+)
+#: Reads and deletes: the monitor polls again anyway, so give up sooner.
+READ_RETRY = api_retry.Retry(
+    predicate=_TRANSIENT, initial=0.5, maximum=10.0, multiplier=2.0, timeout=60.0
+)
+
+
+def new_job_id(now: float | None = None) -> str:
+    """Make a fresh Batch job id: ``cga-<utc time>-<random>``, valid and unique."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"cga-{stamp}-{secrets.token_hex(5)}"
+
+
+def make_batch_client(endpoint: str = "") -> batch_v1.BatchServiceClient:
+    """A REST ``BatchServiceClient`` for Google (``endpoint=""``) or another endpoint.
+
+    A plain ``http://`` endpoint is an emulator such as the local cloud: it gets anonymous
+    credentials, since no Google credential may be sent over plain HTTP.
+    """
+    if not endpoint:
+        return batch_v1.BatchServiceClient(transport="rest")
+    credentials = AnonymousCredentials() if endpoint.startswith("http://") else None
+    return batch_v1.BatchServiceClient(
+        transport="rest", credentials=credentials, client_options={"api_endpoint": endpoint}
+    )
+
+
+def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: str) -> batch_v1.Job:
+    """The array job for one batch: ``task_count`` tasks sharing one task spec.
+
+    :param shape: the batch's job shape
+    :param task_count: number of tasks (one per electron slot)
+    :param job_prefix: the job's folder in the bucket, ``{bucket_prefix}/{job_id}``
+    :param hmac_key: hex key that signs this job's inputs and results
+    """
+    runnable = batch_v1.Runnable(
+        container=batch_v1.Runnable.Container(
+            image_uri=shape.container_image_uri,
+            entrypoint="python",
+            commands=["-m", "covalent_gcpbatch_array.runner"],
+        )
+    )
+    task_spec = batch_v1.TaskSpec(
+        runnables=[runnable],
+        compute_resource=batch_v1.ComputeResource(
+            cpu_milli=round(shape.vcpus * 1000), memory_mib=shape.memory
+        ),
+        max_retry_count=shape.retries,
+        max_run_duration=f"{shape.time_limit:g}s",
+        lifecycle_policies=[
+            batch_v1.LifecyclePolicy(
+                action=batch_v1.LifecyclePolicy.Action.FAIL_TASK,
+                action_condition=batch_v1.LifecyclePolicy.ActionCondition(
+                    exit_codes=[USER_ERROR_EXIT_CODE]
+                ),
+            )
+        ],
+        environment=batch_v1.Environment(
+            variables={
+                "CGA_BUCKET": shape.bucket_name,
+                "CGA_JOB_PREFIX": job_prefix,
+                "CGA_HMAC_KEY": hmac_key,
+            }
+        ),
+    )
+    task_group = batch_v1.TaskGroup(
+        task_spec=task_spec,
+        task_count=task_count,
+        parallelism=shape.parallelism or None,
+        task_count_per_node=shape.task_count_per_node or None,
+    )
+    return batch_v1.Job(
+        task_groups=[task_group],
+        allocation_policy=_allocation_policy(shape),
+        labels={
+            **dict(shape.labels),
+            CREATED_BY_LABEL[0]: CREATED_BY_LABEL[1],
+            "cga-version": __version__.replace(".", "-"),
+        },
+        logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
+    )
+
+
+def _allocation_policy(shape: JobShape) -> batch_v1.AllocationPolicy:
+    instance = batch_v1.AllocationPolicy.InstancePolicy(
+        machine_type=shape.machine_type,
+        provisioning_model=getattr(
+            batch_v1.AllocationPolicy.ProvisioningModel, shape.provisioning_model
+        ),
+    )
+    if shape.accelerator_type:
+        instance.accelerators = [
+            batch_v1.AllocationPolicy.Accelerator(
+                type_=shape.accelerator_type, count=shape.accelerator_count
+            )
+        ]
+    if shape.boot_disk_size_gb:
+        instance.boot_disk = batch_v1.AllocationPolicy.Disk(size_gb=shape.boot_disk_size_gb)
+    policy = batch_v1.AllocationPolicy(
+        location=batch_v1.AllocationPolicy.LocationPolicy(
+            allowed_locations=[f"regions/{shape.region}"]
+        ),
+        instances=[
+            batch_v1.AllocationPolicy.InstancePolicyOrTemplate(
+                policy=instance, install_gpu_drivers=bool(shape.accelerator_type)
+            )
+        ],
+    )
+    if shape.service_account_email:
+        policy.service_account = batch_v1.ServiceAccount(email=shape.service_account_email)
+    if shape.network or shape.subnetwork:
+        policy.network = batch_v1.AllocationPolicy.NetworkPolicy(
+            network_interfaces=[
+                batch_v1.AllocationPolicy.NetworkInterface(
+                    network=shape.network, subnetwork=shape.subnetwork
+                )
+            ]
+        )
+    return policy
+
+
+@contextlib.contextmanager
+def _mapped_errors(action: str) -> Iterator[None]:
+    """Turn Google API errors into BatchApiError with a message that says what to do."""
+    try:
+        yield
+    except api_exceptions.GoogleAPICallError as exc:
+        raise BatchApiError(f"Google Batch: {action} failed: {exc}{_advice(exc)}") from exc
+    except api_exceptions.RetryError as exc:
+        raise BatchApiError(
+            f"Google Batch: {action} still failing after retries: {exc.cause}. The API or the "
+            "quota is unavailable; the work was not lost, dispatch again when it recovers"
+        ) from exc
+
+
+def _advice(exc: api_exceptions.GoogleAPICallError) -> str:
+    if isinstance(exc, api_exceptions.PermissionDenied | api_exceptions.Unauthenticated):
+        return (
+            ". The credentials running the Covalent server need roles/batch.jobsEditor on the "
+            "project and roles/iam.serviceAccountUser on the job's service_account_email"
+        )
+    if isinstance(exc, api_exceptions.InvalidArgument):
+        return ". Batch rejected the job definition; check the executor's job-shape keys"
+    if isinstance(exc, api_exceptions.NotFound):
+        return ". Check project_id and region, and that the Batch API is enabled"
+    return ""
+
+
+class BatchJobs:
+    """Async access to the jobs of one project and region.
+
+    :param client: a synchronous REST ``BatchServiceClient``
+    :param project_id: the Google Cloud project
+    :param region: the Batch location
+    :param limiter: bounds the worker threads (and so the HTTP connections) used for calls
+    """
+
+    def __init__(
+        self,
+        client: batch_v1.BatchServiceClient,
+        project_id: str,
+        region: str,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self._client = client
+        self.parent = f"projects/{project_id}/locations/{region}"
+        self._limiter = limiter or anyio.CapacityLimiter(8)
+
+    def job_name(self, job_id: str) -> str:
+        """The full resource name of a job."""
+        return f"{self.parent}/jobs/{job_id}"
+
+    async def _call(self, method: Callable[..., _T], /, **kwargs: Any) -> _T:
+        return await anyio.to_thread.run_sync(
+            functools.partial(method, **kwargs), limiter=self._limiter
+        )
+
+    async def create(self, job_id: str, job: batch_v1.Job) -> batch_v1.Job:
+        """Create a job, retried on 429 and 5xx; a retry never makes a second job.
+
+        The request carries one ``request_id`` across its retries, so Batch answers a repeat
+        with the job it already made; if a server answers ALREADY_EXISTS instead, the job
+        is fetched and accepted when its folder is ours.
+
+        :raises BatchApiError: when Batch refuses the job or keeps failing
+        """
+        request = batch_v1.CreateJobRequest(
+            parent=self.parent, job_id=job_id, job=job, request_id=str(uuid.uuid4())
+        )
+        with _mapped_errors(f"creating job {job_id}"):
+            try:
+                return await self._call(
+                    self._client.create_job, request=request, retry=CREATE_RETRY
+                )
+            except api_exceptions.AlreadyExists:
+                existing = await self.get(job_id)
+                if _job_prefix(existing) != _job_prefix(job):
+                    raise
+                return existing
+
+    async def get(self, job_id: str) -> batch_v1.Job:
+        """Fetch a job.
+
+        :raises BatchApiError: ``NotFound`` is chained when the job does not exist
+        """
+        with _mapped_errors(f"reading job {job_id}"):
+            return await self._call(
+                self._client.get_job, name=self.job_name(job_id), retry=READ_RETRY
+            )
+
+    async def list_tasks(self, job_id: str, states: tuple[str, ...] = ()) -> list[batch_v1.Task]:
+        """All tasks of a job, optionally only those in ``states`` (e.g. ``("SUCCEEDED",)``)."""
+        request = batch_v1.ListTasksRequest(
+            parent=f"{self.job_name(job_id)}/taskGroups/group0",
+            filter=" OR ".join(f"State={state}" for state in states),
+            page_size=TASK_PAGE_SIZE,
+        )
+
+        def list_all() -> list[batch_v1.Task]:
+            return list(self._client.list_tasks(request=request, retry=READ_RETRY))
+
+        with _mapped_errors(f"listing tasks of job {job_id}"):
+            return await anyio.to_thread.run_sync(list_all, limiter=self._limiter)
+
+    async def list_jobs(self) -> list[batch_v1.Job]:
+        """Every job this executor created in the project and region."""
+        request = batch_v1.ListJobsRequest(parent=self.parent, page_size=100)
+
+        def list_all() -> list[batch_v1.Job]:
+            jobs = self._client.list_jobs(request=request, retry=READ_RETRY)
+            return [
+                job for job in jobs if job.labels.get(CREATED_BY_LABEL[0]) == CREATED_BY_LABEL[1]
+            ]
+
+        with _mapped_errors("listing jobs"):
+            return await anyio.to_thread.run_sync(list_all, limiter=self._limiter)
+
+    async def delete(self, job_id: str) -> None:
+        """Delete a job, killing its running tasks; a job already gone is not an error."""
+        with _mapped_errors(f"deleting job {job_id}"):
+            try:
+                operation = await self._call(
+                    self._client.delete_job, name=self.job_name(job_id), retry=READ_RETRY
+                )
+            except api_exceptions.NotFound:
+                return
+            await anyio.to_thread.run_sync(operation.result, limiter=self._limiter)
+
+
+def _job_prefix(job: batch_v1.Job) -> str:
+    return job.task_groups[0].task_spec.environment.variables.get("CGA_JOB_PREFIX", "")

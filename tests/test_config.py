@@ -1,0 +1,166 @@
+"""Configuration: precedence, defaults, validation messages and the job shape."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from covalent_gcpbatch_array.config import (
+    DEFAULTS,
+    REQUIRED_KEYS,
+    ExecutorConfig,
+    JobShape,
+    resolve_config,
+)
+from covalent_gcpbatch_array.exceptions import ConfigError
+
+VALID = {
+    "project_id": "my-project",
+    "bucket_name": "my-bucket",
+    "container_image_uri": "us-docker.pkg.dev/my-project/covalent/runner:0.240.0",
+}
+
+
+def config(**overrides: Any) -> ExecutorConfig:
+    return ExecutorConfig.from_values(dict(DEFAULTS, **VALID) | overrides)
+
+
+class TestDefaults:
+    def test_original_plugin_keys_keep_their_defaults(self) -> None:
+        original = {
+            "project_id": "",
+            "region": "us-east1",
+            "bucket_name": "",
+            "container_image_uri": "",
+            "service_account_email": "",
+            "vcpus": 2,
+            "memory": 256,
+            "retries": 3,
+            "time_limit": 300,
+            "poll_freq": 5,
+            "cache_dir": "/tmp/covalent",
+        }
+        assert {key: DEFAULTS[key] for key in original} == original
+
+    def test_every_field_has_a_default_and_a_validator(self) -> None:
+        fields = {field.name for field in dataclasses.fields(ExecutorConfig)}
+        assert fields == set(DEFAULTS)
+
+
+class TestPrecedence:
+    def test_constructor_over_config_file_over_default(self) -> None:
+        file = {"vcpus": 4, "memory": 1024}
+        values = resolve_config({"vcpus": 8, "retries": None}, lambda key: file[key])
+        assert values["vcpus"] == 8  # constructor wins
+        assert values["memory"] == 1024  # then the config file
+        assert values["retries"] == 3  # then the default (None means "not given")
+
+    def test_zero_is_a_value_not_absence(self) -> None:
+        # The original plugin's `retries or default` turned retries=0 into 3.
+        values = resolve_config({"retries": 0}, lambda key: {"retries": 5}[key])
+        assert values["retries"] == 0
+        assert config(retries=0).retries == 0
+
+
+class TestValidation:
+    @pytest.mark.parametrize("key", REQUIRED_KEYS)
+    def test_missing_required_key_names_it_and_both_ways_to_set_it(self, key: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            config(**{key: ""})
+        message = str(info.value)
+        assert repr(key) in message
+        assert "is required" in message
+        assert "GCPBatchArrayExecutor(" in message
+        assert "[executors.gcpbatch_array]" in message
+        assert info.value.key == key
+
+    @pytest.mark.parametrize(
+        ("key", "value", "expected"),
+        [
+            ("vcpus", 0, "greater than 0"),
+            ("vcpus", "two", "must be a number"),
+            ("memory", 1.5, "whole number"),
+            ("retries", 11, "at most 10"),
+            ("retries", -1, "at least 0"),
+            ("retries", True, "must be a number"),
+            ("time_limit", 0, "greater than 0"),
+            ("poll_freq", float("inf"), "finite"),
+            ("batch_window", -1, "at least 0"),
+            ("max_tasks_per_job", 100_001, "at most 100000"),
+            ("max_tasks_per_job", 0, "at least 1"),
+            ("project_id", "My_Project", "not a valid Google Cloud project id"),
+            ("region", "us east", "not a valid Google Cloud region"),
+            ("bucket_name", "Bad Bucket", "not a valid Cloud Storage bucket name"),
+            ("service_account_email", "nobody", "not a valid service account email"),
+            ("batch_api_endpoint", "localhost:8080", "must start with http://"),
+            ("provisioning_model", "cheap", "not one of STANDARD, SPOT, PREEMPTIBLE"),
+            ("labels", {"Team": "a"}, "label name 'Team'"),
+            ("labels", {"team": "A B"}, "value 'A B'"),
+            ("labels", ["team"], "must be a mapping"),
+            ("keep_objects", "yes", "true or false"),
+            ("bucket_prefix", "../escape", "not a valid object prefix"),
+            ("parallelism", 5001, "at most 5000"),
+        ],
+    )
+    def test_bad_value_names_key_and_problem(self, key: str, value: Any, expected: str) -> None:
+        with pytest.raises(ConfigError, match=expected) as info:
+            config(**{key: value})
+        assert info.value.key == key
+        assert f"{key!r}" in str(info.value)
+
+    def test_unknown_key_is_rejected_with_the_known_keys(self) -> None:
+        with pytest.raises(ConfigError, match="unknown key; known keys are project_id"):
+            ExecutorConfig.from_values(dict(DEFAULTS, **VALID, vpcus=4))
+
+    def test_accelerator_type_and_count_go_together(self) -> None:
+        with pytest.raises(ConfigError, match="accelerator_type"):
+            config(accelerator_count=1)
+        with pytest.raises(ConfigError, match="accelerator_count"):
+            config(accelerator_type="nvidia-tesla-t4")
+        assert (
+            config(accelerator_type="nvidia-tesla-t4", accelerator_count=2).accelerator_count == 2
+        )
+
+    def test_values_are_normalised(self) -> None:
+        c = config(vcpus=4, provisioning_model="spot", batch_api_endpoint="http://127.0.0.1:9/")
+        assert isinstance(c.vcpus, float)
+        assert c.provisioning_model == "SPOT"
+        assert c.batch_api_endpoint == "http://127.0.0.1:9"
+
+    def test_config_error_pickles(self) -> None:
+        import pickle
+
+        error = pickle.loads(pickle.dumps(ConfigError("vcpus", "must be a number")))
+        assert error.key == "vcpus"
+        assert "must be a number" in str(error)
+
+
+class TestJobShape:
+    def test_equal_configs_have_equal_hashable_shapes(self) -> None:
+        a = config(labels={"team": "a", "env": "dev"})
+        b = config(labels={"env": "dev", "team": "a"}, poll_freq=1, cache_dir="/elsewhere")
+        assert a.shape == b.shape
+        assert hash(a.shape) == hash(b.shape)
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("vcpus", 4),
+            ("memory", 512),
+            ("retries", 0),
+            ("time_limit", 60),
+            ("container_image_uri", "other"),
+            ("provisioning_model", "SPOT"),
+            ("labels", {"team": "b"}),
+            ("bucket_name", "other-bucket"),
+            ("batch_api_endpoint", "http://127.0.0.1:1"),
+        ],
+    )
+    def test_any_job_setting_changes_the_shape(self, key: str, value: Any) -> None:
+        assert config().shape != config(**{key: value}).shape
+
+    def test_shape_holds_only_job_settings(self) -> None:
+        shape_fields = {field.name for field in dataclasses.fields(JobShape)}
+        assert not shape_fields & {"poll_freq", "cache_dir", "keep_objects", "batch_window"}
