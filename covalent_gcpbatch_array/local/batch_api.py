@@ -1,0 +1,303 @@
+"""The Batch emulator's HTTP layer: Google's v1 REST paths and the ``/_emulator`` admin paths.
+
+The RPC routes answer exactly what ``google-cloud-batch``'s REST transport sends and expects:
+camelCase JSON, int64 values as strings, enums as names, errors as Google's error JSON (so the
+client raises ``NotFound``, ``InvalidArgument``, ``ServiceUnavailable``, ...). Every RPC call is
+counted, and a call planned to fail with ``/_emulator/fail_calls`` fails before it does anything.
+
+Our choices where Google's behaviour is not documented: ``pageSize`` defaults to 100 and larger
+values are clamped to 1000 (ListJobs and ListTasks); ``filter`` accepts state clauses joined by
+``OR`` (``State=RUNNING``, ``State=FAILED OR State=SUCCEEDED``; ``status.state="RUNNING"`` for
+jobs) and refuses anything else with 400, rather than ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from covalent_gcpbatch_array.local.api_errors import ApiError
+from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler
+from covalent_gcpbatch_array.local.batch_state import JobState, TaskState, rfc3339
+from covalent_gcpbatch_array.local.task_attempt import attempt_output
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+_LOCATION = "/v1/projects/{project}/locations/{location}"
+_JOB = _LOCATION + "/jobs/{job}"
+_TASKS = _JOB + "/taskGroups/{group}/tasks"
+_STATE_CLAUSE = re.compile(r'^\(?\s*(?:status\.)?state\s*=\s*"?([A-Za-z_]+)"?\s*\)?$', re.I)
+
+Handler = Callable[[Request], Awaitable[Response]]
+_E = TypeVar("_E", JobState, TaskState)
+
+
+def create_app(scheduler: BatchScheduler) -> Starlette:
+    """The ASGI application serving ``scheduler`` over Google's REST API."""
+
+    def rpc(method: str, handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            scheduler.stats.api_calls[method] += 1
+            planned = scheduler.call_faults.take(method)
+            if planned is not None:
+                return _error(planned)
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return _error(exc)
+
+        return endpoint
+
+    async def create_job(request: Request) -> Response:
+        query = request.query_params
+        job = scheduler.create_job(
+            _parent(request), query.get("jobId"), query.get("requestId"), await request.body()
+        )
+        return JSONResponse(job.to_json())
+
+    async def get_job(request: Request) -> Response:
+        return JSONResponse(scheduler.get_job(_job_name(request)).to_json())
+
+    async def list_jobs(request: Request) -> Response:
+        states = _state_filter(request.query_params.get("filter", ""), JobState)
+        size, start = _page(request)
+        jobs = [job for job in scheduler.list_jobs(_parent(request)) if job.seq >= start]
+        if states is not None:
+            jobs = [job for job in jobs if job.state in states]
+        body: dict[str, Any] = {"jobs": [job.to_json() for job in jobs[:size]]}
+        if len(jobs) > size:
+            body["nextPageToken"] = str(jobs[size].seq)
+        return JSONResponse(body)
+
+    async def delete_job(request: Request) -> Response:
+        name = _job_name(request)
+        started = datetime.now(timezone.utc)
+        await scheduler.delete_job(name)
+        params = request.path_params
+        operation = f"projects/{params['project']}/locations/{params['location']}/operations/"
+        return JSONResponse(
+            {
+                "name": operation + f"operation-{uuid.uuid4()}",
+                "metadata": {
+                    "@type": "type.googleapis.com/google.cloud.batch.v1.OperationMetadata",
+                    "createTime": rfc3339(started),
+                    "endTime": rfc3339(datetime.now(timezone.utc)),
+                    "target": name,
+                    "verb": "delete",
+                    "apiVersion": "v1",
+                },
+                "done": True,
+                "response": {"@type": "type.googleapis.com/google.protobuf.Empty"},
+            }
+        )
+
+    async def list_tasks(request: Request) -> Response:
+        job = scheduler.task_group(_job_name(request), request.path_params["group"])
+        states = _state_filter(request.query_params.get("filter", ""), TaskState)
+        size, start = _page(request)
+        page: list[dict[str, Any]] = []
+        index = start
+        # Scan from the token's index until the page is full: O(page) without a filter.
+        while index < len(job.tasks) and len(page) < size:
+            task = job.tasks[index]
+            if states is None or task.state in states:
+                page.append(job.task_json(task))
+            index += 1
+        if states is not None:
+            while index < len(job.tasks) and job.tasks[index].state not in states:
+                index += 1
+        body: dict[str, Any] = {"tasks": page}
+        if index < len(job.tasks):
+            body["nextPageToken"] = str(index)
+        return JSONResponse(body)
+
+    async def get_task(request: Request) -> Response:
+        params = request.path_params
+        job, task = scheduler.get_task(_job_name(request), params["group"], params["task"])
+        return JSONResponse(job.task_json(task))
+
+    # -- admin ----------------------------------------------------------------------------
+
+    def admin(handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return _error(exc)
+            except (ValueError, TypeError) as exc:
+                return _error(ApiError(400, str(exc)))
+
+        return endpoint
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(scheduler.stats.to_json())
+
+    async def fail_calls(request: Request) -> Response:
+        body = await _json_object(request)
+        method = _get(body, "method", str)
+        status = _get(body, "status", int)
+        count = _get(body, "count", int, 1)
+        scheduler.call_faults.add(method, status, count)
+        return JSONResponse({"pending": scheduler.call_faults.pending()})
+
+    async def fail_task(request: Request) -> Response:
+        body = await _json_object(request)
+        scheduler.task_faults.add(
+            index=_get(body, "index", int),
+            attempt=_get(body, "attempt", int, 0),
+            exit_code=_get(body, "exit_code", int, 50001),
+            job_id=_get(body, "job_id", str, None),
+            after_seconds=float(_get(body, "after_seconds", (int, float), 0.0)),
+        )
+        return JSONResponse({"planned": True})
+
+    async def settings(request: Request) -> Response:
+        if request.method == "GET":
+            return JSONResponse(scheduler.settings_json())
+        return JSONResponse(scheduler.configure(await _json_object(request)))
+
+    async def task_output(request: Request) -> Response:
+        params = request.path_params
+        stream = params["stream"]
+        if stream not in ("stdout", "stderr"):
+            raise ApiError.not_found(f"unknown stream {stream!r}: use stdout or stderr")
+        folder = scheduler.output_dir(params["job_id"], params["index"], params["attempt"])
+        text = None if folder is None else attempt_output(folder, stream)
+        if text is None:
+            raise ApiError.not_found(
+                f"no output for attempt {params['attempt']} of task {params['index']} of job "
+                f"{params['job_id']}: the job is unknown or that attempt never ran a process"
+            )
+        return PlainTextResponse(text)
+
+    routes = [
+        Route(_LOCATION + "/jobs", rpc("CreateJob", create_job), methods=["POST"]),
+        Route(_LOCATION + "/jobs", rpc("ListJobs", list_jobs), methods=["GET"]),
+        Route(_JOB, rpc("GetJob", get_job), methods=["GET"]),
+        Route(_JOB, rpc("DeleteJob", delete_job), methods=["DELETE"]),
+        Route(_TASKS, rpc("ListTasks", list_tasks), methods=["GET"]),
+        Route(_TASKS + "/{task}", rpc("GetTask", get_task), methods=["GET"]),
+        Route("/_emulator/stats", admin(stats), methods=["GET"]),
+        Route("/_emulator/fail_calls", admin(fail_calls), methods=["POST"]),
+        Route("/_emulator/fail_task", admin(fail_task), methods=["POST"]),
+        Route("/_emulator/settings", admin(settings), methods=["GET", "POST"]),
+        Route(
+            "/_emulator/tasks/{job_id}/{index:int}/{attempt:int}/{stream}",
+            admin(task_output),
+            methods=["GET"],
+        ),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (unknown path or method), in Google's error JSON."""
+    assert isinstance(exc, HTTPException)
+    code = exc.status_code if exc.status_code in (404, 405) else 400
+    if code == 405:
+        error = ApiError(
+            501, f"Method {request.method} {request.url.path} is not implemented by the emulator"
+        )
+    else:
+        error = ApiError(404, f"Unknown path {request.url.path}: not a Batch v1 resource")
+    return _error(error)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.exception("error answering %s %s", request.method, request.url.path)
+    return _error(ApiError(500, f"Internal error in the Batch emulator: {exc!r}"))
+
+
+def _parent(request: Request) -> str:
+    params = request.path_params
+    return f"projects/{params['project']}/locations/{params['location']}"
+
+
+def _job_name(request: Request) -> str:
+    return f"{_parent(request)}/jobs/{request.path_params['job']}"
+
+
+def _page(request: Request) -> tuple[int, int]:
+    """(page size, start position) from ``pageSize`` and ``pageToken``."""
+    query = request.query_params
+    size_text = query.get("pageSize", "0")
+    token = query.get("pageToken", "")
+    if not size_text.isdigit():
+        raise ApiError.invalid_argument("page_size", f"must be an integer >= 0, got {size_text!r}")
+    if token and not token.isdigit():
+        raise ApiError.invalid_argument(
+            "page_token", f"{token!r} is not a page token this emulator handed out"
+        )
+    size = min(int(size_text) or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return size, int(token or 0)
+
+
+def _state_filter(text: str, states: type[_E]) -> frozenset[_E] | None:
+    """The states a ``filter`` such as ``State=RUNNING OR State=FAILED`` selects (None: all)."""
+    if not text.strip():
+        return None
+    selected = set()
+    for clause in re.split(r"\s+OR\s+", text.strip()):
+        match = _STATE_CLAUSE.match(clause.strip())
+        if match is None:
+            raise ApiError.invalid_argument(
+                "filter",
+                f"unsupported filter {text!r}: the emulator understands state clauses joined by "
+                f"OR, e.g. 'State=RUNNING OR State=FAILED'",
+            )
+        name = match.group(1).upper()
+        if name not in states.__members__:
+            raise ApiError.invalid_argument(
+                "filter", f"unknown state {name!r}; use one of {', '.join(states.__members__)}"
+            )
+        selected.add(states[name])
+    return frozenset(selected)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {value!r:.80}")
+    return value
+
+
+_MISSING = object()
+
+
+def _get(body: dict[str, Any], key: str, kind: Any, default: Any = _MISSING) -> Any:
+    """``body[key]`` checked against ``kind`` (bool is never an int); ``default`` if absent."""
+    if key not in body or (body[key] is None and default is None):
+        if default is _MISSING:
+            raise ApiError(400, f"missing field {key!r}")
+        return default
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ApiError(400, f"field {key!r} has the wrong type: {value!r}")
+    return value

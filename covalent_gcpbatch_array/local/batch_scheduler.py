@@ -1,0 +1,436 @@
+"""The Batch emulator's scheduler: the jobs it holds and the task attempts it runs.
+
+:class:`BatchScheduler` answers the job and task RPCs (the HTTP layer only translates) and runs
+tasks as local processes through the task launcher. Tasks start whenever a slot frees up: a
+task needs its job provisioned (the provisioning delay is over), room under the job's
+``parallelism`` and under ``max_running_tasks`` across all jobs. Nothing polls: every event that
+can free or create work (a job created or provisioned, an attempt ended, a setting changed, a job
+deleted) calls :meth:`BatchScheduler._start_ready_tasks` directly, and each attempt is one task in
+the scheduler's task group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from covalent_gcpbatch_array.local.api_errors import ApiError
+from covalent_gcpbatch_array.local.batch_spec import parse_job, validate_job_id
+from covalent_gcpbatch_array.local.batch_state import (
+    JobRecord,
+    JobState,
+    TaskRecord,
+    TaskState,
+)
+from covalent_gcpbatch_array.local.faults import CallFaults, CreationQuota, TaskFaults
+from covalent_gcpbatch_array.local.task_attempt import (
+    EXIT_GENERIC_FAILURE,
+    Launcher,
+    run_attempt,
+    vm_environment,
+)
+
+__all__ = ["BatchScheduler", "EmulatorSettings", "EmulatorStats"]
+
+logger = logging.getLogger(__name__)
+
+# Google keeps a requestId for 60 minutes.
+_REQUEST_ID_TTL = 3600.0
+# How long DeleteJob waits for the killed tasks to be reaped.
+_DELETE_DRAIN_TIMEOUT = 10.0
+
+
+@dataclass
+class EmulatorSettings:
+    """The realism knobs, changeable at run time."""
+
+    provisioning_delay: float = 0.0  # seconds from a job's creation to its first task start
+    max_running_tasks: int | None = None  # cap on attempts running at once, across all jobs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "provisioning_delay": self.provisioning_delay,
+            "max_running_tasks": self.max_running_tasks,
+        }
+
+
+@dataclass
+class EmulatorStats:
+    """What the emulator counts for benchmarks."""
+
+    api_calls: Counter[str] = field(default_factory=Counter)  # RPC name -> calls (errors too)
+    jobs_created: int = 0  # successful CreateJob calls (not idempotent repeats)
+    task_attempts: int = 0  # attempts started, including those failed by a fault at start
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "api_calls": dict(self.api_calls),
+            "jobs_created": self.jobs_created,
+            "task_attempts": self.task_attempts,
+        }
+
+
+@dataclass(frozen=True)
+class _RequestRecord:
+    job_name: str  # the job the request created
+    fingerprint: bytes  # job id + definition, to tell a repeat from a different request
+    expires: float  # monotonic time the request id is forgotten
+
+
+class BatchScheduler:
+    """Holds the jobs, answers the RPCs about them, and runs their tasks.
+
+    :param launcher: starts task processes (``TaskLauncher``), already entered
+    :param workdir: where attempts' outputs and jobs' HOME folders go
+    :param storage_endpoint: the GCS emulator, given to tasks as ``STORAGE_EMULATOR_HOST``
+    :param settings: the initial realism knobs
+    :param jobs_per_minute: the job-creation quota (None: unlimited)
+    """
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        *,
+        workdir: Path,
+        storage_endpoint: str,
+        settings: EmulatorSettings | None = None,
+        jobs_per_minute: int | None = None,
+    ) -> None:
+        self.settings = settings or EmulatorSettings()
+        self.stats = EmulatorStats()
+        self.call_faults = CallFaults()
+        self.task_faults = TaskFaults()
+        self.quota = CreationQuota(jobs_per_minute)
+        self._launcher = launcher
+        self._workdir = workdir
+        self._storage_endpoint = storage_endpoint
+        self._jobs: dict[str, JobRecord] = {}  # by name, in creation order
+        self._ready: dict[int, JobRecord] = {}  # by seq: provisioned jobs with pending tasks
+        self._requests: dict[str, _RequestRecord] = {}  # by requestId
+        self._outputs: dict[str, Path] = {}  # job id -> output folder of the latest such job
+        self._running = 0  # attempts holding a slot, across all jobs
+        self._serial = 0  # job sequence numbers and instance ids
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the scheduler until cancelled; cancelling kills every running task."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change knobs at run time and return all of them.
+
+        :raises ValueError: an unknown knob or a bad value
+        """
+        unknown = set(changes) - {"provisioning_delay", "max_running_tasks", "jobs_per_minute"}
+        if unknown:
+            raise ValueError(
+                f"unknown settings {sorted(unknown)}; known: provisioning_delay, "
+                f"max_running_tasks, jobs_per_minute"
+            )
+        if "provisioning_delay" in changes:
+            delay = changes["provisioning_delay"]
+            if (
+                isinstance(delay, bool)
+                or not isinstance(delay, int | float)
+                or not (math.isfinite(delay) and delay >= 0)
+            ):
+                raise ValueError(f"provisioning_delay must be a number >= 0, got {delay!r}")
+        for key in ("max_running_tasks", "jobs_per_minute"):
+            value = changes.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{key} must be an integer >= 1 or null, got {value!r}")
+        if "provisioning_delay" in changes:
+            self.settings.provisioning_delay = float(changes["provisioning_delay"])
+        if "max_running_tasks" in changes:
+            self.settings.max_running_tasks = changes["max_running_tasks"]
+            self._start_ready_tasks()
+        if "jobs_per_minute" in changes:
+            self.quota.per_minute = changes["jobs_per_minute"]
+        return self.settings_json()
+
+    def settings_json(self) -> dict[str, Any]:
+        return {**self.settings.to_json(), "jobs_per_minute": self.quota.per_minute}
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    def create_job(
+        self, parent: str, job_id: str | None, request_id: str | None, body: bytes
+    ) -> JobRecord:
+        """CreateJob: validate, admit, and start provisioning.
+
+        :raises ApiError: 400 bad id or definition, 409 duplicate id, 429 over the quota
+        """
+        if job_id:
+            validate_job_id(job_id)
+        else:
+            job_id = f"j-{uuid.uuid4()}"
+        if request_id is not None:
+            _validate_request_id(request_id)
+        name = f"{parent}/jobs/{job_id}"
+        spec = parse_job(body, job_name=name, resolve_container=self._launcher.container_argv)
+        fingerprint = job_id.encode() + b"\0" + spec.fingerprint
+        if request_id is not None:
+            replay = self._replay(request_id, fingerprint)
+            if replay is not None:
+                return replay
+        if name in self._jobs:
+            raise ApiError.already_exists(
+                f"Job {name} already exists; choose another job_id, or delete the old job first"
+            )
+        self.quota.check()
+
+        self._serial += 1
+        uid = f"j-{uuid.uuid4()}"  # Google's uids look like this
+        job = JobRecord(
+            name=name,
+            job_id=job_id,
+            uid=uid,
+            seq=self._serial,
+            spec=spec,
+            output_dir=self._workdir / "jobs" / job_id / uid,
+            request_id=request_id,
+        )
+        (job.output_dir / "home").mkdir(parents=True, exist_ok=True)
+        self._jobs[name] = job
+        self._outputs[job_id] = job.output_dir
+        self.quota.record()
+        self.stats.jobs_created += 1
+        self.task_faults.bind_next_job(job_id)
+        if request_id is not None:
+            expires = time.monotonic() + _REQUEST_ID_TTL
+            self._requests[request_id] = _RequestRecord(name, fingerprint, expires)
+        self._task_group().start_soon(self._provision, job)
+        return job
+
+    def get_job(self, name: str) -> JobRecord:
+        """GetJob. :raises ApiError: 404 for an unknown job"""
+        job = self._jobs.get(name)
+        if job is None:
+            raise ApiError.not_found(f"Job {name} not found; check the project, region and job id")
+        return job
+
+    def list_jobs(self, parent: str) -> list[JobRecord]:
+        """ListJobs: the jobs under ``parent``, oldest first."""
+        prefix = f"{parent}/jobs/"
+        return [job for name, job in self._jobs.items() if name.startswith(prefix)]
+
+    async def delete_job(self, name: str) -> None:
+        """DeleteJob: kill the job's running tasks, then forget the job.
+
+        Tasks that never ran become UNEXECUTED; the call returns once the killed processes
+        are reaped, so a GetJob after it answers 404.
+
+        :raises ApiError: 404 for an unknown job
+        """
+        job = self.get_job(name)
+        if job.drained is None:
+            job.drained = anyio.Event()
+            self._ready.pop(job.seq, None)
+            job.set_state(JobState.DELETION_IN_PROGRESS)
+            for index in job.pending:
+                job.set_task_state(job.tasks[index], TaskState.UNEXECUTED)
+            job.pending.clear()
+            for task in job.tasks:
+                if task.state in (TaskState.ASSIGNED, TaskState.RUNNING):
+                    job.set_task_state(
+                        task,
+                        TaskState.FAILED,
+                        description=f"Task state is updated from {task.state.value} to FAILED "
+                        f"on {task.instance} because job {name} is being deleted.",
+                    )
+            for scope in job.attempt_scopes.values():
+                scope.cancel()
+            if job.running == 0:
+                job.drained.set()
+        with anyio.move_on_after(_DELETE_DRAIN_TIMEOUT):
+            await job.drained.wait()
+        if self._jobs.get(name) is job:
+            del self._jobs[name]
+            self.task_faults.forget_job(job.job_id)
+        self._start_ready_tasks()
+
+    def get_task(self, job_name: str, group: str, task_id: str) -> tuple[JobRecord, TaskRecord]:
+        """GetTask. :raises ApiError: 404 for an unknown job, group or task"""
+        job = self.task_group(job_name, group)
+        if not task_id.isdigit() or int(task_id) >= job.spec.task_count:
+            raise ApiError.not_found(
+                f"Task {job.task_name(0).rsplit('/', 1)[0]}/{task_id} not found: task ids are "
+                f"the indices 0 to {job.spec.task_count - 1}"
+            )
+        return job, job.tasks[int(task_id)]
+
+    def task_group(self, job_name: str, group: str) -> JobRecord:
+        """The job owning task group ``group``. :raises ApiError: 404 if either is unknown"""
+        job = self.get_job(job_name)
+        if group != "group0":
+            raise ApiError.not_found(
+                f"Task group {job_name}/taskGroups/{group} not found; a job has one task "
+                f"group, group0"
+            )
+        return job
+
+    def output_dir(self, job_id: str, index: int, attempt: int) -> Path | None:
+        """The folder of an attempt's outputs (kept after the job is deleted)."""
+        root = self._outputs.get(job_id)
+        return None if root is None else root / "tasks" / str(index) / str(attempt)
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _task_group(self) -> anyio.abc.TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("BatchScheduler.run() is not running")
+        return self._tg
+
+    def _replay(self, request_id: str, fingerprint: bytes) -> JobRecord | None:
+        """The job an earlier create with this requestId made, if it is a true repeat."""
+        record = self._requests.get(request_id)
+        if record is None or record.expires < time.monotonic():
+            return None
+        if record.fingerprint != fingerprint:
+            raise ApiError.already_exists(
+                f"requestId {request_id} was already used for another CreateJob request "
+                f"(job {record.job_name}); use a new requestId for a different job"
+            )
+        return self._jobs.get(record.job_name)
+
+    async def _provision(self, job: JobRecord) -> None:
+        if job.drained is not None:
+            return  # deleted before the scheduler got to it
+        job.set_state(JobState.SCHEDULED)
+        delay = self.settings.provisioning_delay
+        if delay > 0:
+            # The provisioning delay is simulated time, not a synchronisation.
+            await anyio.sleep(delay)
+        if job.state is not JobState.SCHEDULED:
+            return  # deleted meanwhile
+        job.provisioned = True
+        self._ready[job.seq] = job
+        self._start_ready_tasks()
+
+    def _start_ready_tasks(self) -> None:
+        """Give free slots to pending tasks: oldest job first, lowest index (or retry) first."""
+        cap = self.settings.max_running_tasks
+        for seq in sorted(self._ready):
+            job = self._ready[seq]
+            while job.pending and job.running < job.spec.parallelism:
+                if cap is not None and self._running >= cap:
+                    return
+                task = job.tasks[job.pending.popleft()]
+                job.running += 1
+                self._running += 1
+                self._serial += 1
+                job.assign(task, self._serial)
+                self._task_group().start_soon(self._run_attempt, job, task)
+            if not job.pending:
+                del self._ready[seq]
+
+    async def _run_attempt(self, job: JobRecord, task: TaskRecord) -> None:
+        attempt = task.attempt
+        self.stats.task_attempts += 1
+        fault = self.task_faults.take(job.job_id, task.index, attempt)
+        env = vm_environment(
+            job.spec,
+            job_id=job.job_id,
+            job_uid=job.uid,
+            index=task.index,
+            attempt=attempt,
+            home=job.output_dir / "home",
+            storage_endpoint=self._storage_endpoint,
+        )
+        exit_code: int | None = None
+        scope = job.attempt_scopes[task.index] = anyio.CancelScope()
+        if job.drained is not None:
+            scope.cancel()  # deleted between taking the slot and starting
+        try:
+            with scope:
+                try:
+                    exit_code = await run_attempt(
+                        self._launcher,
+                        job.spec,
+                        env=env,
+                        output_dir=job.output_dir / "tasks" / str(task.index) / str(attempt),
+                        fault=fault,
+                        on_running=lambda: self._task_running(job, task),
+                    )
+                except Exception:
+                    # A launcher failure fails this task, never the emulator.
+                    logger.exception("attempt %d of task %d of %s", attempt, task.index, job.name)
+                    exit_code = EXIT_GENERIC_FAILURE
+        finally:
+            del job.attempt_scopes[task.index]
+            job.running -= 1
+            self._running -= 1
+            if job.drained is not None and job.running == 0:
+                job.drained.set()
+        if exit_code is not None and job.drained is None:
+            self._attempt_ended(job, task, exit_code)
+            self._start_ready_tasks()
+
+    def _task_running(self, job: JobRecord, task: TaskRecord) -> None:
+        job.set_task_state(task, TaskState.RUNNING)
+        if job.state is JobState.SCHEDULED:
+            job.set_state(JobState.RUNNING)
+
+    def _attempt_ended(self, job: JobRecord, task: TaskRecord, exit_code: int) -> None:
+        if exit_code == 0:
+            job.set_task_state(task, TaskState.SUCCEEDED, exit_code=0)
+        elif job.spec.retry_allowed(exit_code, task.attempt):
+            job.set_task_state(task, TaskState.FAILED, exit_code=exit_code)
+            task.attempt += 1
+            job.set_task_state(
+                task,
+                TaskState.PENDING,
+                description=f"Task state is updated from FAILED to PENDING: retry attempt "
+                f"{task.attempt} of {job.spec.max_retry_count}.",
+            )
+            task.instance = ""
+            job.pending.appendleft(task.index)
+            self._ready[job.seq] = job
+        else:
+            failure = job.set_task_state(task, TaskState.FAILED, exit_code=exit_code)
+            if job.first_failure is None:
+                job.first_failure = (task.index, failure.description)
+        if job.finished:
+            self._finish(job)
+
+    def _finish(self, job: JobRecord) -> None:
+        if job.first_failure is None:
+            job.set_state(JobState.SUCCEEDED)
+            return
+        index, event = job.first_failure
+        job.set_state(
+            JobState.FAILED,
+            f"Job failed due to task failure. Specifically, task with index {index} failed "
+            f'due to the following task event: "{event}"',
+        )
+
+
+def _validate_request_id(request_id: str) -> None:
+    try:
+        parsed = uuid.UUID(request_id)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.int == 0:
+        raise ApiError.invalid_argument(
+            "request_id",
+            f"{request_id!r} is not a valid request id: Google requires a UUID (not the zero "
+            f"UUID), e.g. str(uuid.uuid4())",
+        )

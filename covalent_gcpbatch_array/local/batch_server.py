@@ -1,0 +1,240 @@
+"""The Batch emulator process: ``python -m covalent_gcpbatch_array.local.batch_server``.
+
+Process contract (LocalCloud and the CLI rely on it)::
+
+    python -m covalent_gcpbatch_array.local.batch_server --host 127.0.0.1 --port 0 \\
+        --storage-endpoint http://127.0.0.1:G [--provisioning-delay S] \\
+        [--max-running-tasks N] [--jobs-per-minute N] [--image-map JSON] [--workdir DIR]
+        [--preload MODULE,MODULE]
+
+It binds the port (0: a free one), starts the task launcher, and once it serves prints exactly
+one JSON line on stdout, ``{"endpoint": "http://127.0.0.1:PORT", "pid": PID}``; logs go to
+stderr. SIGTERM or SIGINT stop it cleanly (every task killed), and it gets SIGTERM when its
+parent dies. One task group holds the HTTP server and the scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import uvicorn
+
+from covalent_gcpbatch_array.local.batch_api import create_app
+from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler, EmulatorSettings
+from covalent_gcpbatch_array.local.task_launcher import DEFAULT_PRELOAD, TaskLauncher
+
+__all__ = ["main"]
+
+logger = logging.getLogger("covalent_gcpbatch_array.local.batch_server")
+
+_PR_SET_PDEATHSIG = 1
+# How long in-flight HTTP requests get to finish on shutdown.
+_HTTP_SHUTDOWN_TIMEOUT = 2
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus its signal handling (ours stops it), plus a "started" event."""
+
+    def __init__(self, config: uvicorn.Config, started: anyio.Event) -> None:
+        super().__init__(config)
+        self._started_event = started
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self._started_event.set()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _image_map(text: str) -> dict[str, list[str]]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict) or not all(
+        isinstance(argv, list) and all(isinstance(arg, str) for arg in argv)
+        for argv in value.values()
+    ):
+        raise argparse.ArgumentTypeError(
+            "must be a JSON object mapping an image URI (or pattern) to an argv list, e.g. "
+            '{"*": ["python", "-m", "covalent_gcpbatch_array.runner"]}'
+        )
+    return value
+
+
+def _module_list(text: str) -> tuple[str, ...]:
+    return tuple(module.strip() for module in text.split(",") if module.strip())
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m covalent_gcpbatch_array.local.batch_server",
+        description="Google Batch API emulator: runs jobs' tasks as local processes.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument(
+        "--storage-endpoint", required=True, help="GCS emulator URL, given to tasks"
+    )
+    parser.add_argument("--provisioning-delay", type=_non_negative_float, default=0.0)
+    parser.add_argument("--max-running-tasks", type=_positive_int, default=None)
+    parser.add_argument("--jobs-per-minute", type=_positive_int, default=None)
+    parser.add_argument("--image-map", type=_image_map, default=None)
+    parser.add_argument(
+        "--preload",
+        type=_module_list,
+        default=DEFAULT_PRELOAD,
+        help="comma-separated modules the task launcher's fork server imports once "
+        f"(default: {','.join(DEFAULT_PRELOAD)}; '' for none)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="task outputs (default: a temporary folder)"
+    )
+    return parser.parse_args(argv)
+
+
+def _die_with_parent() -> None:
+    """Get SIGTERM when the parent dies (Linux), and exit now if it already has."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        sys.exit("batch_server: the parent process died during start-up")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
+
+
+async def _serve(options: argparse.Namespace, sock: socket.socket, workdir: Path) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with TaskLauncher(image_map=options.image_map, preload=options.preload) as launcher:
+            scheduler = BatchScheduler(
+                launcher,
+                workdir=workdir,
+                storage_endpoint=options.storage_endpoint,
+                settings=EmulatorSettings(
+                    provisioning_delay=options.provisioning_delay,
+                    max_running_tasks=options.max_running_tasks,
+                ),
+                jobs_per_minute=options.jobs_per_minute,
+            )
+            config = uvicorn.Config(
+                create_app(scheduler),
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=_HTTP_SHUTDOWN_TIMEOUT,
+            )
+            started, stopped = anyio.Event(), anyio.Event()
+            server = _Server(config, started)
+
+            async def serve_http() -> None:
+                try:
+                    await server.serve(sockets=[sock])
+                finally:
+                    stopped.set()
+
+            async with anyio.create_task_group() as tg:
+                await tg.start(scheduler.run)
+                tg.start_soon(serve_http)
+                await launcher.wait_ready()
+                await _first(started.wait, stopped.wait)
+                if not started.is_set():
+                    raise RuntimeError("the HTTP server stopped during start-up (see above)")
+                host, port = sock.getsockname()[:2]
+                if host in ("0.0.0.0", ""):
+                    host = "127.0.0.1"
+                ready = {"endpoint": f"http://{host}:{port}", "pid": os.getpid()}
+                print(json.dumps(ready), flush=True)
+                logger.info("Batch emulator serving on %s, task outputs in %s", ready, workdir)
+
+                async def wait_for_signal() -> None:
+                    async for signum in signals:
+                        logger.info("received signal %d: stopping", signum)
+                        return
+
+                await _first(wait_for_signal, stopped.wait)
+                server.should_exit = True
+                with anyio.move_on_after(_HTTP_SHUTDOWN_TIMEOUT + 1):
+                    await stopped.wait()
+                # Cancelling the scheduler kills every running task.
+                tg.cancel_scope.cancel()
+
+
+async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return as soon as the first of ``waits`` returns (the others are cancelled)."""
+    async with anyio.create_task_group() as tg:
+
+        async def run(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        for wait in waits:
+            tg.start_soon(run, wait)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the emulator until SIGTERM/SIGINT (see the module docstring for the contract)."""
+    options = _parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s batch_server %(levelname)s %(name)s: %(message)s",
+    )
+    sock = _bind(options.host, options.port)
+    own_workdir = options.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="batch-emulator-")) if own_workdir else options.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    # uvloop (installed with uvicorn's extras) makes the HTTP layer about twice as fast.
+    backend_options = {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+    try:
+        anyio.run(
+            _serve, options, sock, workdir, backend="asyncio", backend_options=backend_options
+        )
+    finally:
+        sock.close()
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
