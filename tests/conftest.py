@@ -2,10 +2,73 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import pytest
+
+from covalent_gcpbatch_array.local import LocalCloud
+
+if TYPE_CHECKING:
+    import google.cloud.storage as storage
+    from google.cloud import batch_v1
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """Run async tests on asyncio, the loop the Covalent server uses; modules may override."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def local_cloud() -> Iterator[LocalCloud]:
+    """One LocalCloud for the whole session (default knobs, default fork-server preload).
+
+    Shared: a test that changes its knobs with ``configure()`` restores them, and a test that
+    plans faults (``fail_calls``/``fail_task``) uses them up or names its own job. Tests that
+    need a cloud of their own make one with ``with LocalCloud(...)``.
+    """
+    with LocalCloud() as cloud:
+        yield cloud
+
+
+@pytest.fixture(scope="session")
+def batch_client(local_cloud: LocalCloud) -> batch_v1.BatchServiceClient:
+    """The real google-cloud-batch REST client, pointed at the session's local cloud."""
+    return local_cloud.batch_client()
+
+
+@pytest.fixture(scope="session")
+def storage_client(local_cloud: LocalCloud) -> storage.Client:
+    """The real google-cloud-storage client, pointed at the session's local cloud."""
+    return local_cloud.storage_client()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    # The state letter follows the parenthesised command name, which may contain spaces.
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02
+) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return predicate()
+        time.sleep(interval)
+    return True
+
+
+@pytest.fixture(scope="session")
+def wait_process_gone() -> Callable[[int], bool]:
+    """A function that waits (up to 30 s) for a pid to disappear and says whether it did."""
+    return lambda pid: wait_until(lambda: process_gone(pid))

@@ -1,0 +1,440 @@
+"""LocalCloud: the Batch API emulator and fake-gcs-server, started and stopped together.
+
+``LocalCloud`` is what tests, the demo, the benchmarks and users share::
+
+    with LocalCloud(provisioning_delay=0.0) as cloud:      # or `async with`
+        executor = GCPBatchArrayExecutor(**cloud.executor_config())
+        batch = cloud.batch_client()                        # the real google-cloud-batch client
+        cloud.fail_calls("CreateJob", status=503, count=2)  # fault injection
+        print(cloud.stats())                                # API calls answered, by method
+
+Both servers are child processes that die with the thread that started them (so a killed test
+run leaves no orphans). Start and stop a LocalCloud from a long-lived thread: the main thread,
+or the event loop's thread with ``async with``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+from covalent_gcpbatch_array.local._process import (
+    LocalCloudError,
+    Spawner,
+    read_ready_line,
+    read_tail,
+    spawn_process,
+    stop_process,
+)
+from covalent_gcpbatch_array.local.gcs import GcsEmulator, make_storage_client
+
+if TYPE_CHECKING:
+    import google.cloud.storage as storage
+    from google.cloud import batch_v1
+
+__all__ = ["LocalCloud"]
+
+DEFAULT_PROJECT_ID: Final = "local-project"
+DEFAULT_REGION: Final = "us-east1"
+DEFAULT_BUCKET_NAME: Final = "covalent-local"
+DEFAULT_CONTAINER_IMAGE_URI: Final = "local/covalent-gcpbatch-array-runner:latest"
+_BATCH_SERVER_MODULE: Final = "covalent_gcpbatch_array.local.batch_server"
+_ADMIN_TIMEOUT: Final = 30.0  # seconds for one admin HTTP call
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()  # "leave this setting as it is" (None already means "no limit")
+
+
+_UNSET: Final = _Unset.UNSET
+
+
+class CloudState(enum.Enum):
+    """Where a LocalCloud is in its one-way lifecycle."""
+
+    NEW = "new"  # constructed, nothing started
+    RUNNING = "running"  # both servers up, bucket created
+    STOPPED = "stopped"  # stopped (or failed to start); cannot be started again
+
+
+class LocalCloud:
+    """Google Batch (our emulator) and Cloud Storage (fake-gcs-server) on local ports.
+
+    :param provisioning_delay: seconds from a job's creation to its first task start
+    :param max_running_tasks: cap on tasks running at once across all jobs (``None``: no cap)
+    :param jobs_per_minute: job-creation quota; over it CreateJob answers 429 (``None``: none)
+    :param project_id: the project name clients use
+    :param region: the location clients use
+    :param bucket_name: the bucket created at start
+    :param container_image_uri: the image the executor config names (any image runs the
+        project's runner with the current Python unless ``image_map`` says otherwise)
+    :param image_map: image URI or fnmatch pattern -> argv replacing the image's entrypoint
+    :param workdir: where task outputs and server logs go (default: a temporary folder,
+        removed at stop)
+    :param preload: modules the emulator's fork server imports once (``None``: its default,
+        which includes covalent; ``()`` starts faster when tasks are plain scripts)
+    :param host: the interface both servers bind
+    :param batch_port: the Batch emulator's port (``0``: a free one)
+    :param storage_port: fake-gcs-server's port (``None``: a free one)
+    :param startup_timeout: seconds each server gets to become ready
+    """
+
+    def __init__(
+        self,
+        provisioning_delay: float = 0.0,
+        max_running_tasks: int | None = None,
+        jobs_per_minute: int | None = None,
+        *,
+        project_id: str = DEFAULT_PROJECT_ID,
+        region: str = DEFAULT_REGION,
+        bucket_name: str = DEFAULT_BUCKET_NAME,
+        container_image_uri: str = DEFAULT_CONTAINER_IMAGE_URI,
+        image_map: Mapping[str, Sequence[str]] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        preload: Sequence[str] | None = None,
+        host: str = "127.0.0.1",
+        batch_port: int = 0,
+        storage_port: int | None = None,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        self.provisioning_delay = provisioning_delay  # as started; configure() may change it
+        self.max_running_tasks = max_running_tasks  # as started
+        self.jobs_per_minute = jobs_per_minute  # as started
+        self.project_id = project_id
+        self.region = region
+        self.bucket_name = bucket_name
+        self.container_image_uri = container_image_uri
+        self.image_map = dict(image_map) if image_map is not None else None
+        self.preload = tuple(preload) if preload is not None else None
+        self.host = host
+        self.batch_port = batch_port
+        self.storage_port = storage_port
+        self.startup_timeout = startup_timeout
+        self._given_workdir = Path(workdir) if workdir is not None else None
+        self._workdir: Path | None = None  # the folder in use while running
+        self._gcs: GcsEmulator | None = None
+        self._batch_process: subprocess.Popen[bytes] | None = None
+        self._batch_endpoint: str | None = None
+        self.state = CloudState.NEW
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> LocalCloud:
+        """Start both servers and create the bucket; blocks until they answer.
+
+        :raises LocalCloudError: a server did not start (the message carries its log tail)
+        """
+        self._start(spawn_process)
+        return self
+
+    def stop(self) -> None:
+        """Stop both servers (Batch first, so its tasks stop writing to GCS). Idempotent."""
+        try:
+            if self._batch_process is not None:
+                stop_process(self._batch_process, timeout=10.0)
+            if self._gcs is not None:
+                self._gcs.stop()
+        finally:
+            self.state = CloudState.STOPPED
+            if self._given_workdir is None and self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCloud:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> LocalCloud:
+        # Waiting happens in a worker thread; the processes are forked on the event loop's
+        # thread, because the kernel kills them when the forking thread ends (see _process).
+        def spawn_on_loop_thread(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+            return anyio.from_thread.run_sync(functools.partial(spawn_process, *args, **kwargs))
+
+        try:
+            await anyio.to_thread.run_sync(self._start, spawn_on_loop_thread)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.stop)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.stop)
+
+    def _start(self, spawn: Spawner) -> None:
+        if self.state is not CloudState.NEW:
+            raise LocalCloudError(
+                f"this LocalCloud is {self.state.value}; a LocalCloud starts once: make a new one"
+            )
+        self.state = CloudState.RUNNING
+        try:
+            if self._given_workdir is not None:
+                self._given_workdir.mkdir(parents=True, exist_ok=True)
+                self._workdir = self._given_workdir
+            else:
+                self._workdir = Path(tempfile.mkdtemp(prefix="cga-local-cloud-"))
+            self._gcs = GcsEmulator.start(
+                host=self.host,
+                port=self.storage_port,
+                log_dir=self._workdir,
+                startup_timeout=self.startup_timeout,
+                spawn=spawn,
+            )
+            self._gcs.create_bucket(self.bucket_name, self.project_id)
+            self._start_batch_server(spawn, self._gcs.endpoint, self._workdir)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_batch_server(self, spawn: Spawner, storage_endpoint: str, workdir: Path) -> None:
+        argv = [
+            sys.executable,
+            *("-m", _BATCH_SERVER_MODULE),
+            *("--host", self.host, "--port", str(self.batch_port)),
+            *("--storage-endpoint", storage_endpoint),
+            *("--provisioning-delay", repr(float(self.provisioning_delay))),
+            *("--workdir", str(workdir)),
+        ]
+        if self.max_running_tasks is not None:
+            argv += ["--max-running-tasks", str(self.max_running_tasks)]
+        if self.jobs_per_minute is not None:
+            argv += ["--jobs-per-minute", str(self.jobs_per_minute)]
+        if self.image_map is not None:
+            argv += ["--image-map", json.dumps({k: list(v) for k, v in self.image_map.items()})]
+        if self.preload is not None:
+            argv += ["--preload", ",".join(self.preload)]
+        log_path = workdir / "batch-server.log"
+        with log_path.open("wb") as log_file:
+            # stdout carries exactly one line (the ready line); logs go to the file.
+            self._batch_process = spawn(argv, stdout=subprocess.PIPE, stderr=log_file)
+        line = read_ready_line(
+            self._batch_process, self.startup_timeout, what="the Batch emulator", log_path=log_path
+        )
+        try:
+            endpoint = json.loads(line)["endpoint"]
+            if not isinstance(endpoint, str) or not endpoint.startswith("http://"):
+                raise ValueError(endpoint)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LocalCloudError(
+                f"the Batch emulator printed {line!r} instead of its ready line "
+                f'{{"endpoint": "http://HOST:PORT", "pid": PID}}; its log:\n{read_tail(log_path)}'
+            ) from exc
+        self._batch_endpoint = endpoint
+
+    # -- where things are -----------------------------------------------------------------
+
+    @property
+    def batch_endpoint(self) -> str:
+        """The Batch emulator's base URL, for ``client_options={"api_endpoint": ...}``."""
+        return self._running()[0]
+
+    @property
+    def storage_endpoint(self) -> str:
+        """fake-gcs-server's base URL, also the ``STORAGE_EMULATOR_HOST`` value."""
+        return self._running()[1].endpoint
+
+    @property
+    def workdir(self) -> Path:
+        """The folder holding task outputs and both servers' logs."""
+        self._running()
+        assert self._workdir is not None
+        return self._workdir
+
+    @property
+    def batch_pid(self) -> int:
+        """The Batch emulator's process id."""
+        self._running()
+        assert self._batch_process is not None
+        return self._batch_process.pid
+
+    @property
+    def storage_pid(self) -> int:
+        """fake-gcs-server's process id."""
+        return self._running()[1].pid
+
+    def is_running(self) -> bool:
+        """Whether both server processes are alive."""
+        return (
+            self.state is CloudState.RUNNING
+            and self._batch_process is not None
+            and self._batch_process.poll() is None
+            and self._gcs is not None
+            and self._gcs.is_running()
+        )
+
+    def executor_config(self) -> dict[str, str]:
+        """The executor settings that point at this cloud: ``GCPBatchArrayExecutor(**config)``."""
+        return {
+            "project_id": self.project_id,
+            "region": self.region,
+            "bucket_name": self.bucket_name,
+            "container_image_uri": self.container_image_uri,
+            "batch_api_endpoint": self.batch_endpoint,
+            "storage_api_endpoint": self.storage_endpoint,
+        }
+
+    def environment(self) -> dict[str, str]:
+        """Environment variables that point Google's storage clients at this cloud."""
+        return {"STORAGE_EMULATOR_HOST": self.storage_endpoint}
+
+    def batch_client(self) -> batch_v1.BatchServiceClient:
+        """A real ``batch_v1.BatchServiceClient`` (REST, anonymous) talking to the emulator."""
+        # Imported here: google-cloud-batch takes about a second to import.
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import batch_v1
+
+        return batch_v1.BatchServiceClient(
+            transport="rest",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.batch_endpoint},
+        )
+
+    def storage_client(self) -> storage.Client:
+        """A real ``google.cloud.storage.Client`` (anonymous) talking to fake-gcs-server."""
+        return make_storage_client(self.storage_endpoint, self.project_id)
+
+    # -- the emulator's admin API ---------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Calls answered by method, jobs created and task attempts run, since start.
+
+        ``{"api_calls": {"CreateJob": n, "GetJob": n, ...}, "jobs_created": n,
+        "task_attempts": n}``; failed calls count too.
+        """
+        result: dict[str, Any] = self._admin("GET", "stats")
+        return result
+
+    def fail_calls(self, method: str, *, status: int = 503, count: int = 1) -> None:
+        """Make the next ``count`` calls of an RPC fail with Google's error for ``status``.
+
+        :param method: the RPC name in CamelCase (``CreateJob``, ``GetJob``, ``ListTasks``, ...)
+        :param status: the HTTP status (429, 500, 503, 403, ...)
+        :param count: how many calls fail
+        """
+        self._admin("POST", "fail_calls", {"method": method, "status": status, "count": count})
+
+    def fail_task(
+        self,
+        index: int,
+        attempt: int = 0,
+        exit_code: int = 50001,
+        job_id: str | None = None,
+        after_seconds: float = 0.0,
+    ) -> None:
+        """Make one attempt of one task die with ``exit_code`` (50001: spot preemption).
+
+        :param index: the task's index in its job
+        :param attempt: which attempt (0 is the first run, k the k-th retry)
+        :param job_id: the job (``None``: the next job created)
+        :param after_seconds: 0 fails the attempt as it starts; more lets it run that long
+        """
+        self._admin(
+            "POST",
+            "fail_task",
+            {
+                "index": index,
+                "attempt": attempt,
+                "exit_code": exit_code,
+                "job_id": job_id,
+                "after_seconds": after_seconds,
+            },
+        )
+
+    def configure(
+        self,
+        *,
+        provisioning_delay: float | _Unset = _UNSET,
+        max_running_tasks: int | _Unset | None = _UNSET,
+        jobs_per_minute: int | _Unset | None = _UNSET,
+    ) -> dict[str, Any]:
+        """Change the realism knobs while running; only the ones given change.
+
+        :returns: the settings now in force
+        """
+        changes = {
+            key: value
+            for key, value in (
+                ("provisioning_delay", provisioning_delay),
+                ("max_running_tasks", max_running_tasks),
+                ("jobs_per_minute", jobs_per_minute),
+            )
+            if value is not _UNSET
+        }
+        result: dict[str, Any] = self._admin("POST", "settings", changes)
+        return result
+
+    def settings(self) -> dict[str, Any]:
+        """The realism knobs in force."""
+        result: dict[str, Any] = self._admin("GET", "settings")
+        return result
+
+    def task_output(self, job_id: str, index: int, attempt: int = 0, stream: str = "stdout") -> str:
+        """What one attempt of a task printed on ``stream`` (``stdout`` or ``stderr``)."""
+        return str(self._admin("GET", f"tasks/{job_id}/{index}/{attempt}/{stream}", text=True))
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _running(self) -> tuple[str, GcsEmulator]:
+        if self.state is not CloudState.RUNNING or self._batch_endpoint is None or not self._gcs:
+            raise LocalCloudError(
+                f"this LocalCloud is {self.state.value}, not running: use it inside "
+                "`with LocalCloud(...) as cloud:` (or call start())"
+            )
+        return self._batch_endpoint, self._gcs
+
+    def _admin(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, text: bool = False
+    ) -> Any:
+        url = f"{self._running()[0]}/_emulator/{path}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            url, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=_ADMIN_TIMEOUT) as response:
+                payload = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                detail = json.loads(detail)["error"]["message"]
+            raise LocalCloudError(
+                f"the Batch emulator refused {method} /_emulator/{path}: {exc.code} {detail}"
+            ) from exc
+        except OSError as exc:
+            raise LocalCloudError(
+                f"the Batch emulator at {url} did not answer ({exc}); is it still running? "
+                f"its log:\n{self._batch_log_tail()}"
+            ) from exc
+        return payload if text else json.loads(payload)
+
+    def _batch_log_tail(self) -> str:
+        return read_tail(self._workdir / "batch-server.log") if self._workdir else ""
