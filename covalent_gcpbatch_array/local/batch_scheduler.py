@@ -31,7 +31,7 @@ from covalent_gcpbatch_array.local.batch_state import (
     TaskRecord,
     TaskState,
 )
-from covalent_gcpbatch_array.local.faults import CallFaults, CreationQuota, TaskFaults
+from covalent_gcpbatch_array.local.faults import RPC_METHODS, CallFaults, CreationQuota, TaskFaults
 from covalent_gcpbatch_array.local.task_attempt import (
     EXIT_GENERIC_FAILURE,
     Launcher,
@@ -73,7 +73,7 @@ class EmulatorStats:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "api_calls": dict(self.api_calls),
+            "api_calls": {method: self.api_calls[method] for method in RPC_METHODS},
             "jobs_created": self.jobs_created,
             "task_attempts": self.task_attempts,
         }
@@ -338,11 +338,14 @@ class BatchScheduler:
                 self._running += 1
                 self._serial += 1
                 job.assign(task, self._serial)
-                self._task_group().start_soon(self._run_attempt, job, task)
+                # A local mkdir takes microseconds: cheaper here than a thread hop per attempt.
+                output_dir = job.output_dir / "tasks" / str(task.index) / str(task.attempt)
+                output_dir.mkdir(parents=True, exist_ok=True)
+                self._task_group().start_soon(self._run_attempt, job, task, output_dir)
             if not job.pending:
                 del self._ready[seq]
 
-    async def _run_attempt(self, job: JobRecord, task: TaskRecord) -> None:
+    async def _run_attempt(self, job: JobRecord, task: TaskRecord, output_dir: Path) -> None:
         attempt = task.attempt
         self.stats.task_attempts += 1
         fault = self.task_faults.take(job.job_id, task.index, attempt)
@@ -366,7 +369,7 @@ class BatchScheduler:
                         self._launcher,
                         job.spec,
                         env=env,
-                        output_dir=job.output_dir / "tasks" / str(task.index) / str(attempt),
+                        output_dir=output_dir,
                         fault=fault,
                         on_running=lambda: self._task_running(job, task),
                     )

@@ -112,7 +112,8 @@ async def run_attempt(
     """Run one attempt and return its exit code.
 
     :param env: the task's environment (see :func:`vm_environment`)
-    :param output_dir: the attempt's folder; runnable k writes ``k.stdout`` and ``k.stderr``
+    :param output_dir: the attempt's folder (it must exist); runnable k writes ``k.stdout``
+        and ``k.stderr`` there
     :param fault: an injected failure: at start (no process runs) or after ``after_seconds``;
         its exit code replaces the process's own either way
     :param on_running: called when the first process is about to start (task RUNNING)
@@ -124,7 +125,6 @@ async def run_attempt(
         limit = spec.max_run_duration
     if fault is not None and fault.after_seconds < limit:
         limit, limit_code = fault.after_seconds, fault.exit_code
-    await anyio.Path(output_dir).mkdir(parents=True, exist_ok=True)
     on_running()
     with anyio.move_on_after(limit) as limit_scope:
         exit_code = await _run_runnables(launcher, spec.runnables, env, output_dir)
