@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import google.auth.exceptions
+import google.cloud.storage as storage
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from .exceptions import StorageError

@@ -1,0 +1,349 @@
+"""The task side: what ``python -m covalent_gcpbatch_array.runner`` does in each Batch task.
+
+Task ``i`` of a job reads its own input envelope from ``{job folder}/tasks/{i}/input.pkl``,
+runs the function in the main thread with its stdout and stderr captured, and writes
+``result.pkl`` (exit 0) or ``error.pkl`` (exit 3) next to it, never overwriting either.
+
+Exit codes (the job's lifecycle policy maps :data:`EXIT_USER_ERROR` to FAIL_TASK):
+
+- :data:`EXIT_OK` (0): the result is written, or there was nothing to do (the task is cancelled,
+  or an earlier attempt already wrote its result);
+- :data:`EXIT_USER_ERROR` (3): ``error.pkl`` is written: the function raised, or the input
+  cannot run in this image (versions, missing modules, a tampered input). Retrying cannot help;
+- anything else, e.g. :data:`EXIT_INFRA_ERROR` (1): an infrastructure failure (storage down
+  after retries, input missing, a bad task environment): Batch may retry the task.
+
+Cancellation: a watcher thread checks the ``cancelled`` marker every
+``CGA_CANCEL_POLL_SECONDS``. When it appears, the watcher sends SIGUSR1 to the main thread,
+whose handler raises :class:`TaskCancelled` inside the function (this interrupts sleeps and
+waits on subprocesses too); the runner then uploads the outputs and exits 0 without writing an
+outcome. A function that swallows that exception, or is stuck in C code, gets
+``CGA_CANCEL_GRACE_SECONDS`` (default 5) before the watcher ends the process with ``os._exit``.
+The function stays in the main thread, where signals, ``signal.alarm`` and C libraries that
+assume the main thread behave as they would locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, TextIO
+
+from .exceptions import ElectronInputError, ResultIntegrityError, StorageError, TaskEnvironmentError
+from .payload import decode_input, encode_error, encode_result, parse_job_key
+from .runner_capture import OutputCapture
+from .store import JobLayout, TaskObject, TaskOutcome, TaskRef, TaskStore, make_storage_client
+
+__all__ = [
+    "ENV_BUCKET",
+    "ENV_CANCEL_GRACE",
+    "ENV_CANCEL_POLL",
+    "ENV_HMAC_KEY",
+    "ENV_JOB_PREFIX",
+    "EXIT_INFRA_ERROR",
+    "EXIT_OK",
+    "EXIT_USER_ERROR",
+    "RunnerSettings",
+    "TaskCancelled",
+    "main",
+    "run_task",
+]
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 3
+EXIT_INFRA_ERROR = 1
+
+ENV_BUCKET = "CGA_BUCKET"  # the bucket name
+ENV_JOB_PREFIX = "CGA_JOB_PREFIX"  # the job's folder, "{prefix}/{job_id}"
+ENV_HMAC_KEY = "CGA_HMAC_KEY"  # the job's key, 64 hex digits
+ENV_CANCEL_POLL = "CGA_CANCEL_POLL_SECONDS"  # how often to look for the cancel marker
+ENV_CANCEL_GRACE = "CGA_CANCEL_GRACE_SECONDS"  # how long a cancelled function may linger
+
+_DEFAULT_CANCEL_POLL = 2.0
+_DEFAULT_CANCEL_GRACE = 5.0
+
+
+class TaskCancelled(BaseException):
+    """Raised in the function's thread when the executor cancels the task.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` in user code lets
+    it through.
+    """
+
+
+class _RunnerSetupError(Exception):
+    """The task's environment is incomplete or invalid (an executor bug, or a hand-made job)."""
+
+
+def _read(environ: Mapping[str, str], name: str, parse: Callable[[str], Any], default: Any) -> Any:
+    text = environ.get(name, "").strip()
+    if not text:
+        if default is None:
+            raise _RunnerSetupError(f"{name} is not set")
+        return default
+    try:
+        return parse(text)
+    except ValueError as exc:
+        # Never echo the key's value into logs.
+        shown = "(hidden)" if name == ENV_HMAC_KEY else repr(text)
+        raise _RunnerSetupError(f"{name}={shown} is invalid: {exc}") from exc
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("it must be a number > 0")
+    return value
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """What the runner reads from its environment."""
+
+    bucket: str  # CGA_BUCKET
+    layout: JobLayout  # from CGA_JOB_PREFIX
+    index: int  # BATCH_TASK_INDEX
+    attempt: int  # BATCH_TASK_RETRY_ATTEMPT (0 on the first attempt)
+    key: bytes  # from CGA_HMAC_KEY
+    cancel_poll_seconds: float  # CGA_CANCEL_POLL_SECONDS
+    cancel_grace_seconds: float  # CGA_CANCEL_GRACE_SECONDS
+
+    @property
+    def task(self) -> TaskRef:
+        """This task."""
+        return TaskRef(self.layout.job_id, self.index)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> RunnerSettings:
+        """Read and validate the settings.
+
+        :raises _RunnerSetupError: a variable is missing or invalid
+        """
+        settings = cls(
+            bucket=_read(environ, ENV_BUCKET, str, None),
+            layout=_read(environ, ENV_JOB_PREFIX, JobLayout.from_folder, None),
+            index=_read(environ, "BATCH_TASK_INDEX", int, None),
+            attempt=_read(environ, "BATCH_TASK_RETRY_ATTEMPT", int, 0),
+            key=_read(environ, ENV_HMAC_KEY, parse_job_key, None),
+            cancel_poll_seconds=_read(environ, ENV_CANCEL_POLL, _positive, _DEFAULT_CANCEL_POLL),
+            cancel_grace_seconds=_read(environ, ENV_CANCEL_GRACE, _positive, _DEFAULT_CANCEL_GRACE),
+        )
+        try:
+            TaskRef(settings.layout.job_id, settings.index)
+        except ValueError as exc:
+            raise _RunnerSetupError(f"BATCH_TASK_INDEX is invalid: {exc}") from exc
+        return settings
+
+
+class _Log:
+    """The runner's own messages, on the process's real stderr (never in the captured one)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._stream: TextIO = os.fdopen(os.dup(2), "w", buffering=1, closefd=True)
+
+    def __call__(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # nowhere left to report to
+            self._stream.write(f"[cga-runner {self._prefix}] {message}\n")
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _CancelWatcher:
+    """Polls the cancel marker in a daemon thread and interrupts the main thread."""
+
+    def __init__(self, is_cancelled: Callable[[], bool], settings: RunnerSettings, log: _Log):
+        self._is_cancelled = is_cancelled
+        self._poll = settings.cancel_poll_seconds
+        self._grace = settings.cancel_grace_seconds
+        self._log = log
+        self._armed = False  # True while the function runs: the handler may raise then
+        self._requested = threading.Event()  # the marker was seen
+        self._finished = threading.Event()  # the function returned or raised: stand down
+        self._main = threading.main_thread().ident
+        self._can_signal = False  # our SIGUSR1 handler is installed (we run in the main thread)
+        self._give_up: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(target=self._watch, name="cga-cancel-watcher", daemon=True)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the executor cancelled this task."""
+        return self._requested.is_set()
+
+    def call(
+        self, give_up: Callable[[], None], fn: Callable[..., Any], *args: Any, **kw: Any
+    ) -> Any:
+        """Run ``fn`` in this (main) thread while watching; ``give_up`` runs on a hard stop."""
+        self._give_up = give_up
+        if threading.current_thread() is threading.main_thread():
+            # Left installed afterwards: a late SIGUSR1 must find this no-op, not the default
+            # action (which would kill the process).
+            signal.signal(signal.SIGUSR1, self._on_signal)
+            self._can_signal = True
+        self._thread.start()
+        self._armed = True
+        try:
+            return fn(*args, **kw)
+        finally:
+            self._armed = False
+            self._finished.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs in the main thread between two bytecodes; only interrupt the function itself.
+        if self._armed:
+            self._armed = False
+            raise TaskCancelled()
+
+    def _watch(self) -> None:
+        failures = 0
+        while not self._finished.wait(self._poll):
+            try:
+                cancelled = self._is_cancelled()
+            except StorageError as exc:
+                failures += 1
+                if failures == 1:
+                    self._log(f"cannot check the cancel marker (will keep trying): {exc}")
+                continue
+            if cancelled:
+                break
+        else:
+            return
+        self._requested.set()
+        self._log("cancel marker found: stopping the function")
+        if self._armed and self._can_signal and self._main is not None:
+            signal.pthread_kill(self._main, signal.SIGUSR1)
+        if not self._finished.wait(self._grace):
+            self._log(f"the function did not stop within {self._grace:g} s: ending the process")
+            self._give_up()
+
+
+def _hard_stop(capture: OutputCapture, store: TaskStore, task: TaskRef, log: _Log) -> None:
+    """Upload what the function printed so far and end the process (cancel, grace over)."""
+    try:
+        stdout, stderr = capture.snapshot()
+        store.upload(task, TaskObject.STDOUT, stdout)
+        store.upload(task, TaskObject.STDERR, stderr)
+    except Exception as exc:
+        log(f"could not upload the outputs: {exc}")
+    log.close()
+    os._exit(EXIT_OK)
+
+
+def _record_failure(store: TaskStore, settings: RunnerSettings, exc: BaseException) -> int:
+    data = encode_error(exc, key=settings.key, task=settings.task)
+    # A result recorded meanwhile (an earlier attempt thought lost) wins: keep one outcome.
+    if TaskOutcome.of(store.task_objects(settings.task)) is TaskOutcome.SUCCEEDED:
+        return EXIT_OK
+    if store.write_if_absent(settings.task, TaskObject.ERROR, data):
+        return EXIT_USER_ERROR
+    return _settled_exit(store, settings.task)
+
+
+def _settled_exit(store: TaskStore, task: TaskRef) -> int:
+    """Exit as the outcome already recorded says (another attempt won the race)."""
+    outcome = TaskOutcome.of(store.task_objects(task))
+    return {
+        TaskOutcome.SUCCEEDED: EXIT_OK,
+        TaskOutcome.CANCELLED: EXIT_OK,
+        TaskOutcome.FAILED: EXIT_USER_ERROR,
+    }.get(outcome, EXIT_INFRA_ERROR)
+
+
+def run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore, log: _Log) -> int:
+    """Run this task once and return the process exit code.
+
+    :param store: used by the main thread
+    :param watch_store: used by the cancel watcher thread (a client of its own)
+    :raises StorageError: the bucket failed after the client's retries
+    """
+    task = settings.task
+    outcome = TaskOutcome.of(store.task_objects(task))
+    if outcome is not TaskOutcome.UNFINISHED:
+        log(f"already {outcome.value}: nothing to do")
+        return EXIT_USER_ERROR if outcome is TaskOutcome.FAILED else EXIT_OK
+    data = store.download(task, TaskObject.INPUT)
+    if data is None:
+        name = settings.layout.object_name(task.index, TaskObject.INPUT)
+        log(f"no input at gs://{settings.bucket}/{name}: the executor did not upload it")
+        return EXIT_INFRA_ERROR
+    try:
+        task_input = decode_input(data, key=settings.key, task=task)
+    except (ResultIntegrityError, TaskEnvironmentError) as exc:
+        log(f"refusing the input: {exc}")
+        return _record_failure(store, settings, exc)
+    log(f"running {task_input.origin} (attempt {settings.attempt})")
+
+    watcher = _CancelWatcher(lambda: watch_store.exists(task, TaskObject.CANCELLED), settings, log)
+    error: BaseException | None = None
+    value: Any = None
+    capture = OutputCapture()
+    with capture:
+        try:
+            value = watcher.call(
+                lambda: _hard_stop(capture, watch_store, task, log),
+                task_input.fn,
+                *task_input.args,
+                **task_input.kwargs,
+            )
+        except TaskCancelled:
+            pass
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt are the user's too
+            error = exc
+    store.upload(task, TaskObject.STDOUT, capture.stdout)
+    store.upload(task, TaskObject.STDERR, capture.stderr)
+    if watcher.cancel_requested:
+        log("cancelled: no outcome written")
+        return EXIT_OK
+
+    if error is None:
+        try:
+            result = encode_result(value, key=settings.key, task=task)
+        except ElectronInputError as exc:
+            error = exc
+        else:
+            if store.write_if_absent(task, TaskObject.RESULT, result):
+                return EXIT_OK
+            return _settled_exit(store, task)
+    log(f"the function raised {type(error).__name__}: writing error.pkl")
+    return _record_failure(store, settings, error)
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    """The runner's entry point: returns the exit code."""
+    environ = os.environ if environ is None else environ
+    log = _Log(f"task {environ.get('BATCH_TASK_INDEX', '?')}")
+    try:
+        settings = RunnerSettings.from_environ(environ)
+    except _RunnerSetupError as exc:
+        log(f"cannot start: {exc}")
+        return EXIT_INFRA_ERROR
+    # The function and its subprocesses have no use for the key: keep it out of their reach.
+    os.environ.pop(ENV_HMAC_KEY, None)
+    # google-cloud-storage 3.x would GET the bucket's metadata from a background thread of
+    # each client, for tracing only: two needless requests per task, and a permission
+    # (storage.buckets.get) the task's service account does not need otherwise.
+    os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
+    try:
+        store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)
+        watch_store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)
+        return run_task(settings, store, watch_store, log)
+    except StorageError as exc:
+        log(f"storage failed (Batch may retry this task): {exc}")
+        return EXIT_INFRA_ERROR
+    except Exception:
+        log(f"unexpected runner failure (Batch may retry this task):\n{traceback.format_exc()}")
+        return EXIT_INFRA_ERROR
+    finally:
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
