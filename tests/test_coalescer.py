@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
 import pytest
@@ -41,6 +41,19 @@ Value = tuple[str, Any]
 
 #: Long enough for anything here; reaching it (virtual time) means something waits forever.
 HANG = 100_000
+
+AsyncTest = TypeVar("AsyncTest", bound=Callable[..., Awaitable[None]])
+
+
+def fails_if_stuck(test: AsyncTest) -> AsyncTest:
+    """Fail a test that would wait forever: MockClock jumps to the HANG deadline at once."""
+
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> None:
+        with anyio.fail_after(HANG):
+            await test(*args, **kwargs)
+
+    return cast(AsyncTest, bounded)
 
 
 @pytest.fixture
@@ -182,11 +195,10 @@ async def run_fleet(
     """Run electrons joining at ``t0 + offset`` to the end; return them, the cloud and t0."""
     cloud = cloud or FakeCloud()
     t0 = anyio.current_time()
-    with anyio.fail_after(HANG):
-        async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
-            electrons = start_electrons(
-                group, coalescer, cloud, policy, [t0 + o for o in offsets], **options
-            )
+    async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
+        electrons = start_electrons(
+            group, coalescer, cloud, policy, [t0 + o for o in offsets], **options
+        )
     return electrons, cloud, t0
 
 
@@ -218,6 +230,7 @@ class TestBatchPolicy:
 
 class TestFlushTriggers:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_window_flushes_exactly_when_it_elapses(self) -> None:
         policy = BatchPolicy(window=5.0, idle_gap=0.0, max_size=100)
         electrons, cloud, t0 = await run_fleet(policy, [0.0, 1.0, 4.5, 6.0])
@@ -229,6 +242,7 @@ class TestFlushTriggers:
         assert [e.value for e in electrons] == [("result of", p) for p in range(4)]
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_full_batch_flushes_at_the_join_that_fills_it(self) -> None:
         policy = BatchPolicy(window=10.0, idle_gap=0.0, max_size=3)
         electrons, cloud, t0 = await run_fleet(policy, [0.0, 0.5, 1.0, 1.0, 2.0])
@@ -239,6 +253,7 @@ class TestFlushTriggers:
         assert (second.flush_reason, second.flushed_at) == (FlushReason.WINDOW, t0 + 11.0)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_idle_gap_flushes_when_joins_pause(self) -> None:
         policy = BatchPolicy(window=10.0, idle_gap=1.0, max_size=100)
         electrons, _, t0 = await run_fleet(policy, [0.0, 0.5, 4.0])
@@ -248,6 +263,7 @@ class TestFlushTriggers:
         assert (second.flush_reason, second.flushed_at) == (FlushReason.IDLE, t0 + 5.0)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_each_join_rearms_the_idle_gap(self) -> None:
         policy = BatchPolicy(window=10.0, idle_gap=1.0, max_size=100)
         electrons, _, t0 = await run_fleet(policy, [0.0, 0.75, 1.5, 2.25, 3.0])
@@ -256,6 +272,7 @@ class TestFlushTriggers:
         assert (batch.flush_reason, batch.flushed_at) == (FlushReason.IDLE, t0 + 4.0)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_window_caps_a_steady_trickle(self) -> None:
         policy = BatchPolicy(window=2.0, idle_gap=1.0, max_size=100)
         electrons, _, t0 = await run_fleet(policy, [0.0, 0.5, 1.0, 1.5, 2.25, 2.75])
@@ -265,6 +282,7 @@ class TestFlushTriggers:
         assert (second.flush_reason, second.flushed_at) == (FlushReason.IDLE, t0 + 3.75)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_zero_idle_gap_waits_for_the_window(self) -> None:
         policy = BatchPolicy(window=3.0, idle_gap=0.0, max_size=100)
         electrons, _, t0 = await run_fleet(policy, [0.0, 0.125])
@@ -272,6 +290,7 @@ class TestFlushTriggers:
         assert (batch.flush_reason, batch.flushed_at) == (FlushReason.WINDOW, t0 + 3.0)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_infinite_window_flushes_when_full(self) -> None:
         policy = BatchPolicy(window=math.inf, idle_gap=0.0, max_size=2)
         electrons, _, t0 = await run_fleet(policy, [0.0, 7.0])
@@ -281,6 +300,7 @@ class TestFlushTriggers:
 
 class TestGrouping:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_indices_follow_join_order(self) -> None:
         policy = BatchPolicy(window=5.0, idle_gap=0.0, max_size=100)
         electrons, cloud, _ = await run_fleet(policy, [3.0, 0.0, 2.0, 1.0])
@@ -290,6 +310,7 @@ class TestGrouping:
         assert [e.value for e in electrons] == [("result of", p) for p in range(4)]
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_keys_and_policies_make_separate_batches(self) -> None:
         cloud = FakeCloud()
         made: list[str] = []
@@ -317,6 +338,7 @@ class TestGrouping:
         assert sorted(launch.batch.batch_id for launch in cloud.launches) == sorted(made)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_duplicate_batch_id_is_refused(self) -> None:
         cloud = FakeCloud()
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
@@ -328,6 +350,7 @@ class TestGrouping:
         assert coalescer.statistics().open_batches == 0
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_member_lookup_by_batch_id_and_index(self) -> None:
         cloud = FakeCloud()
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
@@ -343,38 +366,38 @@ class TestGrouping:
 
 class TestReadiness:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_launch_waits_for_every_upload(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud()
         t0 = anyio.current_time()
-        with anyio.fail_after(HANG):
-            async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
-                fast = start_electrons(group, coalescer, cloud, policy, [t0, t0])
-                slow = start_electrons(group, coalescer, cloud, policy, [t0], upload_time=5.0)
+        async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
+            fast = start_electrons(group, coalescer, cloud, policy, [t0, t0])
+            slow = start_electrons(group, coalescer, cloud, policy, [t0], upload_time=5.0)
         (batch,) = batches_of(fast + slow)
         assert batch.flushed_at == t0 + 1.0
         assert cloud.launches[0].at == t0 + 5.0
         assert all(e.value is not None for e in fast + slow)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_withdrawn_member_is_skipped_and_keeps_its_error(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud()
         broken = OSError("bucket refused the upload")
         t0 = anyio.current_time()
-        with anyio.fail_after(HANG):
-            async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
-                before = start_electrons(group, coalescer, cloud, policy, [t0])
-                failing = start_electrons(
-                    group,
-                    coalescer,
-                    cloud,
-                    policy,
-                    [t0 + 0.125],
-                    upload_time=0.5,
-                    upload_error=broken,
-                )
-                after = start_electrons(group, coalescer, cloud, policy, [t0 + 0.25])
+        async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
+            before = start_electrons(group, coalescer, cloud, policy, [t0])
+            failing = start_electrons(
+                group,
+                coalescer,
+                cloud,
+                policy,
+                [t0 + 0.125],
+                upload_time=0.5,
+                upload_error=broken,
+            )
+            after = start_electrons(group, coalescer, cloud, policy, [t0 + 0.25])
         assert cloud.launches[0].indices == [0, 2]
         assert failing[0].error is broken
         assert failing[0].member is not None
@@ -385,6 +408,7 @@ class TestReadiness:
         assert after[0].value == ("result of", 0)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_member_cancelled_during_upload_is_skipped(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud()
@@ -402,6 +426,7 @@ class TestReadiness:
         assert [e.value for e in mates] == [("result of", 0), ("result of", 1)]
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_batch_whose_members_all_withdrew_is_never_launched(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         electrons, cloud, _ = await run_fleet(
@@ -413,6 +438,7 @@ class TestReadiness:
         assert [m.state for m in batch.members] == [MemberState.WITHDRAWN] * 2
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_leaving_without_set_ready_withdraws(self) -> None:
         cloud = FakeCloud()
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
@@ -427,6 +453,7 @@ class TestReadiness:
 
 class TestCancellation:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_cancelling_one_wait_leaves_its_batch_mates_resolved(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud(run_time=4.0)
@@ -445,6 +472,7 @@ class TestCancellation:
         assert await member.wait() == ("result of", 2)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_cancelled_run_cancels_its_member_and_only_it(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud(run_time=4.0)
@@ -463,6 +491,7 @@ class TestCancellation:
             await cancelled.wait()
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_cancel_after_launch_reaches_the_launch_code(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud(run_time=4.0)
@@ -484,6 +513,7 @@ class TestCancellation:
 
 class TestLaunchFailures:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_launch_raising_fails_every_member_and_the_coalescer_carries_on(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud(fail_with=RuntimeError("quota exceeded"))
@@ -505,6 +535,7 @@ class TestLaunchFailures:
         assert later[0].value == ("result of", 0)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_members_resolved_before_the_launch_raised_keep_their_results(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud(fail_with=ConnectionError("monitor lost"), resolve_before_failing=1)
@@ -513,6 +544,7 @@ class TestLaunchFailures:
         assert isinstance(electrons[1].error, BatchLaunchError)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_launch_returning_early_fails_the_members_left(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         electrons, _, _ = await run_fleet(policy, [0.0, 0.0], FakeCloud(return_early=True))
@@ -530,6 +562,7 @@ class TestBaselines:
             (BatchPolicy(window=10.0, idle_gap=1.0, max_size=1), FlushReason.FULL),
         ],
     )
+    @fails_if_stuck
     async def test_one_batch_per_member_flushed_at_once(
         self, policy: BatchPolicy, reason: FlushReason
     ) -> None:
@@ -544,36 +577,36 @@ class TestBaselines:
 
 class TestShutdown:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_calm_exit_flushes_open_batches_and_launches_them(self) -> None:
         policy = BatchPolicy(window=100.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud()
         t0 = anyio.current_time()
-        with anyio.fail_after(HANG):
-            async with anyio.create_task_group() as group:
-                async with Coalescer(cloud.launch) as coalescer:
-                    electrons = start_electrons(group, coalescer, cloud, policy, [t0, t0 + 1])
-                    await anyio.sleep(2.0)
-                assert coalescer.statistics().finished_batches == 1  # exit waited for it
+        async with anyio.create_task_group() as group:
+            async with Coalescer(cloud.launch) as coalescer:
+                electrons = start_electrons(group, coalescer, cloud, policy, [t0, t0 + 1])
+                await anyio.sleep(2.0)
+            assert coalescer.statistics().finished_batches == 1  # exit waited for it
         (batch,) = batches_of(electrons)
         assert (batch.flush_reason, batch.flushed_at) == (FlushReason.CLOSING, t0 + 2.0)
         assert [e.value for e in electrons] == [("result of", 0), ("result of", 1)]
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_torn_down_coalescer_fails_every_waiting_member(self) -> None:
         cloud = FakeCloud(run_time=50.0)
         t0 = anyio.current_time()
         running = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         still_open = BatchPolicy(window=100.0, idle_gap=0.0, max_size=100)
-        with anyio.fail_after(HANG):
-            async with anyio.create_task_group() as group:
-                with anyio.move_on_after(5.0):  # the server shuts down: the coalescer is cancelled
-                    async with Coalescer(cloud.launch) as coalescer:
-                        launched = start_electrons(group, coalescer, cloud, running, [0.0])
-                        waiting = start_electrons(group, coalescer, cloud, still_open, [0.0])
-                        uploading = start_electrons(
-                            group, coalescer, cloud, still_open, [0.0], upload_time=80.0
-                        )
-                        await anyio.sleep_forever()
+        async with anyio.create_task_group() as group:
+            with anyio.move_on_after(5.0):  # the server shuts down: the coalescer is cancelled
+                async with Coalescer(cloud.launch) as coalescer:
+                    launched = start_electrons(group, coalescer, cloud, running, [0.0])
+                    waiting = start_electrons(group, coalescer, cloud, still_open, [0.0])
+                    uploading = start_electrons(
+                        group, coalescer, cloud, still_open, [0.0], upload_time=80.0
+                    )
+                    await anyio.sleep_forever()
         for electron in launched + waiting + uploading:
             assert isinstance(electron.error, CoalescerClosedError)
             assert "executor shut down" in str(electron.error)
@@ -582,6 +615,7 @@ class TestShutdown:
         assert (stats.finished_batches, stats.members_done) == (2, 3)
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_join_outside_the_async_with_is_refused(self) -> None:
         cloud = FakeCloud()
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
@@ -598,6 +632,7 @@ class TestShutdown:
 
 class TestStatistics:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_counts_follow_batches_and_members(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         cloud = FakeCloud(run_time=2.0)
@@ -619,6 +654,7 @@ class TestStatistics:
 
 class TestMemberApi:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_outcomes_are_for_launched_members_and_the_first_one_wins(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
         seen: list[Member[Value]] = []
@@ -647,6 +683,7 @@ class TestMemberApi:
         assert repr(member) == f"<Member {member.batch_id}[0] resolved>"
 
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_errors_belong_to_the_package_hierarchy(self) -> None:
         for error_type in (ElectronCancelledError, BatchLaunchError, CoalescerClosedError):
             assert issubclass(error_type, GCPBatchArrayError)
@@ -654,6 +691,7 @@ class TestMemberApi:
 
 class TestScale:
     @pytest.mark.anyio
+    @fails_if_stuck
     async def test_ten_thousand_joins_use_one_task_per_batch(self) -> None:
         policy = BatchPolicy(window=1.0, idle_gap=0.25, max_size=1000)
         cloud = FakeCloud()
