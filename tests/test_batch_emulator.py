@@ -777,6 +777,9 @@ class TestFaults:
         assert (tmp_path / "1").read_text() == "1\n"  # attempt 0 never ran
         task = tasks_of(client, done)[1]
         assert exit_codes(task) == [50001, 0]
+        job_id = done.name.rsplit("/", 1)[1]
+        assert emulator.http("GET", f"/_emulator/tasks/{job_id}/1/0/stdout")[0] == 404
+        assert emulator.http("GET", f"/_emulator/tasks/{job_id}/1/1/stdout") == (200, "")
         preempted = task.status.status_events[1]
         assert preempted.description.startswith(
             "Task state is updated from ASSIGNED to FAILED on zones/"

@@ -137,6 +137,7 @@ class TestParseJob:
                 "lifecycle_policies[0].action",
             ),
             (job_with(SCRIPT, taskCount="100001"), "task_count"),
+            ({**job_with(SCRIPT), "labels": {"big": "x" * 1_100_000}}, "job"),
             ({"taskGroups": []}, "task_groups"),
             ({"taskGroups": [{"taskSpec": SCRIPT}, {"taskSpec": SCRIPT}]}, "task_groups"),
         ],

@@ -24,6 +24,7 @@ from covalent_gcpbatch_array.local.api_errors import ApiError
 
 __all__ = [
     "JOB_ID_PATTERN",
+    "MAX_JOB_BYTES",
     "MAX_RETRY_COUNT",
     "MAX_TASK_COUNT",
     "JobSpec",
@@ -39,6 +40,7 @@ JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Google Batch limits (cloud.google.com/batch/quotas and batch.proto).
 MAX_TASK_COUNT = 100_000
 MAX_RETRY_COUNT = 10
+MAX_JOB_BYTES = 1024 * 1024  # "job definition size: 1 MB"
 
 # Maps (image_uri, entrypoint, commands) to a local command line; raises ValueError if unmapped.
 ContainerResolver = Callable[[str, str, Sequence[str]], list[str]]
@@ -123,6 +125,12 @@ def parse_job(body: bytes, *, job_name: str, resolve_container: ContainerResolve
     :param resolve_container: maps a container runnable to a local command line
     :raises ApiError: 400 INVALID_ARGUMENT naming the field at fault
     """
+    if len(body) > MAX_JOB_BYTES:
+        raise ApiError.invalid_argument(
+            "job",
+            f"the job definition is {len(body)} bytes, over Google's limit of {MAX_JOB_BYTES} "
+            f"bytes: keep per-task data out of the job (e.g. in a bucket, by BATCH_TASK_INDEX)",
+        )
     try:
         document = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -219,8 +219,8 @@ async def _kill(process: TaskProcessHandle) -> None:
 
 
 def attempt_output(output_dir: Path, stream: Literal["stdout", "stderr"]) -> str | None:
-    """An attempt's captured output (its runnables' in order), or None if it never ran."""
-    if not output_dir.is_dir():
-        return None
+    """An attempt's captured output (its runnables' in order), or None if it ran no process."""
     files = sorted(output_dir.glob(f"*.{stream}"), key=lambda path: int(path.name.split(".")[0]))
+    if not files:
+        return None
     return "".join(path.read_text(errors="replace") for path in files)
