@@ -1,0 +1,198 @@
+"""The ``gcpbatch-array`` command: ``local up`` and ``demo``, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from covalent_gcpbatch_array.cli import build_parser, main
+
+CLI = [sys.executable, "-m", "covalent_gcpbatch_array.cli"]
+
+
+def read_until(process: subprocess.Popen[bytes], marker: str, timeout: float = 120.0) -> str:
+    """Read ``process``'s stdout until ``marker`` appears; fail with what came if it does not."""
+    assert process.stdout is not None
+    received = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while marker.encode() not in received:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {marker!r} within {timeout} s; got {received!r}"
+            if selector.select(remaining):
+                chunk = os.read(process.stdout.fileno(), 65536)
+                assert chunk, f"stdout closed before {marker!r}; got {received!r}"
+                received += chunk
+    return received.decode()
+
+
+def children_of(pid: int) -> set[int]:
+    pids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids.update(int(child) for child in (task / "children").read_text().split())
+    return pids
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def start_cli() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``gcpbatch-array ARGS`` as a process; kill whatever is left at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.communicate()
+
+
+class TestParser:
+    def test_console_script_help_lists_the_commands(self) -> None:
+        script = Path(sys.executable).with_name("gcpbatch-array")
+        assert script.exists(), "the console script is missing: pip install -e ."
+        out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+        assert "local" in out.stdout
+        assert "demo" in out.stdout
+
+    def test_local_up_options(self) -> None:
+        args = build_parser().parse_args(
+            ["local", "up", "--provisioning-delay", "1.5", "--max-running-tasks", "4",
+             "--jobs-per-minute", "10"]
+        )  # fmt: skip
+        assert (args.provisioning_delay, args.max_running_tasks, args.jobs_per_minute) == (
+            1.5,
+            4,
+            10,
+        )
+        defaults = build_parser().parse_args(["local", "up"])
+        assert (defaults.provisioning_delay, defaults.max_running_tasks) == (0.0, None)
+        assert defaults.jobs_per_minute is None
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["local", "up", "--max-running-tasks", "0"], "must be >= 1"),
+            (["local", "up", "--provisioning-delay", "-1"], "must be >= 0"),
+            (["local", "up", "--jobs-per-minute", "many"], "expected a whole number"),
+            (["local"], "ACTION"),
+            ([], "COMMAND"),
+        ],
+    )
+    def test_bad_arguments_exit_2_with_a_message(
+        self, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+class TestLocalUp:
+    def test_prints_endpoints_and_stops_on_sigterm(
+        self,
+        start_cli: Callable[..., subprocess.Popen[bytes]],
+        wait_process_gone: Callable[[int], bool],
+    ) -> None:
+        tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+        process = start_cli("local", "up", "--max-running-tasks", "3")
+        text = read_until(process, "Press Ctrl-C to stop.")
+        toml_text = text[text.index("[executors.gcpbatch_array]") : text.index("Press Ctrl-C")]
+        settings = tomllib.loads(toml_text)["executors"]["gcpbatch_array"]
+        assert settings["project_id"] == "local-project"
+        assert settings["region"] == "us-east1"
+        assert settings["bucket_name"] == "covalent-local"
+        assert settings["container_image_uri"] == "local/covalent-gcpbatch-array-runner:latest"
+        batch, storage = settings["batch_api_endpoint"], settings["storage_api_endpoint"]
+        assert f"export STORAGE_EMULATOR_HOST={storage}" in text
+        assert batch in text
+        with urllib.request.urlopen(f"{batch}/_emulator/settings", timeout=5) as response:
+            assert json.load(response)["max_running_tasks"] == 3
+        assert answers(f"{storage}/storage/v1/b/covalent-local")
+        servers = children_of(process.pid)
+        assert len(servers) == 2
+
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr.decode()
+        assert b"Stopped." in stderr
+        assert all(wait_process_gone(pid) for pid in servers)
+        assert not answers(f"{batch}/_emulator/stats")
+        assert not answers(f"{storage}/storage/v1/b")
+
+    def test_json_output_and_ctrl_c(
+        self,
+        start_cli: Callable[..., subprocess.Popen[bytes]],
+        wait_process_gone: Callable[[int], bool],
+    ) -> None:
+        process = start_cli("local", "up", "--json", "--provisioning-delay", "0.5")
+        ready = json.loads(read_until(process, "\n"))
+        assert ready["executor_config"]["batch_api_endpoint"] == ready["batch_endpoint"]
+        assert ready["environment"] == {"STORAGE_EMULATOR_HOST": ready["storage_endpoint"]}
+        url = f"{ready['batch_endpoint']}/_emulator/settings"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert json.load(response)["provisioning_delay"] == 0.5
+        servers = children_of(process.pid)
+
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+        assert process.returncode == 0
+        assert all(wait_process_gone(pid) for pid in servers)
+
+    def test_exits_1_when_a_server_dies(
+        self, start_cli: Callable[..., subprocess.Popen[bytes]]
+    ) -> None:
+        process = start_cli("local", "up", "--json")
+        ready = json.loads(read_until(process, "\n"))
+        storage_port = ready["storage_endpoint"].rsplit(":", 1)[1]
+        gcs_pid = next(
+            pid
+            for pid in children_of(process.pid)
+            if f"-port\0{storage_port}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
+        os.kill(gcs_pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 1
+        assert b"stopped unexpectedly" in stderr
+
+
+class TestDemo:
+    @pytest.mark.slow
+    def test_demo_runs_an_array_job_and_exits_0(self) -> None:
+        result = subprocess.run(
+            [*CLI, "demo", "--tasks", "5"], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        for index in range(5):
+            assert f"demo/{index}.txt: hello from task {index} of 5" in result.stdout
+        assert "SUCCEEDED" in result.stdout
+        assert "exit code 50001" in result.stdout
+        assert "CreateJob 1" in result.stdout
+        assert result.stdout.rstrip().endswith("Demo OK.")
+
+    def test_demo_refuses_a_single_task(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["demo", "--tasks", "1"]) == 2
+        assert "at least 2" in capsys.readouterr().err
