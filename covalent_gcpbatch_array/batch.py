@@ -183,12 +183,18 @@ def _mapped_errors(action: str) -> Iterator[None]:
 
 
 def _advice(exc: api_exceptions.GoogleAPICallError) -> str:
-    if isinstance(exc, api_exceptions.PermissionDenied | api_exceptions.Unauthenticated):
+    if isinstance(
+        exc,
+        api_exceptions.PermissionDenied
+        | api_exceptions.Forbidden
+        | api_exceptions.Unauthenticated
+        | api_exceptions.Unauthorized,
+    ):
         return (
             ". The credentials running the Covalent server need roles/batch.jobsEditor on the "
             "project and roles/iam.serviceAccountUser on the job's service_account_email"
         )
-    if isinstance(exc, api_exceptions.InvalidArgument):
+    if isinstance(exc, api_exceptions.InvalidArgument | api_exceptions.BadRequest):
         return ". Batch rejected the job definition; check the executor's job-shape keys"
     if isinstance(exc, api_exceptions.NotFound):
         return ". Check project_id and region, and that the Batch API is enabled"

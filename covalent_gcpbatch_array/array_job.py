@@ -1,0 +1,265 @@
+"""Running one flushed batch as one Batch array job, and tracking each of its tasks.
+
+:func:`run_array_job` is the coalescer's launch callback. It writes the manifest (and a
+``cancelled`` marker for every slot whose electron gave up before launch), creates the job,
+then polls it once every ``poll_freq`` (one ``GetJob``, plus one ``ListTasks`` when tasks
+finished) and resolves each electron the moment its own task ends. Cancelled electrons get
+their marker; once no electron is waiting on the job, the job is deleted if still running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import anyio
+from google.api_core import exceptions as api_exceptions
+from google.cloud import batch_v1
+
+from .batch import BatchJobs, build_job
+from .coalescer import Batch, Member
+from .config import ExecutorConfig, JobShape
+from .exceptions import BatchApiError, GCPBatchArrayError, TaskInfrastructureError
+from .outcome import ElectronOutcome, infrastructure_error, task_index
+from .payload import ElectronOrigin, decode_error, decode_result
+from .store import ManifestEntry, TaskObject, TaskRef, TaskStore
+
+__all__ = ["ArrayJobContext", "BatchExtras", "run_array_job"]
+
+logger = logging.getLogger(__name__)
+
+_TERMINAL_JOB_STATES = (batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED)
+_FINISHED_TASK_STATES = ("SUCCEEDED", "FAILED")
+
+
+@dataclass
+class BatchExtras:
+    """What the executor adds to a coalescer batch: its signing key and its electrons."""
+
+    key: bytes  # the job's HMAC key: reaches the tasks through the job definition only
+    config: ExecutorConfig  # the config of the electron that opened the batch (poll_freq, ...)
+    origins: dict[int, ElectronOrigin] = field(default_factory=dict)  # index -> electron
+    submitted_at: dict[int, datetime] = field(default_factory=dict)  # index -> join time
+
+
+@dataclass
+class ArrayJobContext:
+    """The clients one batch's job runs with."""
+
+    jobs: BatchJobs  # the Batch API of the batch's project and region
+    store: TaskStore  # the batch's bucket and prefix
+    run_blocking: Callable[..., Coroutine[Any, Any, Any]]  # runs a blocking store call in a thread
+
+
+async def run_array_job(
+    batch: Batch[JobShape, ElectronOutcome], extras: BatchExtras, ctx: ArrayJobContext
+) -> None:
+    """Create the batch's job and resolve each launched electron as its task ends."""
+    job_id = batch.batch_id
+    launched = {member.index: member for member in batch.launched_members()}
+    await _write_manifest_and_markers(batch, extras, ctx, launched)
+    job = build_job(
+        extras.config.shape,
+        task_count=len(batch.members),
+        job_prefix=ctx.store.layout(job_id).folder,
+        hmac_key=extras.key.hex(),
+    )
+    try:
+        await ctx.jobs.create(job_id, job)
+    except BatchApiError as exc:
+        for member in batch.live_members():
+            error = BatchApiError(str(exc))
+            error.__cause__ = exc.__cause__
+            member.fail(error)
+        return
+    logger.info("created Batch job %s with %d tasks", job_id, len(batch.members))
+    monitor = _JobMonitor(batch, extras, ctx, launched)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(monitor.mark_cancellations)
+        await monitor.poll_until_resolved(tg)
+        tg.cancel_scope.cancel()
+    await monitor.finish()
+
+
+async def _write_manifest_and_markers(
+    batch: Batch[JobShape, ElectronOutcome],
+    extras: BatchExtras,
+    ctx: ArrayJobContext,
+    launched: dict[int, Member[ElectronOutcome]],
+) -> None:
+    entries = {
+        index: ManifestEntry(
+            extras.origins[index].dispatch_id,
+            extras.origins[index].node_id,
+            extras.submitted_at[index],
+        )
+        for index in launched
+    }
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ctx.run_blocking, ctx.store.write_manifest, batch.batch_id, entries)
+        for member in batch.members:
+            if member.index not in launched:
+                ref = TaskRef(batch.batch_id, member.index)
+                tg.start_soon(ctx.run_blocking, ctx.store.write_cancelled, ref)
+
+
+class _JobMonitor:
+    """Polls one job and turns each finished task into its electron's outcome."""
+
+    def __init__(
+        self,
+        batch: Batch[JobShape, ElectronOutcome],
+        extras: BatchExtras,
+        ctx: ArrayJobContext,
+        launched: dict[int, Member[ElectronOutcome]],
+    ) -> None:
+        self.batch = batch  # the coalescer's batch: its members are the electrons
+        self.extras = extras  # key and config of the batch
+        self.ctx = ctx  # clients
+        self.launched = launched  # index -> member, for the tasks that run an electron
+        self.handled: set[int] = set()  # indices whose finished task was already collected
+        self.job: batch_v1.Job | None = None  # the last job record read
+        self.finished_seen = -1  # SUCCEEDED + FAILED count at the last ListTasks
+
+    @property
+    def job_id(self) -> str:
+        return self.batch.batch_id
+
+    @property
+    def config(self) -> ExecutorConfig:
+        return self.extras.config
+
+    async def poll_until_resolved(self, tg: anyio.abc.TaskGroup) -> None:
+        """Poll every ``poll_freq`` until no launched electron is waiting for its task."""
+        while self.batch.live_members():
+            if not await self._poll(tg):
+                return
+            with anyio.move_on_after(self.config.poll_freq):
+                await self.batch.wait_resolved()
+
+    async def _poll(self, tg: anyio.abc.TaskGroup) -> bool:
+        """One poll; False when the job is gone and its electrons were failed."""
+        try:
+            self.job = await self.ctx.jobs.get(self.job_id)
+        except BatchApiError as exc:
+            if isinstance(exc.__cause__, api_exceptions.NotFound):
+                self._fail_live(
+                    TaskInfrastructureError(
+                        f"Batch job {self.job_id} was deleted outside this executor before "
+                        "its task finished"
+                    )
+                )
+                return False
+            logger.warning("polling job %s failed, will poll again: %s", self.job_id, exc)
+            return True
+        counts = self.job.status.task_groups["group0"].counts if self.job.status.task_groups else {}
+        finished = sum(int(counts.get(state, 0)) for state in _FINISHED_TASK_STATES)
+        terminal = self.job.status.state in _TERMINAL_JOB_STATES
+        if finished != self.finished_seen or terminal:
+            states = () if terminal else _FINISHED_TASK_STATES
+            try:
+                tasks = await self.ctx.jobs.list_tasks(self.job_id, states)
+            except BatchApiError as exc:
+                logger.warning("listing tasks of %s failed, will retry: %s", self.job_id, exc)
+                return True
+            self.finished_seen = finished
+            for task in tasks:
+                self._collect_if_finished(tg, task)
+            if terminal:
+                self._fail_unfinished_of_terminal_job()
+        return True
+
+    def _collect_if_finished(self, tg: anyio.abc.TaskGroup, task: batch_v1.Task) -> None:
+        index = task_index(task)
+        member = self.launched.get(index)
+        state = batch_v1.TaskStatus.State(task.status.state).name
+        if member is None or index in self.handled or state not in _FINISHED_TASK_STATES:
+            return
+        self.handled.add(index)
+        tg.start_soon(self._collect, member, task)
+
+    def _fail_unfinished_of_terminal_job(self) -> None:
+        assert self.job is not None
+        events = tuple(event.description for event in self.job.status.status_events)
+        for member in self.batch.live_members():
+            if member.index not in self.handled:
+                member.fail(
+                    infrastructure_error(
+                        None,
+                        time_limit=self.config.time_limit,
+                        retries=self.config.retries,
+                        job_events=events,
+                    )
+                )
+
+    async def _collect(self, member: Member[ElectronOutcome], task: batch_v1.Task) -> None:
+        """Read the task's objects and resolve (or fail) its electron."""
+        ref = TaskRef(self.job_id, member.index)
+        try:
+            outcome = await self._read_outcome(ref, task)
+        except GCPBatchArrayError as exc:
+            member.fail(exc)
+            return
+        if isinstance(outcome, BaseException):
+            member.fail(outcome)
+        else:
+            member.resolve(outcome)
+        if not self.config.keep_objects:
+            await self.ctx.run_blocking(self.ctx.store.delete_task, ref)
+
+    async def _read_outcome(
+        self, ref: TaskRef, task: batch_v1.Task
+    ) -> ElectronOutcome | BaseException:
+        store, key = self.ctx.store, self.extras.key
+        objects: dict[TaskObject, bytes | None] = {}
+
+        async def read(obj: TaskObject) -> None:
+            objects[obj] = await self.ctx.run_blocking(store.download, ref, obj)
+
+        async with anyio.create_task_group() as tg:
+            for obj in (TaskObject.RESULT, TaskObject.ERROR, TaskObject.STDOUT, TaskObject.STDERR):
+                tg.start_soon(read, obj)
+        stdout = (objects[TaskObject.STDOUT] or b"").decode(errors="replace")
+        stderr = (objects[TaskObject.STDERR] or b"").decode(errors="replace")
+        if (data := objects[TaskObject.RESULT]) is not None:
+            result = decode_result(data, key=key, task=ref)
+            return ElectronOutcome(result=result, stdout=stdout, stderr=stderr)
+        if (data := objects[TaskObject.ERROR]) is not None:
+            failure = decode_error(data, key=key, task=ref)
+            return ElectronOutcome(
+                error=failure.to_exception(),
+                traceback_text=failure.traceback_text,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        return infrastructure_error(
+            task, time_limit=self.config.time_limit, retries=self.config.retries
+        )
+
+    async def mark_cancellations(self) -> None:
+        """Write the ``cancelled`` marker of every electron cancelled after launch."""
+        while cancelled := await self.batch.wait_cancelled():
+            async with anyio.create_task_group() as tg:
+                for member in cancelled:
+                    ref = TaskRef(self.job_id, member.index)
+                    tg.start_soon(self.ctx.run_blocking, self.ctx.store.write_cancelled, ref)
+
+    def _fail_live(self, error: TaskInfrastructureError) -> None:
+        for member in self.batch.live_members():
+            member.fail(type(error)(error.reason, exit_code=error.exit_code, events=error.events))
+
+    async def finish(self) -> None:
+        """Delete the job if it still runs tasks nobody waits for; clean up the manifest."""
+        job = self.job
+        unfinished = self.finished_seen < len(self.batch.members)
+        if job is not None and unfinished and job.status.state not in _TERMINAL_JOB_STATES:
+            logger.info("deleting job %s: no electron is waiting on it", self.job_id)
+            try:
+                await self.ctx.jobs.delete(self.job_id)
+            except BatchApiError as exc:
+                logger.warning("could not delete job %s: %s", self.job_id, exc)
+        if not self.config.keep_objects:
+            await self.ctx.run_blocking(self.ctx.store.delete_job, self.job_id)

@@ -1,0 +1,190 @@
+"""Covalent plugin module: ``GCPBatchArrayExecutor``, short name ``gcpbatch_array``.
+
+Each electron's ``run()`` joins the process's coalescer, uploads its input while its batch is
+open, and waits for its own task of the batch's array job; see :mod:`.service` and
+:mod:`.array_job` for what happens in between.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import anyio
+from covalent._shared_files.config import get_config
+from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
+from covalent.executor.base import AsyncBaseExecutor
+
+from .coalescer import ElectronCancelledError
+from .config import DEFAULTS, ExecutorConfig, resolve_config
+from .exceptions import GCPBatchArrayError
+from .outcome import ElectronOutcome
+from .payload import ElectronOrigin, encode_input
+from .service import BatchService
+from .store import TaskRef, TaskStore, make_storage_client
+
+__all__ = ["EXECUTOR_PLUGIN_NAME", "GCPBatchArrayExecutor"]
+
+EXECUTOR_PLUGIN_NAME = "GCPBatchArrayExecutor"
+
+#: Written by Covalent into ``[executors.gcpbatch_array]`` of its config file.
+_EXECUTOR_PLUGIN_DEFAULTS = copy.deepcopy(DEFAULTS)
+
+
+def _read_config_file(key: str) -> Any:
+    return get_config(f"executors.gcpbatch_array.{key}")
+
+
+class GCPBatchArrayExecutor(AsyncBaseExecutor):
+    """Runs electrons as tasks of shared Google Cloud Batch array jobs.
+
+    Every keyword can also be set under ``[executors.gcpbatch_array]`` in the Covalent config
+    file; a value given here wins, then the config file, then the default. See the README for
+    every key.
+
+    :raises ConfigError: a required key is missing or a value is invalid; the message names
+        the key and how to set it
+    """
+
+    def __init__(
+        self,
+        project_id: str | None = None,
+        region: str | None = None,
+        bucket_name: str | None = None,
+        container_image_uri: str | None = None,
+        service_account_email: str | None = None,
+        vcpus: float | None = None,
+        memory: int | None = None,
+        retries: int | None = None,
+        time_limit: float | None = None,
+        poll_freq: float | None = None,
+        cache_dir: str | None = None,
+        *,
+        batch_window: float | None = None,
+        batch_idle_gap: float | None = None,
+        max_tasks_per_job: int | None = None,
+        batch_api_endpoint: str | None = None,
+        storage_api_endpoint: str | None = None,
+        machine_type: str | None = None,
+        provisioning_model: str | None = None,
+        accelerator_type: str | None = None,
+        accelerator_count: int | None = None,
+        boot_disk_size_gb: int | None = None,
+        network: str | None = None,
+        subnetwork: str | None = None,
+        labels: dict[str, str] | None = None,
+        task_count_per_node: int | None = None,
+        parallelism: int | None = None,
+        bucket_prefix: str | None = None,
+        keep_objects: bool | None = None,
+        log_stdout: str = "",
+        log_stderr: str = "",
+    ) -> None:
+        explicit = {key: value for key, value in locals().items() if key in DEFAULTS}
+        values = resolve_config(explicit, _read_config_file)
+        config = ExecutorConfig.from_values(values)
+        super().__init__(
+            log_stdout=log_stdout,
+            log_stderr=log_stderr,
+            cache_dir=config.cache_dir,
+            time_limit=config.time_limit,
+            retries=config.retries,
+        )
+        # Plain attributes: Covalent copies them (to_dict / from_dict) to the server.
+        for key in DEFAULTS:
+            setattr(self, key, getattr(config, key))
+
+    @property
+    def config(self) -> ExecutorConfig:
+        """This executor's validated configuration."""
+        return ExecutorConfig.from_values({key: getattr(self, key) for key in DEFAULTS})
+
+    async def run(
+        self, function: Any, args: list[Any], kwargs: dict[str, Any], task_metadata: dict[str, Any]
+    ) -> Any:
+        """Run one electron as a task of a shared array job and return its result.
+
+        :raises TaskRuntimeError: the electron failed; ``__cause__`` is the function's own
+            exception, or a :class:`GCPBatchArrayError` that says what went wrong
+        :raises TaskCancelledError: the electron was cancelled
+        """
+        config = self.config
+        origin = ElectronOrigin(str(task_metadata["dispatch_id"]), int(task_metadata["node_id"]))
+        if await self._cancel_requested():
+            raise TaskCancelledError(f"{origin} was cancelled before it was submitted")
+        service = await BatchService.current()
+        member = service.join(config, origin)
+        try:
+            with member:
+                ref = TaskRef(member.batch_id, member.index)
+                await self._set_job_handle({"job_id": ref.job_id, "task_index": ref.index})
+                data = encode_input(
+                    function,
+                    tuple(args),
+                    kwargs,
+                    key=service.job_key(member),
+                    task=ref,
+                    origin=origin,
+                )
+                await service.run_blocking(service.store(config).upload_input, ref, data)
+                del data
+                member.set_ready()
+                outcome = await member.wait()
+        except ElectronCancelledError as exc:
+            raise TaskCancelledError(str(exc)) from exc
+        except GCPBatchArrayError as exc:
+            self._print(f"{origin} failed: {exc}\n", stream="stderr")
+            raise TaskRuntimeError(f"{origin} failed: {exc}") from exc
+        finally:
+            service.leave(member)
+        return self._deliver(outcome)
+
+    def _deliver(self, outcome: ElectronOutcome) -> Any:
+        """Hand the task's streams to Covalent, then return its result or raise its error."""
+        self._print(outcome.stdout, stream="stdout")
+        self._print(outcome.stderr, stream="stderr")
+        if outcome.error is not None:
+            self._print(outcome.traceback_text, stream="stderr")
+            raise TaskRuntimeError(outcome.traceback_text) from outcome.error
+        return outcome.result
+
+    def _print(self, text: str, *, stream: str) -> None:
+        target = self.task_stdout if stream == "stdout" else self.task_stderr
+        if target is not None and text:
+            print(text, end="", file=target)
+
+    async def cancel(self, task_metadata: dict[str, Any], job_handle: Any) -> bool:
+        """Cancel one electron: its task skips or stops; its job-mates are untouched.
+
+        Writes the task's ``cancelled`` marker (a pending task then skips, a running one
+        stops within seconds) and wakes the electron's ``run()``; the job is deleted once
+        none of its electrons is still waiting.
+
+        :return: True once the cancellation is recorded, False without a job handle
+        """
+        if not isinstance(job_handle, dict) or "job_id" not in job_handle:
+            return False
+        ref = TaskRef(str(job_handle["job_id"]), int(job_handle["task_index"]))
+        config = self.config
+        store = TaskStore(
+            make_storage_client(config.project_id, config.storage_api_endpoint),
+            config.bucket_name,
+            config.bucket_prefix,
+        )
+        await anyio.to_thread.run_sync(store.write_cancelled, ref)
+        member = BatchService.find_member(ref.job_id, ref.index)
+        if member is not None:
+            member.cancel()
+        return True
+
+    # Covalent's runtime hooks exist only when Covalent's runner drives the executor.
+
+    def _in_covalent_runtime(self) -> bool:
+        return "_send_queue" in self.__dict__
+
+    async def _cancel_requested(self) -> bool:
+        return bool(self._in_covalent_runtime() and await self.get_cancel_requested())
+
+    async def _set_job_handle(self, handle: dict[str, Any]) -> None:
+        if self._in_covalent_runtime():
+            await self.set_job_handle(handle)

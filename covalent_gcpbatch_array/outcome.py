@@ -1,0 +1,85 @@
+"""What one task's end means for its electron: a result, the user's error, or an infrastructure error.
+
+Pure functions over Batch's task records and the objects the runner wrote, so every branch is
+tested without a cloud.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from google.cloud import batch_v1
+
+from .exceptions import TaskInfrastructureError, TimeLimitExceeded
+
+__all__ = ["ElectronOutcome", "infrastructure_error", "task_exit_code", "task_index"]
+
+#: Batch's reserved exit codes (cloud.google.com/batch/docs/troubleshooting#reserved-exit-codes).
+RESERVED_EXIT_CODES = {
+    50001: "the VM was preempted (Spot or preemptible capacity was reclaimed)",
+    50002: "the VM stopped reporting to Batch (lost or unresponsive)",
+    50003: "the VM was rebooted while the task was running",
+    50004: "the task could not reach Batch's agent (VM unresponsive)",
+    50005: "the task ran past its maximum run duration",
+    50006: "the VM was deleted or not found while the task was running",
+}
+
+
+@dataclass
+class ElectronOutcome:
+    """What the executor hands back to an electron's ``run()`` when its task ended."""
+
+    result: Any = None  # the function's return value, when it returned
+    error: BaseException | None = None  # the exception the function raised, rebuilt here
+    traceback_text: str = ""  # the remote traceback, when the function raised
+    stdout: str = ""  # what the task printed on standard output
+    stderr: str = ""  # what the task printed on standard error
+
+
+def task_index(task: batch_v1.Task) -> int:
+    """The index of a task from its resource name ``.../tasks/{index}``."""
+    return int(task.name.rsplit("/", 1)[-1])
+
+
+def task_exit_code(task: batch_v1.Task) -> int | None:
+    """The exit code of the task's last attempt, if Batch recorded one."""
+    for event in reversed(task.status.status_events):
+        if "task_execution" in event:
+            return int(event.task_execution.exit_code)
+    return None
+
+
+def infrastructure_error(
+    task: batch_v1.Task | None, *, time_limit: float, retries: int, job_events: tuple[str, ...] = ()
+) -> TaskInfrastructureError:
+    """Explain a task that ended without a result or a user error.
+
+    :param task: Batch's record of the task (None if Batch never listed it)
+    :param time_limit: the executor's ``time_limit``, for the message
+    :param retries: the executor's ``retries``, for the message
+    :param job_events: the job's status events, used when the task has none
+    """
+    events = tuple(event.description for event in task.status.status_events) if task else ()
+    events = events or job_events
+    code = task_exit_code(task) if task is not None else None
+    if code == 50005:
+        return TimeLimitExceeded(
+            f"the task ran longer than time_limit={time_limit:g}s and Batch stopped it; "
+            "raise time_limit (constructor or [executors.gcpbatch_array]) if it needs more",
+            exit_code=code,
+            events=events,
+        )
+    if code in RESERVED_EXIT_CODES:
+        reason = f"{RESERVED_EXIT_CODES[code]} (exit code {code})"
+    elif code is None:
+        reason = "the task ended without an exit code"
+    else:
+        reason = f"the task process exited with code {code} without writing a result"
+    attempts = f"after {retries + 1} attempt(s) (retries={retries})"
+    return TaskInfrastructureError(
+        f"{reason}, {attempts}; this is an infrastructure failure, not an error of the "
+        "electron's function",
+        exit_code=code,
+        events=events,
+    )
