@@ -63,6 +63,10 @@ elif action in ("hold", "leave-child"):
     report(pid=os.getpid(), grandchild=child.pid)
     if action == "hold":
         time.sleep(300)
+elif action == "print-and-hold":
+    print("early")  # no flush: only PYTHONUNBUFFERED makes it reach the file at once
+    report(pid=os.getpid())
+    time.sleep(300)
 elif action == "exit-message":
     sys.exit("fatal: probe says no")
 elif action == "shutdown":
@@ -403,6 +407,25 @@ class TestOutput:
         assert await task.wait() == 0
         assert (tmp_path / "out").read_text() == "out a1\n"
         assert (tmp_path / "err").read_text() == "err a1\n"
+
+    @pytest.mark.parametrize("kind", KINDS)
+    @pytest.mark.parametrize("unbuffered", [True, False])
+    async def test_stdout_buffering_is_a_fresh_interpreters(
+        self,
+        launcher: TaskLauncher,
+        reports: Reports,
+        task_env: dict[str, str],
+        tmp_path: Path,
+        kind: str,
+        unbuffered: bool,
+    ) -> None:
+        env = {**task_env, "PYTHONUNBUFFERED": "1"} if unbuffered else task_env
+        task = await run_probe(launcher, tmp_path, env, probe_argv(kind, "print-and-hold"))
+        await reports.next()
+        # To a file, stdout is block-buffered unless PYTHONUNBUFFERED is set.
+        assert (tmp_path / "out").read_text() == ("early\n" if unbuffered else "")
+        task.kill()
+        await task.wait()
 
     async def test_one_file_for_both_streams(
         self, launcher: TaskLauncher, task_env: dict[str, str], tmp_path: Path

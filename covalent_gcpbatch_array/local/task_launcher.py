@@ -4,12 +4,13 @@
 and starts task processes (:meth:`~TaskLauncher.start`). Every task is started by a pre-warmed
 fork server (:mod:`covalent_gcpbatch_array.local.fork_server`) that imported covalent,
 cloudpickle and google-cloud-storage once: a ``[sys.executable, "-m", MODULE, ...]`` task runs in
-a child forked from it and skips those imports (seconds), any other command line is exec'd from
-a forked child. Either way the task leads its own process group, and no task outlives the
-launcher, even when the process holding it is SIGKILLed.
+a child forked from it and skips those imports (1 to 5 s), any other command line is exec'd
+from a forked child. Either way the task leads its own process group, and the fork server owns
+every task: when the launcher's process dies, even by SIGKILL, the server kills them all.
 
 Everything here is async and never blocks the event loop; the launcher lives in the emulator's
-loop::
+loop. Enter it in the thread that runs that loop: Linux sends the parent-death signal when the
+thread that started the fork server ends, not the process. ::
 
     async with TaskLauncher() as launcher:
         argv = launcher.container_argv(image_uri, entrypoint="", commands=[])
@@ -245,13 +246,13 @@ class TaskLauncher:
         # The reader and writer end at the server's EOF; cancel them in case they did not.
         self._task_group.cancel_scope.cancel()
         await self._task_group.__aexit__(None, None, None)
+        self._forget_server()  # from here on, kill() and start() no longer use the streams
+        self._state = _State.CLOSED
         if self._outbox_send is not None and self._outbox_receive is not None:
             self._outbox_send.close()
             self._outbox_receive.close()  # the writer may have been cancelled before it began
         if self._stream is not None:
             await self._stream.aclose()
-        self._forget_server()
-        self._state = _State.CLOSED
 
     async def wait_ready(self) -> None:
         """Wait until the fork server has imported its preload modules.
