@@ -247,7 +247,7 @@ class BatchJobs:
                 return await self._call(
                     self._client.create_job, request=request, retry=CREATE_RETRY
                 )
-            except api_exceptions.AlreadyExists:
+            except api_exceptions.Conflict:  # ALREADY_EXISTS arrives over REST as 409
                 existing = await self.get(job_id)
                 if _job_prefix(existing) != _job_prefix(job):
                     raise

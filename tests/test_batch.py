@@ -1,0 +1,211 @@
+"""The array job definition, and the async facade against the local cloud's Batch emulator."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+from google.api_core import exceptions as api_exceptions
+from google.cloud import batch_v1
+
+from covalent_gcpbatch_array.batch import (
+    CREATED_BY_LABEL,
+    USER_ERROR_EXIT_CODE,
+    BatchJobs,
+    build_job,
+    make_batch_client,
+    new_job_id,
+)
+from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, JobShape
+from covalent_gcpbatch_array.exceptions import BatchApiError
+from covalent_gcpbatch_array.local import LocalCloud
+
+
+def shape(**overrides: Any) -> JobShape:
+    values = DEFAULTS | {
+        "project_id": "my-project",
+        "bucket_name": "my-bucket",
+        "container_image_uri": "us-docker.pkg.dev/p/r/runner:1",
+    }
+    return ExecutorConfig.from_values(values | overrides).shape
+
+
+class TestJobId:
+    def test_valid_and_unique(self) -> None:
+        ids = {new_job_id() for _ in range(1000)}
+        assert len(ids) == 1000
+        for job_id in ids:
+            assert re.fullmatch(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?", job_id)
+
+
+class TestBuildJob:
+    def test_one_task_spec_for_all_tasks(self) -> None:
+        job = build_job(shape(), task_count=42, job_prefix="pfx/j", hmac_key="00ff")
+        (group,) = job.task_groups
+        assert group.task_count == 42
+        spec = group.task_spec
+        (runnable,) = spec.runnables
+        assert runnable.container.image_uri == "us-docker.pkg.dev/p/r/runner:1"
+        assert list(runnable.container.commands) == ["-m", "covalent_gcpbatch_array.runner"]
+        assert spec.compute_resource.cpu_milli == 2000
+        assert spec.compute_resource.memory_mib == 256
+        assert spec.max_retry_count == 3
+        assert spec.max_run_duration.seconds == 300
+        assert dict(spec.environment.variables) == {
+            "CGA_BUCKET": "my-bucket",
+            "CGA_JOB_PREFIX": "pfx/j",
+            "CGA_HMAC_KEY": "00ff",
+        }
+
+    def test_user_errors_are_never_retried(self) -> None:
+        (policy,) = (
+            build_job(shape(), task_count=1, job_prefix="p/j", hmac_key="")
+            .task_groups[0]
+            .task_spec.lifecycle_policies
+        )
+        assert policy.action == batch_v1.LifecyclePolicy.Action.FAIL_TASK
+        assert list(policy.action_condition.exit_codes) == [USER_ERROR_EXIT_CODE]
+
+    def test_job_shape_settings_reach_the_allocation_policy(self) -> None:
+        job = build_job(
+            shape(
+                machine_type="n2-standard-4",
+                provisioning_model="SPOT",
+                accelerator_type="nvidia-tesla-t4",
+                accelerator_count=2,
+                boot_disk_size_gb=100,
+                network="projects/p/global/networks/n",
+                subnetwork="projects/p/regions/us-east1/subnetworks/s",
+                service_account_email="runner@my-project.iam.gserviceaccount.com",
+                labels={"team": "ml"},
+                parallelism=8,
+                task_count_per_node=2,
+                region="europe-west4",
+            ),
+            task_count=3,
+            job_prefix="p/j",
+            hmac_key="",
+        )
+        policy = job.allocation_policy
+        (instance,) = policy.instances
+        assert instance.policy.machine_type == "n2-standard-4"
+        assert (
+            instance.policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel.SPOT
+        )
+        assert instance.policy.accelerators[0].type_ == "nvidia-tesla-t4"
+        assert instance.policy.accelerators[0].count == 2
+        assert instance.install_gpu_drivers
+        assert instance.policy.boot_disk.size_gb == 100
+        assert policy.network.network_interfaces[0].subnetwork.endswith("subnetworks/s")
+        assert policy.service_account.email.startswith("runner@")
+        assert list(policy.location.allowed_locations) == ["regions/europe-west4"]
+        assert job.labels["team"] == "ml"
+        assert job.labels[CREATED_BY_LABEL[0]] == CREATED_BY_LABEL[1]
+        assert job.task_groups[0].parallelism == 8
+        assert job.task_groups[0].task_count_per_node == 2
+        assert job.logs_policy.destination == batch_v1.LogsPolicy.Destination.CLOUD_LOGGING
+
+    def test_definition_stays_small_whatever_the_task_count(self) -> None:
+        # The work list lives in the bucket, not in the job: 100,000 tasks fit in 1 MB.
+        job = build_job(shape(), task_count=100_000, job_prefix="p/j", hmac_key="ab" * 32)
+        assert len(batch_v1.Job.serialize(job)) < 2_000
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[LocalCloud]:
+    with LocalCloud() as local_cloud:
+        yield local_cloud
+
+
+def script_job(command: str = "true", task_count: int = 2) -> batch_v1.Job:
+    job = build_job(shape(), task_count=task_count, job_prefix="p/j", hmac_key="")
+    job.task_groups[0].task_spec.runnables[0] = batch_v1.Runnable(
+        script=batch_v1.Runnable.Script(text=command)
+    )
+    return job
+
+
+class TestBatchJobs:
+    def jobs(self, cloud: LocalCloud) -> BatchJobs:
+        return BatchJobs(make_batch_client(cloud.batch_endpoint), cloud.project_id, cloud.region)
+
+    @pytest.mark.anyio
+    async def test_create_get_list_delete(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        created = await jobs.create(job_id, script_job("sleep 30"))
+        assert created.name == jobs.job_name(job_id)
+        assert (await jobs.get(job_id)).uid == created.uid
+        assert job_id in {job.name.rsplit("/", 1)[-1] for job in await jobs.list_jobs()}
+        await jobs.delete(job_id)
+        with pytest.raises(BatchApiError) as info:
+            await jobs.get(job_id)
+        assert isinstance(info.value.__cause__, api_exceptions.NotFound)
+        await jobs.delete(job_id)  # already gone: not an error
+
+    @pytest.mark.anyio
+    async def test_list_tasks_filters_by_state(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        await jobs.create(job_id, script_job('[ "$BATCH_TASK_INDEX" = 0 ] || exit 7', 3))
+        with anyio.fail_after(30):  # the emulator is another process: poll it
+            while (await jobs.get(job_id)).status.state != batch_v1.JobStatus.State.FAILED:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        succeeded = await jobs.list_tasks(job_id, ("SUCCEEDED",))
+        failed = await jobs.list_tasks(job_id, ("FAILED",))
+        both = await jobs.list_tasks(job_id, ("SUCCEEDED", "FAILED"))
+        assert [t.name.rsplit("/", 1)[-1] for t in succeeded] == ["0"]
+        assert sorted(t.name.rsplit("/", 1)[-1] for t in failed) == ["1", "2"]
+        assert len(both) == 3
+
+    @pytest.mark.anyio
+    async def test_list_jobs_shows_only_this_executors_jobs(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        foreign = script_job()
+        foreign.labels = {"created-by": "someone-else"}
+        foreign_id = new_job_id()
+        await jobs.create(foreign_id, foreign)
+        assert foreign_id not in {job.name.rsplit("/", 1)[-1] for job in await jobs.list_jobs()}
+
+    @pytest.mark.anyio
+    async def test_create_retries_transient_errors_once_only_one_job(
+        self, cloud: LocalCloud
+    ) -> None:
+        jobs = self.jobs(cloud)
+        before = cloud.stats()
+        cloud.fail_calls("CreateJob", status=429, count=1)
+        cloud.fail_calls("CreateJob", status=503, count=1)
+        await jobs.create(new_job_id(), script_job())
+        after = cloud.stats()
+        assert after["jobs_created"] - before["jobs_created"] == 1
+        assert after["api_calls"]["CreateJob"] - before["api_calls"]["CreateJob"] == 3
+
+    @pytest.mark.anyio
+    async def test_a_create_that_finds_its_own_job_succeeds(self, cloud: LocalCloud) -> None:
+        # The first create landed but its answer was lost; the retry sees ALREADY_EXISTS.
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        first = await jobs.create(job_id, script_job())
+        again = await jobs.create(job_id, script_job())
+        assert again.uid == first.uid
+
+    @pytest.mark.anyio
+    async def test_someone_elses_job_with_the_same_id_is_an_error(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        await jobs.create(job_id, script_job())
+        other = script_job()
+        other.task_groups[0].task_spec.environment.variables["CGA_JOB_PREFIX"] = "other/j"
+        with pytest.raises(BatchApiError, match=r"409|ALREADY_EXISTS|already exists"):
+            await jobs.create(job_id, other)
+
+    @pytest.mark.anyio
+    async def test_bad_definition_is_a_clear_error(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        job = script_job()
+        job.task_groups[0].task_spec.max_retry_count = 11
+        with pytest.raises(BatchApiError, match="job definition"):
+            await jobs.create(new_job_id(), job)
