@@ -91,6 +91,7 @@ class TestParser:
         defaults = build_parser().parse_args(["local", "up"])
         assert (defaults.provisioning_delay, defaults.max_running_tasks) == (0.0, None)
         assert defaults.jobs_per_minute is None
+        assert defaults.preload is None
 
     @pytest.mark.parametrize(
         ("argv", "message"),
@@ -148,7 +149,7 @@ class TestLocalUp:
         start_cli: Callable[..., subprocess.Popen[bytes]],
         wait_process_gone: Callable[[int], bool],
     ) -> None:
-        process = start_cli("local", "up", "--json", "--provisioning-delay", "0.5")
+        process = start_cli("local", "up", "--json", "--provisioning-delay", "0.5", "--preload", "")
         ready = json.loads(read_until(process, "\n"))
         assert ready["executor_config"]["batch_api_endpoint"] == ready["batch_endpoint"]
         assert ready["environment"] == {"STORAGE_EMULATOR_HOST": ready["storage_endpoint"]}
@@ -165,7 +166,7 @@ class TestLocalUp:
     def test_exits_1_when_a_server_dies(
         self, start_cli: Callable[..., subprocess.Popen[bytes]]
     ) -> None:
-        process = start_cli("local", "up", "--json")
+        process = start_cli("local", "up", "--json", "--preload", "")
         ready = json.loads(read_until(process, "\n"))
         storage_port = ready["storage_endpoint"].rsplit(":", 1)[1]
         gcs_pid = next(

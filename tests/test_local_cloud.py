@@ -23,6 +23,7 @@ from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from covalent_gcpbatch_array.config import ExecutorConfig
+from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
 from covalent_gcpbatch_array.local import LocalCloud, LocalCloudError
 from covalent_gcpbatch_array.local._process import free_port
 
@@ -374,3 +375,13 @@ class TestLifecycle:
             owner.wait()
             if owner.stdout is not None:
                 owner.stdout.close()
+
+
+class TestPublicApi:
+    def test_exported_members(self) -> None:
+        import covalent_gcpbatch_array.local as local
+
+        assert local.__all__ == ["LocalCloud", "LocalCloudError"]
+        for name in local.__all__:
+            assert getattr(local, name).__module__.startswith("covalent_gcpbatch_array.local")
+        assert issubclass(LocalCloudError, GCPBatchArrayError)
