@@ -333,7 +333,7 @@ class LocalCloud:
         result: dict[str, Any] = self._admin("GET", "stats")
         return result
 
-    def fail_calls(self, method: str, *, status: int = 503, count: int = 1) -> None:
+    def fail_calls(self, method: str, status: int = 503, count: int = 1) -> None:
         """Make the next ``count`` calls of an RPC fail with Google's error for ``status``.
 
         :param method: the RPC name in CamelCase (``CreateJob``, ``GetJob``, ``ListTasks``, ...)
