@@ -37,7 +37,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from .exceptions import ElectronInputError, ResultIntegrityError, StorageError, TaskEnvironmentError
-from .payload import decode_input, encode_error, encode_result, parse_job_key
+from .payload import TaskInput, decode_input, encode_error, encode_result, parse_job_key
 from .runner_capture import OutputCapture
 from .store import JobLayout, TaskObject, TaskOutcome, TaskRef, TaskStore, make_storage_client
 
@@ -279,13 +279,51 @@ def run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore,
     except (ResultIntegrityError, TaskEnvironmentError) as exc:
         log(f"refusing the input: {exc}")
         return _record_failure(store, settings, exc)
+    del data  # a large input should not be held twice while the function runs
     log(f"running {task_input.origin} (attempt {settings.attempt})")
+    run = _call_watched(task_input, settings, watch_store, log)
+    del task_input
 
+    store.upload(task, TaskObject.STDOUT, run.stdout)
+    store.upload(task, TaskObject.STDERR, run.stderr)
+    if run.cancelled:
+        log("cancelled: no outcome written")
+        return EXIT_OK
+    error = run.error
+    if error is None:
+        try:
+            result = encode_result(run.value, key=settings.key, task=task)
+        except ElectronInputError as exc:
+            error = exc
+        else:
+            run.value = None
+            if store.write_if_absent(task, TaskObject.RESULT, result):
+                return EXIT_OK
+            return _settled_exit(store, task)
+    log(f"the function raised {type(error).__name__}: writing error.pkl")
+    return _record_failure(store, settings, error)
+
+
+@dataclass
+class _Run:
+    """How one call of the function went."""
+
+    value: Any  # what it returned (None if it raised)
+    error: BaseException | None  # what it raised, if it did
+    cancelled: bool  # the executor cancelled the task meanwhile: record no outcome
+    stdout: bytes  # what it wrote to file descriptor 1
+    stderr: bytes  # what it wrote to file descriptor 2
+
+
+def _call_watched(
+    task_input: TaskInput, settings: RunnerSettings, watch_store: TaskStore, log: _Log
+) -> _Run:
+    """Call the function in this thread, outputs captured, while watching for a cancel."""
+    task = settings.task
     watcher = _CancelWatcher(lambda: watch_store.exists(task, TaskObject.CANCELLED), settings, log)
-    error: BaseException | None = None
     value: Any = None
-    capture = OutputCapture()
-    with capture:
+    error: BaseException | None = None
+    with OutputCapture() as capture:
         try:
             value = watcher.call(
                 lambda: _hard_stop(capture, watch_store, task, log),
@@ -297,23 +335,7 @@ def run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore,
             pass
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the user's too
             error = exc
-    store.upload(task, TaskObject.STDOUT, capture.stdout)
-    store.upload(task, TaskObject.STDERR, capture.stderr)
-    if watcher.cancel_requested:
-        log("cancelled: no outcome written")
-        return EXIT_OK
-
-    if error is None:
-        try:
-            result = encode_result(value, key=settings.key, task=task)
-        except ElectronInputError as exc:
-            error = exc
-        else:
-            if store.write_if_absent(task, TaskObject.RESULT, result):
-                return EXIT_OK
-            return _settled_exit(store, task)
-    log(f"the function raised {type(error).__name__}: writing error.pkl")
-    return _record_failure(store, settings, error)
+    return _Run(value, error, watcher.cancel_requested, capture.stdout, capture.stderr)
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:

@@ -360,8 +360,9 @@ class TaskStore:
                 return None
 
     def exists(self, ref: TaskRef, obj: TaskObject) -> bool:
-        """Whether ``obj`` of task ``ref`` exists."""
-        return obj in self.task_objects(ref)
+        """Whether ``obj`` of task ``ref`` exists (one metadata read, cheaper than a list)."""
+        with self._errors(f"check {obj.value} of task {ref.index} of job {ref.job_id}"):
+            return bool(self._blob(ref, obj).exists(retry=self._retry))
 
     def task_objects(self, ref: TaskRef) -> frozenset[TaskObject]:
         """Which objects task ``ref`` has, in one list request."""
