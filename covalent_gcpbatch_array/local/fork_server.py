@@ -39,6 +39,7 @@ import argparse
 import atexit
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import io
@@ -68,13 +69,17 @@ def _log(message: str) -> None:
     print(f"fork_server[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def set_parent_death_signal(signum: int, expected_parent: int) -> None:
     """Ask Linux to send ``signum`` to this process when its parent exits.
 
     Exits at once if the parent is already gone (it may die before the request is made).
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+    if _libc().prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(errno)}")
     if os.getppid() != expected_parent:
