@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from .exceptions import ElectronInputError, ResultIntegrityError, StorageError, TaskEnvironmentError
 from .payload import TaskInput, decode_input, encode_error, encode_result, parse_job_key
@@ -367,5 +367,17 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         log.close()
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End the process once the outcome is recorded, without the interpreter's shutdown.
+
+    A normal exit joins every non-daemon thread the function left behind (and runs its atexit
+    hooks): one forgotten thread would keep the task, and its VM, alive until the time limit.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -231,6 +231,11 @@ def finish_elsewhere_then(
     return "this attempt's result"
 
 
+def leave_a_thread_behind() -> str:
+    threading.Thread(target=time.sleep, args=(600,), daemon=False).start()
+    return "returned"
+
+
 def read_key_from_environment() -> str | None:
     return os.environ.get(runner.ENV_HMAC_KEY)
 
@@ -299,6 +304,12 @@ class TestOutcomes:
         assert exc.type_name.endswith("NeedsTwoArgs")
         assert exc.message == "cannot rebuild me"
         assert "raise_needs_two_args" in exc.traceback_text
+
+    def test_a_leftover_thread_does_not_hold_the_task(self, job: Job) -> None:
+        job.submit(leave_a_thread_behind)
+        done = job.run()  # without the runner's hard exit this waits 600 s, past the timeout
+        assert done.returncode == EXIT_OK, done.stderr
+        assert job.result() == "returned"
 
     def test_the_key_is_not_in_the_function_environment(self, job: Job) -> None:
         job.submit(read_key_from_environment)
