@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import textwrap
@@ -188,8 +189,7 @@ def pidfds() -> Iterator[list[int]]:
 
 
 def is_running(pidfd: int) -> bool:
-    import select
-
+    """True while the process behind ``pidfd`` has not exited (its pidfd is not readable)."""
     return not select.select([pidfd], [], [], 0)[0]
 
 
