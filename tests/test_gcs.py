@@ -127,13 +127,16 @@ class TestNoOrphans:
         script = textwrap.dedent(
             """
             import sys, threading
+            from pathlib import Path
             from covalent_gcpbatch_array.local.gcs import GcsEmulator
-            server = GcsEmulator.start()
+            server = GcsEmulator.start(log_dir=Path(sys.argv[1]))
             print(server.pid, server.endpoint, flush=True)
             threading.Event().wait()
             """
         )
-        parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert parent.stdout is not None
             pid_text, endpoint = parent.stdout.readline().split()

@@ -351,18 +351,21 @@ class TestLifecycle:
         assert not answers(f"http://127.0.0.1:{storage_port}/storage/v1/b")
 
     def test_no_orphans_when_the_owner_is_killed(
-        self, wait_process_gone: Callable[[int], bool]
+        self, tmp_path: Path, wait_process_gone: Callable[[int], bool]
     ) -> None:
         script = textwrap.dedent(
             """
-            import threading
+            import sys, threading
             from covalent_gcpbatch_array.local import LocalCloud
-            cloud = LocalCloud(preload=()).start()
+            # A killed owner cannot remove a temporary workdir: give it one pytest removes.
+            cloud = LocalCloud(preload=(), workdir=sys.argv[1]).start()
             print(cloud.batch_pid, cloud.storage_pid, flush=True)
             threading.Event().wait()
             """
         )
-        owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        owner = subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert owner.stdout is not None
             pids = [int(pid) for pid in owner.stdout.readline().split()]
