@@ -16,6 +16,7 @@ from typing import Any
 import cloudpickle
 import pytest
 from google.cloud import storage
+from test_store import ScriptedProxy  # a sibling test module (pytest puts tests/ on sys.path)
 
 from covalent_gcpbatch_array import runner
 from covalent_gcpbatch_array.exceptions import (
@@ -442,6 +443,32 @@ class TestRefusedInputs:
 
 
 class TestInfrastructureFailures:
+    def test_transient_storage_errors_are_retried(self, job: Job) -> None:
+        job.submit(add, 1, 1, marker=os.devnull)
+        with ScriptedProxy(job.endpoint, status=503, fail_first=4) as proxy:
+            done = job.run(STORAGE_EMULATOR_HOST=proxy.endpoint)
+        assert done.returncode == EXIT_OK, done.stderr
+        assert proxy.failed == 4
+        assert job.result() == 2
+
+    def test_lost_answer_of_the_result_write(self, job: Job) -> None:
+        job.submit(add, 2, 2, marker=os.devnull)
+        with ScriptedProxy(
+            job.endpoint, status=503, fail_first=1, lose_answers=True, only="ifGenerationMatch=0"
+        ) as proxy:
+            done = job.run(STORAGE_EMULATOR_HOST=proxy.endpoint)
+        assert proxy.failed == 1
+        assert done.returncode == EXIT_OK, done.stderr
+        assert job.result() == 4
+
+    def test_storage_refusal_is_an_infrastructure_failure(self, job: Job) -> None:
+        job.submit(add, 1, 1, marker=os.devnull)
+        with ScriptedProxy(job.endpoint, status=403, fail_first=1_000) as proxy:
+            done = job.run(STORAGE_EMULATOR_HOST=proxy.endpoint)
+        assert done.returncode == EXIT_INFRA_ERROR
+        assert "storage.objects" in done.stderr
+        assert proxy.requests == 1  # refused once, not retried, nothing else tried
+
     def test_missing_input(self, job: Job) -> None:
         done = job.run()
         assert done.returncode == EXIT_INFRA_ERROR

@@ -90,13 +90,20 @@ def store(client: storage.Client, bucket: str) -> TaskStore:
 class ScriptedProxy:
     """A real HTTP server in front of fake-gcs-server that fails chosen requests.
 
-    The first ``fail_first`` requests get ``status``; the rest are forwarded unchanged. With
-    ``lose_answers`` the failed requests are forwarded too, and only their answer is replaced
-    (the write happened, the client never learns it).
+    The first ``fail_first`` requests get ``status`` (only requests whose "METHOD path"
+    contains ``only``, when given); the rest are forwarded unchanged. With ``lose_answers`` the
+    failed requests are forwarded too, and only their answer is replaced (the write happened,
+    the client never learns it). Also used by test_runner.py.
     """
 
     def __init__(
-        self, upstream: str, *, status: int, fail_first: int, lose_answers: bool = False
+        self,
+        upstream: str,
+        *,
+        status: int,
+        fail_first: int,
+        lose_answers: bool = False,
+        only: str = "",
     ) -> None:
         self.requests = 0
         self.paths: list[str] = []
@@ -114,7 +121,7 @@ class ScriptedProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests += 1
                 proxy.paths.append(f"{self.command} {self.path}")
-                if proxy.failed < fail_first:
+                if proxy.failed < fail_first and only in proxy.paths[-1]:
                     proxy.failed += 1
                     if lose_answers:
                         self._forward(body)
