@@ -298,9 +298,17 @@ def decode_result(data: bytes, *, key: bytes, task: TaskRef) -> Any:
     """Verify and unpickle a result envelope (executor side).
 
     :raises ResultIntegrityError: the envelope does not verify; nothing was unpickled
+    :raises ElectronInputError: it verifies but cannot be unpickled in this process
     """
     _, body = _open(_RESULT, task, key, data)
-    return cloudpickle.loads(body)
+    try:
+        return cloudpickle.loads(body)
+    except Exception as exc:
+        raise ElectronInputError(
+            f"the result of task {task.index} of job {task.job_id} cannot be unpickled on the "
+            f"Covalent server ({type(exc).__name__}: {exc}); install on the server the modules "
+            f"that define the returned objects, or return plain Python values"
+        ) from exc
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:

@@ -53,7 +53,6 @@ __all__ = [
     "RunnerSettings",
     "TaskCancelled",
     "main",
-    "run_task",
 ]
 
 EXIT_OK = 0
@@ -257,7 +256,7 @@ def _settled_exit(store: TaskStore, task: TaskRef) -> int:
     }.get(outcome, EXIT_INFRA_ERROR)
 
 
-def run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore, log: _Log) -> int:
+def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore, log: _Log) -> int:
     """Run this task once and return the process exit code.
 
     :param store: used by the main thread
@@ -356,7 +355,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     try:
         store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)
         watch_store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)
-        return run_task(settings, store, watch_store, log)
+        return _run_task(settings, store, watch_store, log)
     except StorageError as exc:
         log(f"storage failed (Batch may retry this task): {exc}")
         return EXIT_INFRA_ERROR

@@ -227,6 +227,18 @@ class TestUnpicklable:
         failure = decode_error(encode_error(BadStr(), key=key, task=TASK), key=key, task=TASK)
         assert "str() of the exception raised RuntimeError" in failure.message
 
+    def test_result_class_missing_on_the_reading_side(
+        self, key: bytes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        module = type(sys)("cga_only_in_the_image")
+        exec("class Thing:\n    pass\n", module.__dict__)
+        monkeypatch.setitem(sys.modules, "cga_only_in_the_image", module)
+        data = encode_result(module.Thing(), key=key, task=TASK)
+        monkeypatch.delitem(sys.modules, "cga_only_in_the_image")
+        with pytest.raises(ElectronInputError, match="cannot be unpickled on the Covalent") as info:
+            decode_result(data, key=key, task=TASK)
+        assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
     def test_exception_class_missing_on_the_reading_side(
         self, key: bytes, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -356,3 +368,18 @@ class TestVersions:
         with pytest.raises(TaskEnvironmentError, match="cga_image_lacks_this") as info:
             decode_input(data, key=key, task=TASK)
         assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+class TestExports:
+    def test_all_names_exist_and_are_the_public_ones(self) -> None:
+        module = payload
+        public = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (
+                (callable(value) and getattr(value, "__module__", "") == module.__name__)
+                or (name.isupper() and not callable(value))
+            )
+        }
+        assert set(module.__all__) == public

@@ -554,3 +554,18 @@ class TestCovalentWrapper:
         assert done.returncode == EXIT_OK, done.stderr
         assert job.result().get_deserialized() == 42
         assert job.output(TaskObject.STDOUT) == "multiplying\n"
+
+
+class TestExports:
+    def test_all_names_exist_and_are_the_public_ones(self) -> None:
+        module = runner
+        public = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (
+                (callable(value) and getattr(value, "__module__", "") == module.__name__)
+                or (name.isupper() and not callable(value))
+            )
+        }
+        assert set(module.__all__) == public

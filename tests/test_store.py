@@ -20,6 +20,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from hypothesis import given
 from hypothesis import strategies as st
 
+from covalent_gcpbatch_array import store as store_module
 from covalent_gcpbatch_array.exceptions import StorageError
 from covalent_gcpbatch_array.local.gcs import GcsEmulator
 from covalent_gcpbatch_array.store import (
@@ -462,3 +463,18 @@ class TestErrors:
         with pytest.raises(StorageError, match="gave up after retrying") as info:
             store.upload_input(TaskRef("job", 0), b"x")
         assert "ConnectionError" in str(info.value)
+
+
+class TestExports:
+    def test_all_names_exist_and_are_the_public_ones(self) -> None:
+        module = store_module
+        public = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (
+                (callable(value) and getattr(value, "__module__", "") == module.__name__)
+                or (name.isupper() and not callable(value))
+            )
+        }
+        assert set(module.__all__) == public
