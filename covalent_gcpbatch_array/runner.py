@@ -21,6 +21,13 @@ outcome. A function that swallows that exception, or is stuck in C code, gets
 ``CGA_CANCEL_GRACE_SECONDS`` (default 5) before the watcher ends the process with ``os._exit``.
 The function stays in the main thread, where signals, ``signal.alarm`` and C libraries that
 assume the main thread behave as they would locally.
+
+Storage: every request is retried by google-cloud-storage's ``DEFAULT_RETRY`` (429, 5xx,
+dropped connections, for up to 120 s); what still fails ends the task as an infrastructure
+failure. The outcome is written with ``if_generation_match=0``, which makes its retries safe
+too: a 412 means the object is there, ours (an answer lost in transit) or another attempt's,
+and the runner exits as the recorded outcome says. Once it is recorded the process ends with
+``os._exit``, so threads the function left running cannot keep the VM alive.
 """
 
 from __future__ import annotations
