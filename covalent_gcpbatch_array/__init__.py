@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING, Any
 from .config import ExecutorConfig, JobShape
 from .exceptions import (
     BatchApiError,
+    BatchLaunchError,
     CloudApiError,
+    CoalescerClosedError,
     ConfigError,
+    ElectronCancelledError,
     ElectronInputError,
     GCPBatchArrayError,
+    LocalCloudError,
     RemoteTaskError,
     ResultIntegrityError,
     StorageError,
@@ -31,13 +35,17 @@ __version__ = metadata.version("covalent-gcpbatch-array")
 
 __all__ = [
     "BatchApiError",
+    "BatchLaunchError",
     "CloudApiError",
+    "CoalescerClosedError",
     "ConfigError",
+    "ElectronCancelledError",
     "ElectronInputError",
     "ExecutorConfig",
     "GCPBatchArrayError",
     "GCPBatchArrayExecutor",
     "JobShape",
+    "LocalCloudError",
     "RemoteTaskError",
     "ResultIntegrityError",
     "StorageError",

@@ -36,20 +36,17 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from .exceptions import GCPBatchArrayError
+from .exceptions import BatchLaunchError, CoalescerClosedError, ElectronCancelledError
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "Batch",
-    "BatchLaunchError",
     "BatchPhase",
     "BatchPolicy",
     "Coalescer",
-    "CoalescerClosedError",
     "CoalescerStatistics",
-    "ElectronCancelledError",
     "FlushReason",
     "Member",
     "MemberState",
@@ -57,18 +54,6 @@ __all__ = [
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
-
-
-class ElectronCancelledError(GCPBatchArrayError):
-    """The electron was cancelled (:meth:`Member.cancel`) before its result arrived."""
-
-
-class BatchLaunchError(GCPBatchArrayError):
-    """The launch code of the electron's batch failed; the cause is chained."""
-
-
-class CoalescerClosedError(GCPBatchArrayError):
-    """The coalescer was torn down (the executor is shutting down) before the electron ran."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,11 @@ electron it is about. The hierarchy::
     ├── RemoteTaskError             the user's function raised, and its exception could not be
     │                               rebuilt here (unpicklable); carries type, message, traceback
     ├── TaskEnvironmentError        the task image does not match the server (Python, covalent)
-    └── ResultIntegrityError        an object in the bucket failed its integrity check
+    ├── ResultIntegrityError        an object in the bucket failed its integrity check
+    ├── ElectronCancelledError      the electron was cancelled before its result arrived
+    ├── BatchLaunchError            the code that runs the electron's batch failed (cause chained)
+    ├── CoalescerClosedError        the executor shut down before the electron ran
+    └── LocalCloudError             the local cloud (Batch emulator, fake-gcs-server) failed
 
 A user function that raises an ordinary (picklable) exception is not wrapped in any of these:
 the executor raises covalent's ``TaskRuntimeError`` chained to the original exception object.
@@ -26,10 +30,14 @@ import functools
 
 __all__ = [
     "BatchApiError",
+    "BatchLaunchError",
     "CloudApiError",
+    "CoalescerClosedError",
     "ConfigError",
+    "ElectronCancelledError",
     "ElectronInputError",
     "GCPBatchArrayError",
+    "LocalCloudError",
     "RemoteTaskError",
     "ResultIntegrityError",
     "StorageError",
@@ -135,3 +143,19 @@ class TaskEnvironmentError(GCPBatchArrayError):
 
 class ResultIntegrityError(GCPBatchArrayError):
     """An object read from the bucket failed its integrity check and was not unpickled."""
+
+
+class ElectronCancelledError(GCPBatchArrayError):
+    """The electron was cancelled before its result arrived."""
+
+
+class BatchLaunchError(GCPBatchArrayError):
+    """The launch code of the electron's batch failed; the cause is chained."""
+
+
+class CoalescerClosedError(GCPBatchArrayError):
+    """The coalescer was torn down (the executor is shutting down) before the electron ran."""
+
+
+class LocalCloudError(GCPBatchArrayError):
+    """The local cloud (fake-gcs-server or the Batch emulator) failed to start or answer."""

@@ -15,9 +15,8 @@ from covalent._shared_files.config import get_config
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from covalent.executor.base import AsyncBaseExecutor
 
-from .coalescer import ElectronCancelledError
 from .config import DEFAULTS, ExecutorConfig, resolve_config
-from .exceptions import GCPBatchArrayError
+from .exceptions import ElectronCancelledError, GCPBatchArrayError
 from .outcome import ElectronOutcome
 from .payload import ElectronOrigin, encode_input
 from .service import BatchService

@@ -23,18 +23,20 @@ from hypothesis import strategies as st
 
 from covalent_gcpbatch_array.coalescer import (
     Batch,
-    BatchLaunchError,
     BatchPhase,
     BatchPolicy,
     Coalescer,
-    CoalescerClosedError,
     CoalescerStatistics,
-    ElectronCancelledError,
     FlushReason,
     Member,
     MemberState,
 )
-from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
+from covalent_gcpbatch_array.exceptions import (
+    BatchLaunchError,
+    CoalescerClosedError,
+    ElectronCancelledError,
+    GCPBatchArrayError,
+)
 
 Key = str
 Value = tuple[str, Any]

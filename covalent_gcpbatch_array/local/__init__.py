@@ -4,7 +4,7 @@
 cheap (no covalent, no Google client libraries).
 """
 
-from covalent_gcpbatch_array.local._process import LocalCloudError
+from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local.cloud import LocalCloud
 
 __all__ = ["LocalCloud", "LocalCloudError"]

@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
+from covalent_gcpbatch_array.exceptions import LocalCloudError
 
 __all__ = [
-    "LocalCloudError",
     "Spawner",
     "die_with_parent",
     "free_port",
@@ -35,10 +34,6 @@ __all__ = [
 ]
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-class LocalCloudError(GCPBatchArrayError):
-    """The local cloud (fake-gcs-server or the Batch emulator) failed to start or answer."""
 
 
 def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:

@@ -35,8 +35,8 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
+from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local._process import (
-    LocalCloudError,
     Spawner,
     read_ready_line,
     read_tail,

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local._process import (
-    LocalCloudError,
     Spawner,
     free_port,
     read_tail,

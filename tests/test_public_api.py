@@ -1,0 +1,46 @@
+"""The public API: what `covalent_gcpbatch_array` exports, and nothing by accident."""
+
+from __future__ import annotations
+
+import inspect
+
+import covalent_gcpbatch_array
+from covalent_gcpbatch_array import exceptions
+
+
+class TestExportedMembers:
+    def test_all_is_exactly_the_public_api(self) -> None:
+        assert set(covalent_gcpbatch_array.__all__) == {
+            "GCPBatchArrayExecutor",
+            "ExecutorConfig",
+            "JobShape",
+            "__version__",
+            *exceptions.__all__,
+        }
+
+    def test_every_export_resolves(self) -> None:
+        for name in covalent_gcpbatch_array.__all__:
+            assert getattr(covalent_gcpbatch_array, name) is not None
+
+    def test_executor_is_loaded_lazily_and_is_the_plugin_class(self) -> None:
+        from covalent_gcpbatch_array import gcpbatch_array
+
+        assert covalent_gcpbatch_array.GCPBatchArrayExecutor is gcpbatch_array.GCPBatchArrayExecutor
+        assert gcpbatch_array.EXECUTOR_PLUGIN_NAME == "GCPBatchArrayExecutor"
+
+
+class TestExceptionHierarchy:
+    def test_every_exception_is_exported_and_drawn_in_the_docstring(self) -> None:
+        classes = {
+            name
+            for name, value in inspect.getmembers(exceptions, inspect.isclass)
+            if issubclass(value, Exception) and value.__module__ == exceptions.__name__
+        }
+        assert classes == set(exceptions.__all__)
+        assert exceptions.__doc__ is not None
+        for name in classes:
+            assert name in exceptions.__doc__
+
+    def test_every_exception_derives_from_the_base(self) -> None:
+        for name in exceptions.__all__:
+            assert issubclass(getattr(exceptions, name), exceptions.GCPBatchArrayError)
