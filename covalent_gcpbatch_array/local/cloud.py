@@ -8,6 +8,13 @@
         cloud.fail_calls("CreateJob", status=503, count=2)  # fault injection
         print(cloud.stats())                                # API calls answered, by method
 
+With ``LocalCloud(gcs_faults=True)`` a fault-injecting proxy (:mod:`.gcs_proxy`) stands in
+front of fake-gcs-server, and everything (the executor through :meth:`executor_config`, the
+tasks through ``STORAGE_EMULATOR_HOST``) reaches storage through it::
+
+        cloud.fail_storage("PUT", status=503, count=2)      # or drop=True, path="result.pkl"
+        print(cloud.storage_stats())                        # requests seen, faults injected
+
 Both servers are child processes that die with the thread that started them (so a killed test
 run leaves no orphans). Start and stop a LocalCloud from a long-lived thread: the main thread,
 or the event loop's thread with ``async with``.
@@ -56,6 +63,7 @@ DEFAULT_REGION: Final = "us-east1"
 DEFAULT_BUCKET_NAME: Final = "covalent-local"
 DEFAULT_CONTAINER_IMAGE_URI: Final = "local/covalent-gcpbatch-array-runner:latest"
 _BATCH_SERVER_MODULE: Final = "covalent_gcpbatch_array.local.batch_server"
+_GCS_PROXY_MODULE: Final = "covalent_gcpbatch_array.local.gcs_proxy"
 _ADMIN_TIMEOUT: Final = 30.0  # seconds for one admin HTTP call
 
 
@@ -94,6 +102,8 @@ class LocalCloud:
     :param batch_port: the Batch emulator's port (``0``: a free one)
     :param storage_port: fake-gcs-server's port (``None``: a free one)
     :param startup_timeout: seconds each server gets to become ready
+    :param gcs_faults: put the fault-injecting proxy in front of fake-gcs-server, so that
+        :meth:`fail_storage` can fail chosen storage requests of the executor and the tasks
     """
 
     def __init__(
@@ -113,6 +123,7 @@ class LocalCloud:
         batch_port: int = 0,
         storage_port: int | None = None,
         startup_timeout: float = 120.0,
+        gcs_faults: bool = False,
     ) -> None:
         self.provisioning_delay = provisioning_delay  # as started; configure() may change it
         self.max_running_tasks = max_running_tasks  # as started
@@ -127,11 +138,14 @@ class LocalCloud:
         self.batch_port = batch_port
         self.storage_port = storage_port
         self.startup_timeout = startup_timeout
+        self.gcs_faults = gcs_faults
         self._given_workdir = Path(workdir) if workdir is not None else None
         self._workdir: Path | None = None  # the folder in use while running
         self._gcs: GcsEmulator | None = None
         self._batch_process: subprocess.Popen[bytes] | None = None
         self._batch_endpoint: str | None = None
+        self._proxy_process: subprocess.Popen[bytes] | None = None  # with gcs_faults only
+        self._proxy_endpoint: str | None = None
         self.state = CloudState.NEW
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -145,10 +159,12 @@ class LocalCloud:
         return self
 
     def stop(self) -> None:
-        """Stop both servers (Batch first, so its tasks stop writing to GCS). Idempotent."""
+        """Stop the servers (Batch first, so its tasks stop writing to GCS). Idempotent."""
         try:
             if self._batch_process is not None:
                 stop_process(self._batch_process, timeout=10.0)
+            if self._proxy_process is not None:
+                stop_process(self._proxy_process, timeout=5.0)
             if self._gcs is not None:
                 self._gcs.stop()
         finally:
@@ -210,7 +226,10 @@ class LocalCloud:
                 spawn=spawn,
             )
             self._gcs.create_bucket(self.bucket_name, self.project_id)
-            self._start_batch_server(spawn, self._gcs.endpoint, self._workdir)
+            if self.gcs_faults:
+                self._start_gcs_proxy(spawn, self._gcs.endpoint, self._workdir)
+            storage_endpoint = self._proxy_endpoint or self._gcs.endpoint
+            self._start_batch_server(spawn, storage_endpoint, self._workdir)
         except BaseException:
             self.stop()
             raise
@@ -250,6 +269,29 @@ class LocalCloud:
             ) from exc
         self._batch_endpoint = endpoint
 
+    def _start_gcs_proxy(self, spawn: Spawner, upstream: str, workdir: Path) -> None:
+        argv = [
+            sys.executable,
+            *("-m", _GCS_PROXY_MODULE),
+            *("--upstream", upstream, "--host", self.host, "--port", "0"),
+        ]
+        log_path = workdir / "gcs-proxy.log"
+        with log_path.open("wb") as log_file:
+            self._proxy_process = spawn(argv, stdout=subprocess.PIPE, stderr=log_file)
+        line = read_ready_line(
+            self._proxy_process, self.startup_timeout, what="the GCS fault proxy", log_path=log_path
+        )
+        try:
+            endpoint = json.loads(line)["endpoint"]
+            if not isinstance(endpoint, str) or not endpoint.startswith("http://"):
+                raise ValueError(endpoint)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LocalCloudError(
+                f"the GCS fault proxy printed {line!r} instead of its ready line; its log:\n"
+                f"{read_tail(log_path)}"
+            ) from exc
+        self._proxy_endpoint = endpoint
+
     # -- where things are -----------------------------------------------------------------
 
     @property
@@ -259,7 +301,16 @@ class LocalCloud:
 
     @property
     def storage_endpoint(self) -> str:
-        """fake-gcs-server's base URL, also the ``STORAGE_EMULATOR_HOST`` value."""
+        """Cloud Storage's base URL for clients, also the ``STORAGE_EMULATOR_HOST`` value.
+
+        With ``gcs_faults`` it is the fault proxy's; :attr:`gcs_endpoint` bypasses it.
+        """
+        gcs = self._running()[1]
+        return self._proxy_endpoint or gcs.endpoint
+
+    @property
+    def gcs_endpoint(self) -> str:
+        """fake-gcs-server's own base URL (no injected faults on this path)."""
         return self._running()[1].endpoint
 
     @property
@@ -282,13 +333,14 @@ class LocalCloud:
         return self._running()[1].pid
 
     def is_running(self) -> bool:
-        """Whether both server processes are alive."""
+        """Whether every server process (both servers, and the fault proxy if any) is alive."""
         return (
             self.state is CloudState.RUNNING
             and self._batch_process is not None
             and self._batch_process.poll() is None
             and self._gcs is not None
             and self._gcs.is_running()
+            and (self._proxy_process is None or self._proxy_process.poll() is None)
         )
 
     def executor_config(self) -> dict[str, str]:
@@ -318,9 +370,14 @@ class LocalCloud:
             client_options={"api_endpoint": self.batch_endpoint},
         )
 
-    def storage_client(self) -> storage.Client:
-        """A real ``google.cloud.storage.Client`` (anonymous) talking to fake-gcs-server."""
-        return make_storage_client(self.storage_endpoint, self.project_id)
+    def storage_client(self, *, direct: bool = False) -> storage.Client:
+        """A real ``google.cloud.storage.Client`` (anonymous) talking to fake-gcs-server.
+
+        :param direct: bypass the fault proxy (when ``gcs_faults`` is on), e.g. to inspect the
+            bucket without meeting the faults planned for the executor
+        """
+        endpoint = self.gcs_endpoint if direct else self.storage_endpoint
+        return make_storage_client(endpoint, self.project_id)
 
     # -- the emulator's admin API ---------------------------------------------------------
 
@@ -369,6 +426,54 @@ class LocalCloud:
             },
         )
 
+    def fail_storage(
+        self,
+        method: str = "*",
+        status: int = 503,
+        count: int = 1,
+        *,
+        drop: bool = False,
+        path: str = "",
+        lose_answer: bool = False,
+    ) -> None:
+        """Make the next ``count`` matching Cloud Storage requests fail (needs ``gcs_faults``).
+
+        Requests of the executor and of the tasks alike; each planned failure is used once.
+
+        :param method: the HTTP method (``GET`` downloads and reads, ``POST`` uploads, ``PUT``
+            resumable upload chunks, ``DELETE``), or ``*`` for any
+        :param status: the HTTP status answered instead (429, 500, 503, 403, ...)
+        :param count: how many requests fail
+        :param drop: close the connection without an answer instead
+        :param path: only requests whose decoded path and query contain this, e.g.
+            ``"result.pkl"`` (uploads name the object in the query)
+        :param lose_answer: let the request reach storage first (a write takes effect), and
+            only replace its answer (or, with ``drop``, cut it in half)
+        :raises LocalCloudError: the cloud runs without ``gcs_faults``, or a bad value
+        """
+        body = {
+            "method": method,
+            "status": status,
+            "count": count,
+            "drop": drop,
+            "path": path,
+            "lose_answer": lose_answer,
+        }
+        self._proxy_admin("POST", "faults", body)
+
+    def clear_storage_faults(self) -> int:
+        """Forget the storage faults still planned; returns how many there were."""
+        return int(self._proxy_admin("DELETE", "faults")["cleared"])
+
+    def storage_stats(self) -> dict[str, Any]:
+        """What the fault proxy saw since start (needs ``gcs_faults``).
+
+        ``{"requests": {"GET": n, "POST": n, ...}, "forwarded": n, "failed": n, "dropped": n,
+        "answers_lost": n, "pending": n, "faulted": ["METHOD /path?query", ...]}``
+        """
+        result: dict[str, Any] = self._proxy_admin("GET", "stats")
+        return result
+
     def configure(
         self,
         *,
@@ -411,10 +516,26 @@ class LocalCloud:
             )
         return self._batch_endpoint, self._gcs
 
+    def _proxy_admin(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        self._running()
+        if self._proxy_endpoint is None:
+            raise LocalCloudError(
+                "storage faults need the fault proxy: start the cloud with "
+                "LocalCloud(gcs_faults=True)"
+            )
+        return self._admin(method, path, body, base=f"{self._proxy_endpoint}/_proxy")
+
     def _admin(
-        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, text: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        text: bool = False,
+        base: str | None = None,
     ) -> Any:
-        url = f"{self._running()[0]}/_emulator/{path}"
+        base = base or f"{self._running()[0]}/_emulator"
+        url = f"{base}/{path}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             url, data=data, method=method, headers={"Content-Type": "application/json"}
@@ -426,13 +547,15 @@ class LocalCloud:
             detail = exc.read().decode(errors="replace")
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 detail = json.loads(detail)["error"]["message"]
+            server = "the Batch emulator" if base.endswith("/_emulator") else "the GCS fault proxy"
+            where = url.split("/", 3)[3]
             raise LocalCloudError(
-                f"the Batch emulator refused {method} /_emulator/{path}: {exc.code} {detail}"
+                f"{server} refused {method} /{where}: {exc.code} {detail}"
             ) from exc
         except OSError as exc:
             raise LocalCloudError(
-                f"the Batch emulator at {url} did not answer ({exc}); is it still running? "
-                f"its log:\n{self._batch_log_tail()}"
+                f"{url} did not answer ({exc}); is the local cloud still running? the Batch "
+                f"emulator's log:\n{self._batch_log_tail()}"
             ) from exc
         return payload if text else json.loads(payload)
 

@@ -1,0 +1,443 @@
+"""A fault-injecting HTTP proxy in front of fake-gcs-server: ``python -m ...local.gcs_proxy``.
+
+With ``LocalCloud(gcs_faults=True)`` every Cloud Storage request, the executor's and the tasks',
+goes through this proxy, which forwards it to fake-gcs-server unchanged unless a planned fault
+matches it. A fault is "the next ``count`` requests whose method is M and whose path contains P":
+
+- ``status=503`` (or 500, 429, ...): answer with Google's error JSON instead of forwarding;
+- ``drop=True``: close the connection without answering (the request never arrives);
+- ``lose_answer=True``: forward the request (the write *happens*), then replace the answer
+  with the error status, or with ``drop`` send half of it and close: the client learns nothing.
+
+Process contract (like the Batch emulator's)::
+
+    python -m covalent_gcpbatch_array.local.gcs_proxy --upstream http://127.0.0.1:G \\
+        [--host 127.0.0.1] [--port 0]
+
+prints one JSON line ``{"endpoint": "http://127.0.0.1:PORT", "pid": PID}`` once it serves;
+logs (one line per injected fault) go to stderr; SIGTERM or SIGINT stop it. Its admin API
+lives under ``/_proxy/``: ``POST /_proxy/faults`` (plan), ``DELETE /_proxy/faults`` (forget
+the plan), ``GET /_proxy/stats``.
+
+It is its own process, not a thread of the test or of the Batch emulator: the executor under
+test and the tasks (other processes) both reach it, a 100 MB body does not compete for the
+GIL with the executor it is testing, and LocalCloud starts and stops it with the same
+plumbing as the other two servers. HTTP/1.1 framing is h11's (keep-alive, chunked bodies),
+bodies stream through in chunks, and each request gets a fresh upstream connection, so no
+connection state leaks from a faulted request into the next one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import urllib.parse
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import h11
+
+__all__ = ["ProxyStats", "StorageFault", "StorageFaults", "main", "serve"]
+
+logger = logging.getLogger("covalent_gcpbatch_array.local.gcs_proxy")
+
+#: Methods a fault can name; ``*`` matches any.
+FAULT_METHODS = ("*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+_ADMIN_PREFIX = "/_proxy/"
+_CHUNK = 256 * 1024  # bytes read from a socket at a time
+_MAX_HEAD = 64 * 1024  # largest request or response head h11 accepts
+_FAULT_LOG = 200  # how many faulted requests the stats remember
+_UPLOAD_NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # in a multipart upload's metadata
+_REASONS = {
+    400: "badRequest",
+    401: "required",
+    403: "forbidden",
+    404: "notFound",
+    408: "requestTimeout",
+    409: "conflict",
+    412: "conditionNotMet",
+    429: "rateLimitExceeded",
+    500: "backendError",
+    502: "badGateway",
+    503: "backendError",
+    504: "gatewayTimeout",
+}
+
+
+@dataclass(frozen=True)
+class StorageFault:
+    """What one faulted request gets."""
+
+    method: str  # the HTTP method it matches, or "*"
+    path: str  # a substring of the decoded path and query it must contain ("" matches all)
+    status: int  # the HTTP status answered (unused when dropping)
+    drop: bool  # close the connection instead of answering
+    lose_answer: bool  # forward the request first: it takes effect, only the answer is lost
+
+    def matches(self, method: str, target: str) -> bool:
+        """Whether a request ``method target`` (target decoded) is one this fault hits."""
+        return self.method in ("*", method) and self.path in target
+
+
+class StorageFaults:
+    """The planned faults, each used once, first planned first used."""
+
+    def __init__(self) -> None:
+        self._planned: deque[StorageFault] = deque()  # in the order they were planned
+
+    def add(
+        self,
+        *,
+        method: str = "*",
+        status: int = 503,
+        count: int = 1,
+        drop: bool = False,
+        path: str = "",
+        lose_answer: bool = False,
+    ) -> None:
+        """Plan that the next ``count`` matching requests fail.
+
+        :raises ValueError: an unknown method, a status that is not an HTTP error, count < 0
+        """
+        method = str(method).upper()
+        if method not in FAULT_METHODS:
+            raise ValueError(f"method {method!r} is not one of {', '.join(FAULT_METHODS)}")
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an integer >= 0, got {count!r}")
+        if not isinstance(path, str):
+            raise ValueError(f"path must be a string, got {path!r}")
+        fault = StorageFault(method, path, status, bool(drop), bool(lose_answer))
+        self._planned.extend([fault] * count)
+
+    def take(self, method: str, target: str) -> StorageFault | None:
+        """The fault this request gets (removed from the plan), or None to forward it."""
+        for position, fault in enumerate(self._planned):
+            if fault.matches(method, target):
+                del self._planned[position]
+                return fault
+        return None
+
+    def clear(self) -> int:
+        """Forget every planned fault; returns how many there were."""
+        count = len(self._planned)
+        self._planned.clear()
+        return count
+
+    def pending(self) -> int:
+        """How many planned faults are left."""
+        return len(self._planned)
+
+
+@dataclass
+class ProxyStats:
+    """What the proxy counts (admin requests excluded)."""
+
+    requests: Counter[str] = field(default_factory=Counter)  # method -> requests received
+    forwarded: int = 0  # requests that reached fake-gcs-server
+    failed: int = 0  # requests answered with an injected error status
+    dropped: int = 0  # connections closed by an injected drop
+    answers_lost: int = 0  # of those failed or dropped: requests forwarded first
+    faulted: deque[str] = field(default_factory=lambda: deque(maxlen=_FAULT_LOG))  # recent hits
+
+    def to_json(self, pending: int) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "forwarded": self.forwarded,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "answers_lost": self.answers_lost,
+            "pending": pending,
+            "faulted": list(self.faulted),
+        }
+
+
+class _Closed(Exception):
+    """The peer went away (or broke the protocol) mid-exchange: drop the connection."""
+
+
+class _Peer:
+    """One side of a proxied exchange: a byte stream and its h11 state machine."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, role: Any) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(role, max_incomplete_event_size=_MAX_HEAD)
+
+    async def next_event(self) -> Any:
+        """The next h11 event, reading from the socket as needed.
+
+        :raises _Closed: the peer closed the connection or sent something h11 refuses
+        """
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Closed(str(exc)) from exc
+            if event is not h11.NEED_DATA:
+                if isinstance(event, h11.ConnectionClosed):
+                    raise _Closed("connection closed")
+                return event
+            try:
+                data = await self.stream.receive(_CHUNK)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                data = b""
+            self.conn.receive_data(data)
+
+    async def send(self, event: Any) -> None:
+        """Send an h11 event. :raises _Closed: the peer is gone"""
+        try:
+            data = self.conn.send(event)
+            if data:
+                await self.stream.send(data)
+        except (h11.LocalProtocolError, anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
+            raise _Closed(str(e)) from e
+
+
+class GcsProxy:
+    """Forwards HTTP/1.1 requests to ``upstream``, failing the planned ones.
+
+    :param upstream: fake-gcs-server's base URL, ``http://host:port``
+    """
+
+    def __init__(self, upstream: str) -> None:
+        parsed = urllib.parse.urlsplit(upstream)
+        if parsed.scheme != "http" or not parsed.hostname or not parsed.port:
+            raise ValueError(f"upstream must be http://HOST:PORT, got {upstream!r}")
+        self.upstream = upstream.rstrip("/")
+        self._upstream_host: str = parsed.hostname
+        self._upstream_port: int = parsed.port
+        self.endpoint = ""  # our own base URL, set once listening (for Location rewrites)
+        self.faults = StorageFaults()
+        self.stats = ProxyStats()
+
+    async def handle(self, stream: anyio.abc.ByteStream) -> None:
+        """Serve one client connection until it closes (keep-alive)."""
+        client = _Peer(stream, h11.SERVER)
+        async with stream:
+            try:
+                while await self._exchange(client):
+                    if client.conn.our_state is not h11.DONE:
+                        return
+                    client.conn.start_next_cycle()
+            except _Closed:
+                return
+            except h11.LocalProtocolError:
+                return
+
+    async def _exchange(self, client: _Peer) -> bool:
+        """One request and its answer; False when the connection must close."""
+        request = await client.next_event()
+        if not isinstance(request, h11.Request):
+            return False
+        method = request.method.decode("ascii")
+        target = request.target.decode("latin-1")
+        if target.startswith(_ADMIN_PREFIX):
+            await self._admin(client, method, target)
+            return True
+        self.stats.requests[method] += 1
+        described = urllib.parse.unquote(target)
+        body: bytes | None = None  # read ahead only for multipart uploads (small by design)
+        if method == "POST" and "uploadType=multipart" in target:
+            # A multipart upload names its object in the body's metadata part, not the URL.
+            body = await _read_body(client)
+            if match := _UPLOAD_NAME.search(body[:_MAX_HEAD]):
+                with contextlib.suppress(ValueError):
+                    described += "&name=" + str(json.loads(b'"' + match[1] + b'"'))
+        fault = self.faults.take(method, described)
+        if fault is not None:
+            self.stats.faulted.append(f"{method} {described}")
+            logger.info("injecting %s into %s %s", fault, method, described)
+        if fault is not None and not fault.lose_answer:
+            if fault.drop:
+                self.stats.dropped += 1
+                return False  # closed unread: the client sees a reset connection
+            if body is None:
+                await _read_body(client)
+            self.stats.failed += 1
+            await _send_error(client, fault.status, f"Injected fault: {method} {described}")
+            return True
+        return await self._forward(client, request, body, fault)
+
+    async def _forward(
+        self, client: _Peer, request: h11.Request, body: bytes | None, fault: StorageFault | None
+    ) -> bool:
+        try:
+            stream = await anyio.connect_tcp(self._upstream_host, self._upstream_port)
+        except OSError as exc:
+            if body is None:
+                await _read_body(client)
+            await _send_error(client, 502, f"the proxy could not reach {self.upstream}: {exc}")
+            return True
+        async with stream:
+            upstream = _Peer(stream, h11.CLIENT)
+            headers = [
+                (name, value)
+                for name, value in request.headers
+                if name.lower() not in (b"host", b"connection", b"keep-alive")
+            ]
+            headers.append((b"host", f"{self._upstream_host}:{self._upstream_port}".encode()))
+            await upstream.send(
+                h11.Request(method=request.method, target=request.target, headers=headers)
+            )
+            if body is not None:
+                if body:
+                    await upstream.send(h11.Data(data=body))
+            else:
+                while not isinstance(event := await client.next_event(), h11.EndOfMessage):
+                    await upstream.send(event)
+            await upstream.send(h11.EndOfMessage())
+            self.stats.forwarded += 1
+            response = await upstream.next_event()
+            while isinstance(response, h11.InformationalResponse):
+                response = await upstream.next_event()
+            if fault is not None:
+                return await self._lose_answer(client, upstream, response, fault)
+            await client.send(self._rewritten(response))
+            while True:
+                event = await upstream.next_event()
+                await client.send(event)
+                if isinstance(event, h11.EndOfMessage):
+                    return True
+
+    async def _lose_answer(
+        self, client: _Peer, upstream: _Peer, response: h11.Response, fault: StorageFault
+    ) -> bool:
+        """The request took effect upstream; the client gets an error, or half an answer."""
+        body = bytearray()
+        while not isinstance(event := await upstream.next_event(), h11.EndOfMessage):
+            body += event.data
+        self.stats.answers_lost += 1
+        if not fault.drop:
+            self.stats.failed += 1
+            await _send_error(client, fault.status, "Injected fault after the request was applied")
+            return True
+        self.stats.dropped += 1
+        # The head promised the whole body: half of it, then a closed connection.
+        await client.send(self._rewritten(response))
+        if body:
+            await client.send(h11.Data(data=bytes(body[: len(body) // 2])))
+        return False
+
+    def _rewritten(self, response: h11.Response) -> h11.Response:
+        """The upstream's response head for our client: Location points at the proxy."""
+        headers = []
+        for name, value in response.headers:
+            if name.lower() in (b"connection", b"keep-alive"):
+                continue
+            if name.lower() == b"location" and self.endpoint:
+                value = value.replace(self.upstream.encode(), self.endpoint.encode(), 1)
+            headers.append((name, value))
+        return h11.Response(
+            status_code=response.status_code, headers=headers, reason=response.reason
+        )
+
+    async def _admin(self, client: _Peer, method: str, target: str) -> None:
+        body = await _read_body(client)
+        path = urllib.parse.urlsplit(target).path
+        try:
+            if path == "/_proxy/stats" and method == "GET":
+                answer: dict[str, Any] = self.stats.to_json(self.faults.pending())
+            elif path == "/_proxy/faults" and method == "POST":
+                spec = json.loads(body or b"{}")
+                if not isinstance(spec, dict):
+                    raise ValueError("the body must be a JSON object")
+                known = {"method", "status", "count", "drop", "path", "lose_answer"}
+                if unknown := sorted(set(spec) - known):
+                    raise ValueError(f"unknown fields {unknown}; known: {sorted(known)}")
+                self.faults.add(**spec)
+                answer = {"pending": self.faults.pending()}
+            elif path == "/_proxy/faults" and method == "DELETE":
+                answer = {"cleared": self.faults.clear()}
+            else:
+                await _send_error(client, 404, f"no admin endpoint {method} {path}")
+                return
+        except ValueError as exc:
+            await _send_error(client, 400, str(exc))
+            return
+        await _send_json(client, 200, answer)
+
+
+async def _read_body(peer: _Peer) -> bytes:
+    body = bytearray()
+    while not isinstance(event := await peer.next_event(), h11.EndOfMessage):
+        body += event.data
+    return bytes(body)
+
+
+async def _send_json(peer: _Peer, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    await peer.send(h11.Response(status_code=status, headers=headers))
+    await peer.send(h11.Data(data=data))
+    await peer.send(h11.EndOfMessage())
+
+
+async def _send_error(peer: _Peer, status: int, message: str) -> None:
+    """Answer with Cloud Storage's error JSON, which google-cloud-storage maps by status."""
+    reason = _REASONS.get(status, "backendError")
+    error = {"code": status, "message": message, "errors": [{"message": message, "reason": reason}]}
+    await _send_json(peer, status, {"error": error})
+
+
+async def serve(
+    upstream: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a proxy until cancelled; ``task_status.started`` gets its endpoint."""
+    proxy = GcsProxy(upstream)
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024)
+    async with listener:
+        bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        proxy.endpoint = f"http://{host}:{bound_port}"
+        task_status.started(proxy.endpoint)
+        await listener.serve(proxy.handle)
+
+
+async def _serve_until_signal(options: argparse.Namespace) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            endpoint = await tg.start(serve, options.upstream, options.host, options.port)
+            print(json.dumps({"endpoint": endpoint, "pid": os.getpid()}), flush=True)
+            logger.info(
+                "GCS fault proxy serving on %s, forwarding to %s", endpoint, options.upstream
+            )
+            async for signum in signals:
+                logger.info("received signal %d: stopping", signum)
+                break
+            tg.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the proxy until SIGTERM/SIGINT (see the module docstring for the contract)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m covalent_gcpbatch_array.local.gcs_proxy",
+        description="A fault-injecting HTTP proxy in front of fake-gcs-server.",
+    )
+    parser.add_argument("--upstream", required=True, help="fake-gcs-server's URL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    options = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s gcs_proxy %(levelname)s: %(message)s",
+    )
+    anyio.run(_serve_until_signal, options)
+
+
+if __name__ == "__main__":
+    main()
