@@ -30,6 +30,7 @@ from starlette.routing import Route
 from covalent_gcpbatch_array.local.api_errors import ApiError
 from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler
 from covalent_gcpbatch_array.local.batch_state import JobState, TaskState, rfc3339
+from covalent_gcpbatch_array.local.logging_api import TaskLogIndex, logging_routes
 from covalent_gcpbatch_array.local.task_attempt import attempt_output
 
 __all__ = ["create_app"]
@@ -49,7 +50,12 @@ _E = TypeVar("_E", JobState, TaskState)
 
 
 def create_app(scheduler: BatchScheduler) -> Starlette:
-    """The ASGI application serving ``scheduler`` over Google's REST API."""
+    """The ASGI application serving ``scheduler`` over Google's REST API.
+
+    It also answers Cloud Logging's ``entries:list`` with the jobs' task output (see
+    :mod:`covalent_gcpbatch_array.local.logging_api`).
+    """
+    task_logs = TaskLogIndex()
 
     def rpc(method: str, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -69,6 +75,7 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
         job = scheduler.create_job(
             _parent(request), query.get("jobId"), query.get("requestId"), await request.body()
         )
+        task_logs.add(job)
         return JSONResponse(job.to_json())
 
     async def get_job(request: Request) -> Response:
@@ -202,6 +209,7 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
             admin(task_output),
             methods=["GET"],
         ),
+        *logging_routes(task_logs),
     ]
     return Starlette(
         routes=routes,

@@ -1,0 +1,258 @@
+"""Cloud Logging's ``entries:list`` in the Batch emulator: each task's output as Batch logs it.
+
+A Batch job whose ``logsPolicy.destination`` is ``CLOUD_LOGGING`` sends every line its
+runnables print to the log ``projects/P/logs/batch_task_logs``. The emulator serves those lines
+from the files its task attempts wrote, at the REST path google-cloud-logging's HTTP client
+uses (``POST /v2/entries:list``, see ``google/cloud/logging_v2/_http.py``), so
+``logging_v2.Client(...).list_entries(filter_=...)`` works against the local cloud unchanged.
+
+Each line becomes one LogEntry shaped like Batch's (the fields Batch users filter on, as
+Nextflow's Google Batch executor does: ``labels.job_uid`` and ``labels.task_id``)::
+
+    {"logName": "projects/P/logs/batch_task_logs",
+     "resource": {"type": "generic_task", "labels": {"project_id": P, "location": L,
+                  "namespace": "", "job": J, "task_id": "<uid>-group0-<index>"}},
+     "labels": {<the job's own labels>, "job_uid": <uid>, "task_group_name": "group0",
+                "task_id": "<uid>-group0-<index>"},
+     "severity": "INFO" (stdout) or "ERROR" (stderr), "textPayload": <the line>,
+     "timestamp": ..., "receiveTimestamp": ..., "insertId": ...}
+
+Where the emulator differs: every line of one stream of one attempt carries the time its file
+was last written (the files keep no per-line times), and logs never expire. Logs outlive their
+job, as on Google: a deleted job's lines are still listed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from covalent_gcpbatch_array.local.api_errors import ApiError
+from covalent_gcpbatch_array.local.batch_state import JobRecord, rfc3339
+from covalent_gcpbatch_array.local.logging_filter import FilterError, parse_filter
+
+__all__ = ["BATCH_TASK_LOG", "TaskLogIndex", "logging_routes"]
+
+#: The log Batch writes task output to (``projects/{project}/logs/{BATCH_TASK_LOG}``).
+BATCH_TASK_LOG = "batch_task_logs"
+DEFAULT_PAGE_SIZE = 50  # Cloud Logging's documented default
+MAX_PAGE_SIZE = 1000  # and its maximum
+_STREAM_SEVERITY = {"stdout": "INFO", "stderr": "ERROR"}
+_ORDERS = {"": False, "timestamp asc": False, "timestamp desc": True}
+
+
+@dataclass(frozen=True)
+class _LoggedJob:
+    """What the index remembers of a job whose tasks log to Cloud Logging."""
+
+    project: str  # the project id in the job's name
+    location: str  # the job's region
+    job_id: str  # the job id the client chose
+    uid: str  # Batch's unique id of this job (ids may be reused after a delete)
+    labels: Mapping[str, str]  # the job's labels, which Batch copies onto its log entries
+    output_dir: Path  # the folder the emulator keeps this job's attempt outputs in
+
+
+class TaskLogIndex:
+    """The jobs whose output the emulator serves as Cloud Logging entries.
+
+    The Batch API layer calls :meth:`add` for every job it creates; jobs without
+    ``logsPolicy.destination = CLOUD_LOGGING`` are ignored, as Batch writes no task logs for
+    them. Jobs stay listed after they are deleted.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, _LoggedJob] = {}  # by uid, in creation order
+        # The HTTP layer runs on one event loop, but reads of the files run in worker threads.
+        self._lock = threading.Lock()
+
+    def add(self, job: JobRecord) -> None:
+        """Remember ``job`` if it logs to Cloud Logging (a repeated add is a no-op)."""
+        destination = job.spec.echo.get("logsPolicy", {}).get("destination")
+        if destination not in ("CLOUD_LOGGING", 1):
+            return
+        parts = job.name.split("/")  # projects/P/locations/L/jobs/J
+        labels = job.spec.echo.get("labels", {})
+        with self._lock:
+            self._jobs.setdefault(
+                job.uid,
+                _LoggedJob(
+                    project=parts[1],
+                    location=parts[3],
+                    job_id=job.job_id,
+                    uid=job.uid,
+                    labels=dict(labels) if isinstance(labels, Mapping) else {},
+                    output_dir=job.output_dir,
+                ),
+            )
+
+    def entries(self, projects: Sequence[str]) -> list[dict[str, Any]]:
+        """Every entry of the jobs in ``projects``, oldest first (ties in output order)."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job.project in projects]
+        found = [entry for job in jobs for entry in _job_entries(job)]
+        # A stable sort: entries with equal times keep their job, task, attempt, line order.
+        found.sort(key=lambda entry: entry["timestamp"])
+        return found
+
+
+def _job_entries(job: _LoggedJob) -> Iterator[dict[str, Any]]:
+    """The entries of one job: its tasks' attempts' output files, line by line."""
+    tasks = job.output_dir / "tasks"
+    if not tasks.is_dir():
+        return
+    for task_dir in sorted(_numbered(tasks)):
+        index = int(task_dir.name)
+        for attempt_dir in sorted(_numbered(task_dir), key=lambda path: int(path.name)):
+            for stream, severity in _STREAM_SEVERITY.items():
+                files = sorted(attempt_dir.glob(f"*.{stream}"), key=_runnable_number)
+                for path in files:
+                    yield from _file_entries(job, index, int(attempt_dir.name), path, severity)
+
+
+def _numbered(folder: Path) -> Iterator[Path]:
+    return (path for path in folder.iterdir() if path.is_dir() and path.name.isdigit())
+
+
+def _runnable_number(path: Path) -> int:
+    head = path.name.split(".")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _file_entries(
+    job: _LoggedJob, index: int, attempt: int, path: Path, severity: str
+) -> Iterator[dict[str, Any]]:
+    try:
+        stat = path.stat()
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    written = rfc3339(datetime.fromtimestamp(stat.st_mtime, timezone.utc))
+    task_id = f"{job.uid}-group0-{index}"
+    for number, line in enumerate(text.splitlines()):
+        yield {
+            "logName": f"projects/{job.project}/logs/{BATCH_TASK_LOG}",
+            "resource": {
+                "type": "generic_task",
+                "labels": {
+                    "project_id": job.project,
+                    "location": job.location,
+                    "namespace": "",
+                    "job": job.job_id,
+                    "task_id": task_id,
+                },
+            },
+            "labels": {
+                **job.labels,
+                "job_uid": job.uid,
+                "task_group_name": "group0",
+                "task_id": task_id,
+            },
+            "severity": severity,
+            "textPayload": line,
+            "timestamp": written,
+            "receiveTimestamp": written,
+            # Unique and stable across calls, so page tokens stay valid as files grow.
+            "insertId": f"{task_id}/{attempt}/{path.name}/{number:09d}",
+        }
+
+
+def logging_routes(index: TaskLogIndex) -> list[Route]:
+    """The Logging API routes, to add to the emulator's Starlette app."""
+
+    async def list_entries(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            projects = _projects(body.get("resourceNames"))
+            predicate = parse_filter(_string(body, "filter"))
+            descending = _order(_string(body, "orderBy"))
+            size, start = _page(body)
+        except FilterError as exc:
+            return _error(ApiError.invalid_argument("filter", f"Unparseable filter: {exc}"))
+        except ApiError as exc:
+            return _error(exc)
+        # Reading the files blocks: keep the emulator's event loop free meanwhile.
+        entries = await anyio.to_thread.run_sync(index.entries, projects)
+        selected = [entry for entry in entries if predicate(entry)]
+        if descending:
+            selected.reverse()
+        page = selected[start : start + size]
+        answer: dict[str, Any] = {"entries": page} if page else {}
+        if start + size < len(selected):
+            answer["nextPageToken"] = str(start + size)
+        return JSONResponse(answer)
+
+    return [Route("/v2/entries:list", list_entries, methods=["POST"])]
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.code)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object (ListLogEntriesRequest)")
+    return body
+
+
+def _string(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str):
+        raise ApiError.invalid_argument(key, f"must be a string, got {value!r}")
+    return value
+
+
+def _projects(names: Any) -> list[str]:
+    if not isinstance(names, list) or not names:
+        raise ApiError.invalid_argument(
+            "resource_names", 'give at least one parent, e.g. ["projects/my-project"]'
+        )
+    projects = []
+    for name in names:
+        parts = name.split("/") if isinstance(name, str) else []
+        if len(parts) != 2 or parts[0] != "projects" or not parts[1]:
+            raise ApiError.invalid_argument(
+                "resource_names",
+                f"{name!r}: the emulator serves project logs only, as 'projects/PROJECT_ID'",
+            )
+        projects.append(parts[1])
+    return projects
+
+
+def _order(order_by: str) -> bool:
+    key = " ".join(order_by.lower().split())
+    if key not in _ORDERS:
+        raise ApiError.invalid_argument(
+            "order_by", f"{order_by!r}: use 'timestamp asc' or 'timestamp desc'"
+        )
+    return _ORDERS[key]
+
+
+def _page(body: Mapping[str, Any]) -> tuple[int, int]:
+    """(page size, start offset) from ``pageSize`` (int or string) and ``pageToken``."""
+    size_value = body.get("pageSize", 0)
+    try:
+        size = int(size_value)
+    except (TypeError, ValueError):
+        raise ApiError.invalid_argument("page_size", f"{size_value!r} is not a number") from None
+    if size < 0:
+        raise ApiError.invalid_argument("page_size", f"must be >= 0, got {size}")
+    token = _string(body, "pageToken")
+    if token and not token.isdigit():
+        raise ApiError.invalid_argument("page_token", f"{token!r} was not issued by the emulator")
+    return min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), int(token or 0)
