@@ -301,22 +301,28 @@ class GcsProxy:
             response = await upstream.next_event()
             while isinstance(response, h11.InformationalResponse):
                 response = await upstream.next_event()
+            if fault is None and not _is_json(response):
+                # Media (up to 100 MB here) streams through chunk by chunk.
+                await client.send(self._rewritten(response))
+                while True:
+                    event = await upstream.next_event()
+                    await client.send(event)
+                    if isinstance(event, h11.EndOfMessage):
+                        return True
+            # Metadata carries links (mediaLink, selfLink) a client may follow: make them ours.
+            answer = self._rewrite_links(await _read_body(upstream))
             if fault is not None:
-                return await self._lose_answer(client, upstream, response, fault)
-            await client.send(self._rewritten(response))
-            while True:
-                event = await upstream.next_event()
-                await client.send(event)
-                if isinstance(event, h11.EndOfMessage):
-                    return True
+                return await self._lose_answer(client, response, answer, fault)
+            await client.send(self._rewritten(response, len(answer)))
+            if answer:
+                await client.send(h11.Data(data=answer))
+            await client.send(h11.EndOfMessage())
+            return True
 
     async def _lose_answer(
-        self, client: _Peer, upstream: _Peer, response: h11.Response, fault: StorageFault
+        self, client: _Peer, response: h11.Response, body: bytes, fault: StorageFault
     ) -> bool:
         """The request took effect upstream; the client gets an error, or half an answer."""
-        body = bytearray()
-        while not isinstance(event := await upstream.next_event(), h11.EndOfMessage):
-            body += event.data
         self.stats.answers_lost += 1
         if not fault.drop:
             self.stats.failed += 1
@@ -324,20 +330,33 @@ class GcsProxy:
             return True
         self.stats.dropped += 1
         # The head promised the whole body: half of it, then a closed connection.
-        await client.send(self._rewritten(response))
+        await client.send(self._rewritten(response, len(body)))
         if body:
-            await client.send(h11.Data(data=bytes(body[: len(body) // 2])))
+            await client.send(h11.Data(data=body[: len(body) // 2]))
         return False
 
-    def _rewritten(self, response: h11.Response) -> h11.Response:
-        """The upstream's response head for our client: Location points at the proxy."""
+    def _rewrite_links(self, body: bytes) -> bytes:
+        if not self.endpoint:
+            return body
+        return body.replace(self.upstream.encode(), self.endpoint.encode())
+
+    def _rewritten(self, response: h11.Response, length: int | None = None) -> h11.Response:
+        """The upstream's response head for our client: Location points at the proxy.
+
+        :param length: the body's new length, when the proxy rewrote the body
+        """
         headers = []
         for name, value in response.headers:
-            if name.lower() in (b"connection", b"keep-alive"):
+            lower = name.lower()
+            if lower in (b"connection", b"keep-alive"):
                 continue
-            if name.lower() == b"location" and self.endpoint:
-                value = value.replace(self.upstream.encode(), self.endpoint.encode(), 1)
+            if length is not None and lower in (b"content-length", b"transfer-encoding"):
+                continue
+            if lower == b"location":
+                value = self._rewrite_links(value)
             headers.append((name, value))
+        if length is not None:
+            headers.append((b"content-length", b"%d" % length))
         return h11.Response(
             status_code=response.status_code, headers=headers, reason=response.reason
         )
@@ -366,6 +385,13 @@ class GcsProxy:
             await _send_error(client, 400, str(exc))
             return
         await _send_json(client, 200, answer)
+
+
+def _is_json(response: h11.Response) -> bool:
+    return any(
+        name.lower() == b"content-type" and value.lower().startswith(b"application/json")
+        for name, value in response.headers
+    )
 
 
 async def _read_body(peer: _Peer) -> bytes:

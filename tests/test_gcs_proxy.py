@@ -1,0 +1,300 @@
+"""The fault-injecting GCS proxy: its fault plan, the proxy in front of a real fake-gcs-server
+(driven by the real google-cloud-storage client), and its wiring into LocalCloud."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import anyio
+import google.cloud.storage as storage
+import pytest
+import requests
+from google.api_core import exceptions as api_exceptions
+from google.cloud import batch_v1
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from covalent_gcpbatch_array.exceptions import LocalCloudError
+from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.gcs import GcsEmulator, make_storage_client
+from covalent_gcpbatch_array.local.gcs_proxy import StorageFault, StorageFaults, serve
+
+# google-cloud-storage does not close the streamed response of a failed download (see
+# test_store.py); the faults here fail many. Each test collects its own leaks (below).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning"
+)
+
+_T = TypeVar("_T")
+BUCKET = "proxy-tests"
+#: Retries quickly, so that tests that meet several faults stay short.
+QUICK_RETRY = DEFAULT_RETRY.with_delay(initial=0.05, maximum=0.2).with_timeout(20.0)
+
+
+@pytest.fixture(autouse=True)
+def collect_leaked_responses() -> Iterator[None]:
+    yield
+    gc.collect()  # while this module's warning filters apply, not in some later test
+
+
+class TestStorageFaults:
+    def test_faults_are_used_once_in_plan_order(self) -> None:
+        faults = StorageFaults()
+        faults.add(method="GET", status=503, count=2)
+        faults.add(method="GET", status=500, count=1)
+        statuses = [faults.take("GET", "/o/a") for _ in range(4)]
+        assert [fault.status if fault else None for fault in statuses] == [503, 503, 500, None]
+        assert faults.pending() == 0
+
+    def test_method_and_path_must_both_match(self) -> None:
+        faults = StorageFaults()
+        faults.add(method="POST", path="result.pkl", count=1)
+        assert faults.take("GET", "/o/x/result.pkl") is None
+        assert faults.take("POST", "/upload?name=x/input.pkl") is None
+        fault = faults.take("POST", "/upload?name=x/result.pkl")
+        assert fault == StorageFault("POST", "result.pkl", 503, False, False)
+
+    def test_a_later_fault_can_match_before_an_earlier_one(self) -> None:
+        faults = StorageFaults()
+        faults.add(method="PUT", count=1)
+        faults.add(method="*", status=429, count=1)
+        fault = faults.take("GET", "/o/a")
+        assert fault is not None and fault.status == 429
+        assert faults.pending() == 1  # the PUT fault waits for a PUT
+
+    def test_clear_forgets_the_plan(self) -> None:
+        faults = StorageFaults()
+        faults.add(count=3)
+        assert faults.clear() == 3
+        assert faults.take("GET", "/") is None
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"method": "FETCH"}, "method 'FETCH' is not one of"),
+            ({"status": 200}, "HTTP error status"),
+            ({"status": True}, "HTTP error status"),
+            ({"count": -1}, "count must be an integer >= 0"),
+            ({"path": 3}, "path must be a string"),
+        ],
+    )
+    def test_bad_plans_are_refused(self, kwargs: dict[str, Any], message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            StorageFaults().add(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def gcs() -> Iterator[GcsEmulator]:
+    with GcsEmulator.start() as emulator:
+        emulator.create_bucket(BUCKET, "proxy-project")
+        yield emulator
+
+
+@pytest.fixture
+async def proxy(gcs: GcsEmulator) -> AsyncIterator[str]:
+    """A proxy served on this test's event loop; yields its endpoint."""
+    async with anyio.create_task_group() as tg:
+        yield await tg.start(serve, gcs.endpoint)
+        tg.cancel_scope.cancel()
+
+
+async def call(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """Run a blocking storage call in a thread, so the proxy keeps serving meanwhile."""
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
+
+
+def bucket_via(endpoint: str) -> storage.Bucket:
+    return make_storage_client(endpoint, "proxy-project").bucket(BUCKET)
+
+
+async def admin(endpoint: str, method: str, path: str, body: Any = None) -> requests.Response:
+    return await call(requests.request, method, f"{endpoint}/_proxy/{path}", json=body, timeout=10)
+
+
+async def plan(endpoint: str, **fault: Any) -> None:
+    answer = await admin(endpoint, "POST", "faults", fault)
+    assert answer.status_code == 200, answer.text
+
+
+async def stats(endpoint: str) -> dict[str, Any]:
+    answer = await admin(endpoint, "GET", "stats")
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+class TestForwarding:
+    @pytest.mark.anyio
+    async def test_requests_pass_through_unchanged_and_are_counted(self, proxy: str) -> None:
+        blob = bucket_via(proxy).blob("plain/object")
+        await call(blob.upload_from_string, b"hello", retry=None)
+        # The same Blob object now downloads from the mediaLink of the upload's answer,
+        # which the proxy rewrote to point at itself.
+        assert blob.media_link.startswith(proxy)
+        assert await call(blob.download_as_bytes, retry=None) == b"hello"
+        seen = await stats(proxy)
+        assert seen["requests"]["POST"] == 1
+        assert seen["faulted"] == []
+        assert (seen["failed"], seen["dropped"], seen["pending"]) == (0, 0, 0)
+
+    @pytest.mark.anyio
+    async def test_resumable_uploads_stay_on_the_proxy(self, proxy: str, gcs: GcsEmulator) -> None:
+        # Over 8 MB the client uploads in chunks to the URL fake-gcs-server returns in its
+        # Location header; the proxy rewrites it so the chunks meet the faults too.
+        data = os.urandom(12 * 1024 * 1024)
+        blob = bucket_via(proxy).blob("big/object")
+        await call(blob.upload_from_string, data, retry=None)
+        assert await call(bucket_via(gcs.endpoint).blob("big/object").download_as_bytes) == data
+        assert (await stats(proxy))["requests"].get("PUT", 0) >= 1
+
+
+class TestFaults:
+    @pytest.mark.anyio
+    async def test_an_error_status_reaches_the_client_as_googles_error(self, proxy: str) -> None:
+        await plan(proxy, method="POST", status=503, count=1)
+        blob = bucket_via(proxy).blob("status/object")
+        with pytest.raises(api_exceptions.ServiceUnavailable, match="Injected fault"):
+            await call(blob.upload_from_string, b"x", retry=None)
+        assert (await stats(proxy))["failed"] == 1
+
+    @pytest.mark.anyio
+    async def test_transient_errors_are_retried_by_the_client(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        await plan(proxy, method="POST", status=503, count=2, path="retried/object")
+        await plan(proxy, method="GET", status=429, count=2, path="retried/object")
+        blob = bucket_via(proxy).blob("retried/object")
+        await call(blob.upload_from_string, b"data", retry=QUICK_RETRY)
+        assert await call(blob.download_as_bytes, retry=QUICK_RETRY) == b"data"
+        seen = await stats(proxy)
+        assert seen["failed"] == 4
+        assert seen["requests"]["POST"] == 3
+
+    @pytest.mark.anyio
+    async def test_a_dropped_connection_never_reaches_storage(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        await plan(proxy, method="POST", drop=True, count=1, path="dropped/object")
+        with pytest.raises(requests.ConnectionError):
+            await call(
+                bucket_via(proxy).blob("dropped/object").upload_from_string, b"x", retry=None
+            )
+        assert not await call(bucket_via(gcs.endpoint).blob("dropped/object").exists)
+        assert (await stats(proxy))["dropped"] == 1
+
+    @pytest.mark.anyio
+    async def test_a_lost_answer_means_the_write_happened(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        # The client retries a create-if-absent whose first try landed: the retry meets 412.
+        await plan(proxy, method="POST", status=503, count=1, lose_answer=True, path="lost/")
+        blob = bucket_via(proxy).blob("lost/object")
+        with pytest.raises(api_exceptions.PreconditionFailed):
+            await call(blob.upload_from_string, b"once", if_generation_match=0, retry=QUICK_RETRY)
+        assert await call(bucket_via(gcs.endpoint).blob("lost/object").download_as_bytes) == b"once"
+        assert (await stats(proxy))["answers_lost"] == 1
+
+    @pytest.mark.anyio
+    async def test_a_download_cut_in_half_is_retried_whole(self, proxy: str) -> None:
+        data = os.urandom(256 * 1024)
+        blob = bucket_via(proxy).blob("cut/object")
+        await call(blob.upload_from_string, data)
+        await plan(proxy, method="GET", drop=True, lose_answer=True, path="cut/object?alt=media")
+        with pytest.raises((requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+            await call(blob.download_as_bytes, retry=None)
+        await plan(proxy, method="GET", drop=True, lose_answer=True, path="cut/object?alt=media")
+        assert await call(blob.download_as_bytes, retry=QUICK_RETRY) == data
+
+    @pytest.mark.anyio
+    async def test_path_names_the_object_of_a_multipart_upload(self, proxy: str) -> None:
+        # Small uploads name their object in the body, not the URL: the proxy looks there.
+        await plan(proxy, method="POST", status=503, path="tasks/1/result.pkl")
+        bucket = bucket_via(proxy)
+        await call(bucket.blob("job/tasks/0/result.pkl").upload_from_string, b"0", retry=None)
+        with pytest.raises(api_exceptions.ServiceUnavailable):
+            await call(bucket.blob("job/tasks/1/result.pkl").upload_from_string, b"1", retry=None)
+        assert (await stats(proxy))["faulted"] == [
+            "POST /upload/storage/v1/b/proxy-tests/o?uploadType=multipart"
+            "&name=job/tasks/1/result.pkl"
+        ]
+
+    @pytest.mark.anyio
+    async def test_an_unreachable_upstream_is_a_502(self) -> None:
+        async with anyio.create_task_group() as tg:
+            dead = await tg.start(serve, "http://127.0.0.1:9")  # discard port: nobody listens
+            with pytest.raises(api_exceptions.BadGateway, match="could not reach"):
+                await call(bucket_via(dead).blob("x").download_as_bytes, retry=None)
+            tg.cancel_scope.cancel()
+
+
+class TestAdmin:
+    @pytest.mark.anyio
+    async def test_bad_plans_answer_400_with_the_reason(self, proxy: str) -> None:
+        answer = await admin(proxy, "POST", "faults", {"method": "GET", "colour": "red"})
+        assert answer.status_code == 400
+        assert "unknown fields ['colour']" in answer.json()["error"]["message"]
+        answer = await admin(proxy, "POST", "faults", {"status": 302})
+        assert answer.status_code == 400
+
+    @pytest.mark.anyio
+    async def test_delete_forgets_the_plan(self, proxy: str) -> None:
+        await plan(proxy, count=5)
+        answer = await admin(proxy, "DELETE", "faults")
+        assert answer.json() == {"cleared": 5}
+        assert (await stats(proxy))["pending"] == 0
+
+    @pytest.mark.anyio
+    async def test_unknown_admin_paths_are_404(self, proxy: str) -> None:
+        assert (await admin(proxy, "GET", "nothing")).status_code == 404
+
+
+def task_storage_host(cloud: LocalCloud) -> str:
+    """The STORAGE_EMULATOR_HOST a task of the cloud's Batch emulator sees."""
+    client = cloud.batch_client()
+    runnable = batch_v1.Runnable(
+        script=batch_v1.Runnable.Script(text="echo $STORAGE_EMULATOR_HOST")
+    )
+    group = batch_v1.TaskGroup(task_spec=batch_v1.TaskSpec(runnables=[runnable]), task_count=1)
+    job = client.create_job(
+        parent=f"projects/{cloud.project_id}/locations/{cloud.region}",
+        job_id="storage-host",
+        job=batch_v1.Job(task_groups=[group]),
+    )
+    deadline = time.monotonic() + 60
+    while client.get_job(name=job.name).status.state != batch_v1.JobStatus.State.SUCCEEDED:
+        assert time.monotonic() < deadline, "the echo job did not succeed within 60 s"
+        time.sleep(0.05)
+    return cloud.task_output("storage-host", 0).strip()
+
+
+class TestLocalCloudWiring:
+    def test_clients_and_tasks_reach_storage_through_the_proxy(
+        self, wait_process_gone: Callable[[int], bool]
+    ) -> None:
+        with LocalCloud(gcs_faults=True, preload=()) as cloud:
+            assert cloud.storage_endpoint != cloud.gcs_endpoint
+            assert cloud.executor_config()["storage_api_endpoint"] == cloud.storage_endpoint
+            assert cloud.environment() == {"STORAGE_EMULATOR_HOST": cloud.storage_endpoint}
+            cloud.fail_storage("GET", status=503, count=1, path="wired?alt=media")
+            blob = cloud.storage_client().bucket(cloud.bucket_name).blob("wired")
+            blob.upload_from_string(b"x")
+            with pytest.raises(api_exceptions.ServiceUnavailable):
+                blob.download_as_bytes(retry=None)
+            direct = cloud.storage_client(direct=True).bucket(cloud.bucket_name).blob("wired")
+            assert direct.download_as_bytes() == b"x"
+            seen = cloud.storage_stats()
+            assert seen["failed"] == 1 and seen["requests"]["POST"] == 1
+            with pytest.raises(LocalCloudError, match="GCS fault proxy refused POST"):
+                cloud.fail_storage("BREW")
+            assert cloud.clear_storage_faults() == 0
+            assert task_storage_host(cloud) == cloud.storage_endpoint
+            proxy_pid = cloud._proxy_process.pid if cloud._proxy_process else -1
+        assert wait_process_gone(proxy_pid)
+
+    def test_storage_faults_need_the_proxy(self, local_cloud: LocalCloud) -> None:
+        assert local_cloud.storage_endpoint == local_cloud.gcs_endpoint
+        with pytest.raises(LocalCloudError, match=r"LocalCloud\(gcs_faults=True\)"):
+            local_cloud.fail_storage("GET")
