@@ -1,0 +1,387 @@
+"""``gcpbatch-array jobs | tasks | logs | gc``: inspect and clean up the executor's jobs.
+
+    gcpbatch-array jobs [--json]                       jobs made by the executor: state, counts, age
+    gcpbatch-array tasks JOB [--json]                  each task: state, attempts, exit code, electron
+    gcpbatch-array logs JOB INDEX [--json]             a task's stdout/stderr (bucket, else Cloud Logging)
+    gcpbatch-array gc [--older-than 7d] [--dry-run]    delete finished jobs and their objects
+
+Settings are read as the executor reads them (flags win, then ``[executors.gcpbatch_array]``
+in the Covalent config file, then the defaults), so with the executor configured no flag is
+needed. Against the local cloud, pass the endpoints ``gcpbatch-array local up`` prints::
+
+    gcpbatch-array jobs --project local-project --bucket covalent-local \\
+        --batch-endpoint http://127.0.0.1:PORT --storage-endpoint http://127.0.0.1:PORT2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, TextIO
+
+import anyio
+
+from .config import DEFAULTS, ExecutorConfig, resolve_config
+from .exceptions import ConfigError
+from .ops import GcReport, Inspector, JobSummary, TaskSummary, parse_duration
+
+__all__ = ["InspectSettings", "add_inspect_commands", "read_covalent_config"]
+
+#: Flag -> executor key, for the keys these commands use.
+_FLAGS = {
+    "project": "project_id",
+    "region": "region",
+    "bucket": "bucket_name",
+    "prefix": "bucket_prefix",
+    "batch_endpoint": "batch_api_endpoint",
+    "storage_endpoint": "storage_api_endpoint",
+}
+# ExecutorConfig requires an image; these commands never use one.
+_UNUSED_IMAGE = "unused-by-gcpbatch-array-inspection"
+
+
+@dataclass(frozen=True)
+class InspectSettings:
+    """Where the executor's jobs and objects are."""
+
+    project_id: str  # the Google Cloud project
+    region: str  # the Batch location
+    bucket_name: str  # the executor's bucket
+    bucket_prefix: str  # the folder of job folders in the bucket
+    batch_api_endpoint: str  # "" for Google's
+    storage_api_endpoint: str  # "" for Google's (or STORAGE_EMULATOR_HOST)
+    logging_api_endpoint: str  # "" for Google's
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, read_config_file: Callable[[str], Any]
+    ) -> InspectSettings:
+        """Flags over the Covalent config file over the defaults, validated as the executor does.
+
+        :raises ConfigError: a setting is missing or invalid, naming the flag that sets it
+        """
+        explicit = {key: getattr(args, flag, None) for flag, key in _FLAGS.items()}
+        values = resolve_config(explicit, read_config_file)
+        values["container_image_uri"] = values["container_image_uri"] or _UNUSED_IMAGE
+        try:
+            config = ExecutorConfig.from_values(values)
+        except ConfigError as exc:
+            flag = next((f for f, key in _FLAGS.items() if key == exc.key), None)
+            if flag is None:
+                raise
+            hint = (
+                f"pass --{flag.replace('_', '-')}, or set {exc.key} under "
+                f"[executors.gcpbatch_array] in the Covalent config file"
+            )
+            raise ConfigError(exc.key, exc.problem, hint) from None
+        logging_endpoint = args.logging_endpoint
+        if logging_endpoint is None:
+            # The local cloud's Batch emulator serves the Logging API too.
+            emulated = config.batch_api_endpoint.startswith("http://")
+            logging_endpoint = config.batch_api_endpoint if emulated else ""
+        return cls(
+            project_id=config.project_id,
+            region=config.region,
+            bucket_name=config.bucket_name,
+            bucket_prefix=config.bucket_prefix,
+            batch_api_endpoint=config.batch_api_endpoint,
+            storage_api_endpoint=config.storage_api_endpoint,
+            logging_api_endpoint=logging_endpoint,
+        )
+
+    def inspector(self) -> Inspector:
+        """An Inspector over the real clients for these settings."""
+        from .batch import BatchJobs, make_batch_client
+        from .ops import make_logging_client
+        from .store import TaskStore, make_storage_client
+
+        storage_client = make_storage_client(self.project_id, self.storage_api_endpoint)
+        return Inspector(
+            BatchJobs(make_batch_client(self.batch_api_endpoint), self.project_id, self.region),
+            TaskStore(storage_client, self.bucket_name, self.bucket_prefix),
+            storage_client,
+            lambda: make_logging_client(self.project_id, self.logging_api_endpoint),
+        )
+
+
+def read_covalent_config(key: str) -> Any:
+    """Look ``key`` up under ``[executors.gcpbatch_array]``, as the executor does.
+
+    :raises KeyError: the key is not set there, or covalent is not installed
+    """
+    try:
+        from covalent._shared_files.config import get_config
+    except ImportError:
+        raise KeyError(key) from None
+    return get_config(f"executors.gcpbatch_array.{key}")
+
+
+def add_inspect_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    read_config_file: Callable[[str], Any] = read_covalent_config,
+) -> None:
+    """Register ``jobs``, ``tasks``, ``logs`` and ``gc``; each sets ``handler(args) -> int``.
+
+    :param subparsers: what ``ArgumentParser.add_subparsers()`` returned
+    :param read_config_file: looks an executor key up in the Covalent config file, raising
+        ``KeyError`` when it is not set (the default reads it as the executor does)
+    """
+    run = functools.partial(_run, read_config_file=read_config_file)
+    jobs = subparsers.add_parser(
+        "jobs",
+        help="list the executor's Batch jobs: state, task counts, age",
+        description="List the Batch jobs the executor made in the project and region "
+        "(those labelled created-by=covalent-gcpbatch-array), newest first.",
+    )
+    _add_common(jobs)
+    jobs.set_defaults(handler=run(_jobs))
+
+    tasks = subparsers.add_parser(
+        "tasks",
+        help="list a job's tasks: state, attempts, exit code, the electron each ran",
+        description="List the tasks of one job with the electron (dispatch id, node id) each "
+        "ran, from the job's manifest in the bucket.",
+    )
+    tasks.add_argument("job", help="the Batch job id (see `gcpbatch-array jobs`)")
+    _add_common(tasks)
+    tasks.set_defaults(handler=run(_tasks))
+
+    logs = subparsers.add_parser(
+        "logs",
+        help="print a task's stdout and stderr",
+        description="Print what one task printed: the runner's copy in the bucket if it is "
+        "still there (last attempt), else the task's entries in Cloud Logging (every attempt).",
+    )
+    logs.add_argument("job", help="the Batch job id")
+    logs.add_argument("index", type=_task_index, help="the task index (see `gcpbatch-array tasks`)")
+    _add_common(logs)
+    logs.set_defaults(handler=run(_logs))
+
+    gc = subparsers.add_parser(
+        "gc",
+        help="delete finished jobs and their bucket objects older than an age",
+        description="Delete the executor's finished (SUCCEEDED or FAILED) Batch jobs whose last "
+        "state change is older than --older-than, with their folders in the bucket, and job "
+        "folders whose job is gone. Running jobs are never touched.",
+    )
+    gc.add_argument(
+        "--older-than",
+        type=_duration,
+        default=timedelta(days=7),
+        metavar="AGE",
+        help="age such as 7d, 12h, 1d12h, 30m (default: 7d)",
+    )
+    gc.add_argument(
+        "--orphan-grace",
+        type=_duration,
+        default=timedelta(hours=1),
+        metavar="AGE",
+        help="a folder without a job is only deleted once this old too: a batch uploads its "
+        "inputs before its job exists (default: 1h)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    _add_common(gc)
+    gc.set_defaults(handler=run(_gc))
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group(
+        "where to look (default: the executor's settings in the Covalent config file)"
+    )
+    where.add_argument("--project", metavar="ID", help="Google Cloud project id")
+    where.add_argument(
+        "--region", metavar="REGION", help=f"Batch region (default: {DEFAULTS['region']})"
+    )
+    where.add_argument("--bucket", metavar="NAME", help="the executor's bucket name")
+    where.add_argument(
+        "--prefix",
+        metavar="PATH",
+        help=f"the executor's bucket prefix (default: {DEFAULTS['bucket_prefix']})",
+    )
+    where.add_argument("--batch-endpoint", metavar="URL", help="Batch API URL (default: Google's)")
+    where.add_argument(
+        "--storage-endpoint", metavar="URL", help="Cloud Storage URL (default: Google's)"
+    )
+    where.add_argument(
+        "--logging-endpoint",
+        default=None,
+        metavar="URL",
+        help="Cloud Logging URL (default: Google's; the Batch endpoint if that is a plain "
+        "http:// emulator such as the local cloud)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _task_index(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a task index is a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+Command = Callable[[Inspector, argparse.Namespace, TextIO], Any]
+
+
+def _run(
+    command: Command, *, read_config_file: Callable[[str], Any]
+) -> Callable[[argparse.Namespace], int]:
+    """A handler: settings from the flags and config file, then ``command`` on an event loop."""
+
+    def handler(args: argparse.Namespace) -> int:
+        inspector = InspectSettings.from_args(args, read_config_file).inspector()
+        status: int = anyio.run(command, inspector, args, sys.stdout)
+        return status
+
+    return handler
+
+
+# -- the commands -------------------------------------------------------------------------
+
+
+async def _jobs(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> int:
+    jobs = await inspector.jobs()
+    if args.json:
+        _print_json([_job_json(job) for job in jobs], out)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(jobs)} job(s)", title_justify="left")
+    # Ids are what users copy into the next command: never shorten them.
+    table.add_column("JOB", no_wrap=True, min_width=max((len(j.job_id) for j in jobs), default=3))
+    table.add_column("STATE")
+    for column in ("TASKS", "SUCCEEDED", "FAILED", "RUNNING", "PENDING", "AGE"):
+        table.add_column(column, justify="right")
+    now = datetime.now(timezone.utc)
+    for job in jobs:
+        states = job.task_states
+        table.add_row(
+            job.job_id,
+            job.state,
+            str(job.task_count),
+            str(states.get("SUCCEEDED", 0)),
+            str(states.get("FAILED", 0)),
+            str(states.get("RUNNING", 0) + states.get("ASSIGNED", 0)),
+            str(states.get("PENDING", 0)),
+            _age(now - job.created),
+        )
+    _console(out).print(table)
+    return 0
+
+
+async def _tasks(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> int:
+    tasks = await inspector.tasks(args.job)
+    if args.json:
+        _print_json([_task_json(task) for task in tasks], out)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"job {args.job}: {len(tasks)} task(s)", title_justify="left")
+    for column in ("INDEX", "STATE", "ATTEMPTS", "EXIT CODE"):
+        table.add_column(column, justify="right" if column != "STATE" else "left")
+    widest = max((len(task.dispatch_id or "") for task in tasks), default=8)
+    table.add_column("DISPATCH", no_wrap=True, min_width=widest)
+    table.add_column("NODE", justify="right")
+    table.add_column("LAST EVENT", overflow="fold")
+    for task in tasks:
+        table.add_row(
+            str(task.index),
+            task.state,
+            str(task.attempts),
+            "-" if task.exit_code is None else str(task.exit_code),
+            task.dispatch_id or "-",
+            "-" if task.node_id is None else str(task.node_id),
+            task.events[-1][1] if task.events else "",
+        )
+    _console(out).print(table)
+    return 0
+
+
+async def _logs(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> int:
+    logs = await inspector.logs(args.job, args.index)
+    if args.json:
+        _print_json({"job_id": args.job, "index": args.index, **asdict(logs)}, out)
+        return 0
+    where = "bucket copy, last attempt" if logs.source == "bucket" else "Cloud Logging"
+    for name, text in (("stdout", logs.stdout), ("stderr", logs.stderr)):
+        out.write(f"===== {name} of task {args.index} of job {args.job} ({where}) =====\n")
+        out.write(text if text.endswith("\n") or not text else text + "\n")
+    return 0
+
+
+async def _gc(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> int:
+    report = await inspector.gc(
+        args.older_than, orphan_grace=args.orphan_grace, dry_run=args.dry_run
+    )
+    if args.json:
+        _print_json(asdict(report), out)
+        return 0
+    out.write(_gc_text(report, args.older_than))
+    return 0
+
+
+def _gc_text(report: GcReport, older_than: timedelta) -> str:
+    verb = "would delete" if report.dry_run else "deleted"
+    lines = [
+        f"{verb} {len(report.deleted_jobs)} finished job(s) older than {_age(older_than)}"
+        + "".join(f"\n  {job}" for job in report.deleted_jobs),
+        f"{verb} {len(report.deleted_folders)} folder(s) whose job is gone"
+        + "".join(f"\n  {folder}" for folder in report.deleted_folders),
+    ]
+    if not report.dry_run:
+        lines.append(f"deleted {report.deleted_objects} object(s) from the bucket")
+    if report.kept_unfinished:
+        lines.append(
+            f"kept {len(report.kept_unfinished)} old job(s) that are still running"
+            + "".join(f"\n  {job}" for job in report.kept_unfinished)
+        )
+    return "\n".join(lines) + "\n"
+
+
+# -- rendering ----------------------------------------------------------------------------
+
+
+def _console(out: TextIO) -> Any:
+    from rich.console import Console
+
+    # A terminal gets its width; a pipe or file gets lines as long as the table needs.
+    return Console(file=out, width=None if out.isatty() else 240)
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    out.write(json.dumps(value, indent=2) + "\n")
+
+
+def _job_json(job: JobSummary) -> dict[str, Any]:
+    data = asdict(job)
+    data["created"] = job.created.isoformat()
+    data["updated"] = job.updated.isoformat()
+    return data
+
+
+def _task_json(task: TaskSummary) -> dict[str, Any]:
+    data = asdict(task)
+    data["events"] = [{"time": when.isoformat(), "description": text} for when, text in task.events]
+    return data
+
+
+def _age(delta: timedelta) -> str:
+    """``3d4h``, ``5h12m``, ``4m10s``, ``12s``: the two largest units."""
+    seconds = max(0, int(delta.total_seconds()))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts[:2])
