@@ -24,11 +24,10 @@ from google.cloud import batch_v1
 from . import __version__
 from .config import JobShape
 from .exceptions import BatchApiError
+from .runner import EXIT_USER_ERROR
 
 __all__ = ["BatchJobs", "build_job", "make_batch_client", "new_job_id"]
 
-#: The runner's exit code for "the user's function raised": never worth a retry.
-USER_ERROR_EXIT_CODE = 3
 #: Label every job carries, so `gcpbatch-array jobs` and `gc` find ours and only ours.
 CREATED_BY_LABEL = ("created-by", "covalent-gcpbatch-array")
 #: Largest ListTasks page; a job of up to this many tasks costs one call per poll.
@@ -100,7 +99,7 @@ def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: st
             batch_v1.LifecyclePolicy(
                 action=batch_v1.LifecyclePolicy.Action.FAIL_TASK,
                 action_condition=batch_v1.LifecyclePolicy.ActionCondition(
-                    exit_codes=[USER_ERROR_EXIT_CODE]
+                    exit_codes=[EXIT_USER_ERROR]
                 ),
             )
         ],

@@ -355,10 +355,6 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         return EXIT_INFRA_ERROR
     # The function and its subprocesses have no use for the key: keep it out of their reach.
     os.environ.pop(ENV_HMAC_KEY, None)
-    # google-cloud-storage 3.x would GET the bucket's metadata from a background thread of
-    # each client, for tracing only: two needless requests per task, and a permission
-    # (storage.buckets.get) the task's service account does not need otherwise.
-    os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
     try:
         store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)
         watch_store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)

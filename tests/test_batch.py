@@ -13,7 +13,6 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_array.batch import (
     CREATED_BY_LABEL,
-    USER_ERROR_EXIT_CODE,
     BatchJobs,
     build_job,
     make_batch_client,
@@ -22,6 +21,7 @@ from covalent_gcpbatch_array.batch import (
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, JobShape
 from covalent_gcpbatch_array.exceptions import BatchApiError
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.runner import EXIT_USER_ERROR
 
 
 def shape(**overrides: Any) -> JobShape:
@@ -67,7 +67,7 @@ class TestBuildJob:
             .task_spec.lifecycle_policies
         )
         assert policy.action == batch_v1.LifecyclePolicy.Action.FAIL_TASK
-        assert list(policy.action_condition.exit_codes) == [USER_ERROR_EXIT_CODE]
+        assert list(policy.action_condition.exit_codes) == [EXIT_USER_ERROR]
 
     def test_job_shape_settings_reach_the_allocation_policy(self) -> None:
         job = build_job(
