@@ -13,7 +13,13 @@ from google.cloud import batch_v1
 
 from .exceptions import TaskInfrastructureError, TimeLimitExceeded
 
-__all__ = ["ElectronOutcome", "infrastructure_error", "task_exit_code", "task_index"]
+__all__ = [
+    "ElectronOutcome",
+    "infrastructure_error",
+    "task_attempts",
+    "task_exit_code",
+    "task_index",
+]
 
 #: Batch's reserved exit codes (cloud.google.com/batch/docs/troubleshooting#reserved-exit-codes).
 RESERVED_EXIT_CODES = {
@@ -50,6 +56,11 @@ def task_exit_code(task: batch_v1.Task) -> int | None:
     return None
 
 
+def task_attempts(task: batch_v1.Task) -> int:
+    """How many attempts of the task ended, from its status events (0 if none says)."""
+    return sum(1 for event in task.status.status_events if "task_execution" in event)
+
+
 def infrastructure_error(
     task: batch_v1.Task | None, *, time_limit: float, retries: int, job_events: tuple[str, ...] = ()
 ) -> TaskInfrastructureError:
@@ -63,10 +74,14 @@ def infrastructure_error(
     events = tuple(event.description for event in task.status.status_events) if task else ()
     events = events or job_events
     code = task_exit_code(task) if task is not None else None
+    # What Batch recorded, not what retries allows: exit 0 and user errors are not retried.
+    count = (task_attempts(task) if task is not None else 0) or retries + 1
+    attempts = f"after {count} attempt(s) (retries={retries})"
     if code == 50005:
         return TimeLimitExceeded(
-            f"the task ran longer than time_limit={time_limit:g}s and Batch stopped it; "
-            "raise time_limit (constructor or [executors.gcpbatch_array]) if it needs more",
+            f"the task ran longer than time_limit={time_limit:g}s and Batch stopped it, "
+            f"{attempts}; raise time_limit (constructor or [executors.gcpbatch_array]) if it "
+            "needs more",
             exit_code=code,
             events=events,
         )
@@ -74,9 +89,13 @@ def infrastructure_error(
         reason = f"{RESERVED_EXIT_CODES[code]} (exit code {code})"
     elif code is None:
         reason = "the task ended without an exit code"
+    elif code == 0:
+        reason = (
+            "the task process exited with code 0 without writing a result or an error (did "
+            "the function end its own process, e.g. with os._exit()?)"
+        )
     else:
         reason = f"the task process exited with code {code} without writing a result"
-    attempts = f"after {retries + 1} attempt(s) (retries={retries})"
     return TaskInfrastructureError(
         f"{reason}, {attempts}; this is an infrastructure failure, not an error of the "
         "electron's function",

@@ -48,6 +48,18 @@ class TestInfrastructureError:
         assert "after 2 attempt(s) (retries=1)" in str(error)
         assert "exit code 50001" in str(error)
 
+    def test_attempts_are_counted_from_the_events_not_from_retries(self) -> None:
+        # Batch does not retry an attempt that exited 0: one attempt, whatever retries says.
+        error = infrastructure_error(task(0), time_limit=300, retries=3)
+        assert "after 1 attempt(s) (retries=3)" in str(error)
+        assert "exited with code 0 without writing a result or an error" in str(error)
+        assert "after 2 attempt(s)" in str(
+            infrastructure_error(task(1, 1), time_limit=1, retries=3)
+        )
+        assert "after 2 attempt(s)" in str(
+            infrastructure_error(task(50005, 50005), time_limit=1, retries=1)
+        )
+
     def test_other_exit_code_says_no_result_was_written(self) -> None:
         error = infrastructure_error(task(137), time_limit=300, retries=0)
         assert "exited with code 137 without writing a result" in str(error)
