@@ -4,7 +4,9 @@ Each subcommand registers its arguments in an ``_add_*`` function and names a ha
 imports what it needs when it runs, so ``gcpbatch-array --help`` stays fast.
 
     gcpbatch-array local up [--provisioning-delay S] [--max-running-tasks N] [--jobs-per-minute N]
-    gcpbatch-array demo [--tasks N]
+                            [--covalent-config PATH] [--keep-config] ...
+    gcpbatch-array local demo [--tasks N]
+    gcpbatch-array demo [--c-values C,C,...] [--gamma-values G,G,...] [--hold]
 """
 
 from __future__ import annotations
@@ -130,7 +132,27 @@ def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up.add_argument(
         "--json", action="store_true", help="print one JSON line with the endpoints and settings"
     )
+    up.add_argument(
+        "--covalent-config",
+        default=None,
+        metavar="PATH",
+        help="the Covalent config file whose [executors.gcpbatch_array] points at the local cloud "
+        "(default: the one `covalent` uses, $COVALENT_CONFIG_DIR or ~/.config/covalent)",
+    )
+    config_mode = up.add_mutually_exclusive_group()
+    config_mode.add_argument(
+        "--keep-config",
+        action="store_true",
+        help="leave the local cloud's settings in the Covalent config when stopping "
+        "(default: put back what was there)",
+    )
+    config_mode.add_argument(
+        "--no-covalent-config",
+        action="store_true",
+        help="do not touch any Covalent config file",
+    )
     up.set_defaults(handler=_local_up)
+    _add_local_demo(actions)
 
 
 def _local_up(args: argparse.Namespace) -> int:
@@ -146,16 +168,23 @@ def _local_up(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         preload=None if args.preload is None else [m for m in args.preload.split(",") if m],
     )
-    return serve(cloud, json_output=args.json)
+    covalent_config = None
+    if not args.no_covalent_config:
+        from covalent_gcpbatch_array.local.covalent_config import default_config_file
+
+        covalent_config = args.covalent_config or default_config_file()
+    return serve(
+        cloud,
+        json_output=args.json,
+        covalent_config=covalent_config,
+        keep_config=args.keep_config,
+    )
 
 
-# -- gcpbatch-array demo ----------------------------------------------------------------------
-
-
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    demo = commands.add_parser(
+def _add_local_demo(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = actions.add_parser(
         "demo",
-        help="run an array job on the local cloud through Google's real clients",
+        help="run one array job on the local cloud through Google's real clients (no Covalent)",
         description="Start the local cloud, run one Batch array job whose tasks each write "
         "their own Cloud Storage object (one task is preempted and retried), check the "
         "objects, and print what the emulator counted.",
@@ -170,16 +199,84 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="S",
         help="seconds before the job's first task starts (default: 0)",
     )
+    demo.set_defaults(handler=_local_demo)
+
+
+def _local_demo(args: argparse.Namespace) -> int:
+    from covalent_gcpbatch_array.local.array_demo import run_demo
+
+    if args.tasks < 2:
+        print("gcpbatch-array local demo: error: --tasks must be at least 2", file=sys.stderr)
+        return 2
+    return run_demo(tasks=args.tasks, provisioning_delay=args.provisioning_delay)
+
+
+# -- gcpbatch-array demo ----------------------------------------------------------------------
+
+
+def _positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+    if not values or any(not value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"values repeat in {text!r}")
+    return values
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="SVM grid search through a private Covalent server and the local cloud",
+        description="Start the local cloud and a private Covalent server, dispatch the iris SVM "
+        "grid search (a train_svm and a score_svm electron per (C, gamma) pair, all on "
+        "gcpbatch_array), show each Batch job's progress, then print the scores, the best "
+        "pair and how the electrons were packed into Batch jobs. Both servers stop at the end.",
+    )
+    demo.add_argument(
+        "--c-values",
+        type=_positive_floats,
+        default=None,
+        metavar="C,C,...",
+        help="the grid's C values (default: 0.1,0.3,1,3,10,30)",
+    )
+    demo.add_argument(
+        "--gamma-values",
+        type=_positive_floats,
+        default=None,
+        metavar="G,G,...",
+        help="the grid's gamma values (default: 0.01,0.1,0.7,3)",
+    )
+    demo.add_argument(
+        "--provisioning-delay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="seconds the emulator waits before a job's first task starts, like a VM boot "
+        "(default: 0)",
+    )
+    demo.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep the Covalent server and the local cloud up after the result, to look at "
+        "the Covalent UI, until Ctrl-C",
+    )
     demo.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from covalent_gcpbatch_array.demo import run_demo
 
-    if args.tasks < 2:
-        print("gcpbatch-array demo: error: --tasks must be at least 2", file=sys.stderr)
-        return 2
-    return run_demo(tasks=args.tasks, provisioning_delay=args.provisioning_delay)
+    return run_demo(
+        c_values=args.c_values,
+        gamma_values=args.gamma_values,
+        provisioning_delay=args.provisioning_delay,
+        hold=args.hold,
+    )
 
 
 if __name__ == "__main__":

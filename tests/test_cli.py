@@ -1,4 +1,8 @@
-"""The ``gcpbatch-array`` command: ``local up`` and ``demo``, run as real processes."""
+"""The ``gcpbatch-array`` command: ``local up``, ``local demo`` and ``demo``, run as real processes.
+
+Every process gets a Covalent config folder of its own (``COVALENT_CONFIG_DIR``), so ``local up``
+never writes the config of the user running the tests.
+"""
 
 from __future__ import annotations
 
@@ -55,12 +59,21 @@ def answers(url: str) -> bool:
 
 
 @pytest.fixture
-def start_cli() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+def covalent_config_dir(tmp_path: Path) -> Path:
+    """The Covalent config folder of the CLI processes of one test."""
+    return tmp_path / "covalent-config"
+
+
+@pytest.fixture
+def start_cli(covalent_config_dir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start ``gcpbatch-array ARGS`` as a process; kill whatever is left at the end."""
     started: list[subprocess.Popen[bytes]] = []
+    env = os.environ | {"COVALENT_CONFIG_DIR": str(covalent_config_dir)}
 
     def start(*args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
         started.append(process)
         return process
 
@@ -117,12 +130,27 @@ class TestLocalUp:
         self,
         start_cli: Callable[..., subprocess.Popen[bytes]],
         wait_process_gone: Callable[[int], bool],
+        covalent_config_dir: Path,
     ) -> None:
         tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+        config_file = covalent_config_dir / "covalent.conf"
+        covalent_config_dir.mkdir()
+        config_file.write_text(
+            '[sdk]\nlog_level = "warning"\n\n'
+            '[executors.gcpbatch_array]\nproject_id = "my-project"\npoll_freq = 7\n'
+        )
         process = start_cli("local", "up", "--max-running-tasks", "3")
         text = read_until(process, "Press Ctrl-C to stop.")
-        toml_text = text[text.index("[executors.gcpbatch_array]") : text.index("Press Ctrl-C")]
+        table_start = text.index("[executors.gcpbatch_array]")
+        toml_text = text[table_start : text.index("\n\n", table_start)]
         settings = tomllib.loads(toml_text)["executors"]["gcpbatch_array"]
+        assert f"[executors.gcpbatch_array] in {config_file} points at this cloud" in text
+        # (Processes that import covalent, such as the emulator's fork server, add defaults.)
+        written = tomllib.loads(config_file.read_text())
+        section = written["executors"]["gcpbatch_array"]
+        assert {key: section[key] for key in settings} == settings
+        assert section["poll_freq"] == 7
+        assert written["sdk"]["log_level"] == "warning"
         assert settings["project_id"] == "local-project"
         assert settings["region"] == "us-east1"
         assert settings["bucket_name"] == "covalent-local"
@@ -143,14 +171,27 @@ class TestLocalUp:
         assert all(wait_process_gone(pid) for pid in servers)
         assert not answers(f"{batch}/_emulator/stats")
         assert not answers(f"{storage}/storage/v1/b")
+        # Keys that were there get their values back; the others get the plugin's defaults.
+        restored = tomllib.loads(config_file.read_text())["executors"]["gcpbatch_array"]
+        assert restored["project_id"] == "my-project"
+        assert restored["poll_freq"] == 7
+        assert restored["batch_api_endpoint"] == restored["storage_api_endpoint"] == ""
+        assert restored["bucket_name"] == restored["container_image_uri"] == ""
 
-    def test_json_output_and_ctrl_c(
+    def test_json_output_and_ctrl_c_keeping_the_config(
         self,
         start_cli: Callable[..., subprocess.Popen[bytes]],
         wait_process_gone: Callable[[int], bool],
+        tmp_path: Path,
     ) -> None:
-        process = start_cli("local", "up", "--json", "--provisioning-delay", "0.5", "--preload", "")
+        tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+        config_file = tmp_path / "elsewhere" / "covalent.conf"
+        process = start_cli(
+            "local", "up", "--json", "--provisioning-delay", "0.5", "--preload", "",
+            "--covalent-config", str(config_file), "--keep-config",
+        )  # fmt: skip
         ready = json.loads(read_until(process, "\n"))
+        assert ready["covalent_config"] == str(config_file)
         assert ready["executor_config"]["batch_api_endpoint"] == ready["batch_endpoint"]
         assert ready["environment"] == {"STORAGE_EMULATOR_HOST": ready["storage_endpoint"]}
         url = f"{ready['batch_endpoint']}/_emulator/settings"
@@ -162,12 +203,16 @@ class TestLocalUp:
         process.communicate(timeout=60)
         assert process.returncode == 0
         assert all(wait_process_gone(pid) for pid in servers)
+        kept = tomllib.loads(config_file.read_text())["executors"]["gcpbatch_array"]
+        assert kept == ready["executor_config"]
 
     def test_exits_1_when_a_server_dies(
-        self, start_cli: Callable[..., subprocess.Popen[bytes]]
+        self, start_cli: Callable[..., subprocess.Popen[bytes]], covalent_config_dir: Path
     ) -> None:
-        process = start_cli("local", "up", "--json", "--preload", "")
+        process = start_cli("local", "up", "--json", "--preload", "", "--no-covalent-config")
         ready = json.loads(read_until(process, "\n"))
+        assert ready["covalent_config"] is None
+        assert not covalent_config_dir.exists()
         storage_port = ready["storage_endpoint"].rsplit(":", 1)[1]
         gcs_pid = next(
             pid
@@ -180,11 +225,11 @@ class TestLocalUp:
         assert b"stopped unexpectedly" in stderr
 
 
-class TestDemo:
+class TestLocalDemo:
     @pytest.mark.slow
     def test_demo_runs_an_array_job_and_exits_0(self) -> None:
         result = subprocess.run(
-            [*CLI, "demo", "--tasks", "5"], capture_output=True, text=True, timeout=600
+            [*CLI, "local", "demo", "--tasks", "5"], capture_output=True, text=True, timeout=600
         )
         assert result.returncode == 0, result.stdout + result.stderr
         for index in range(5):
@@ -195,5 +240,5 @@ class TestDemo:
         assert result.stdout.rstrip().endswith("Demo OK.")
 
     def test_demo_refuses_a_single_task(self, capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["demo", "--tasks", "1"]) == 2
+        assert main(["local", "demo", "--tasks", "1"]) == 2
         assert "at least 2" in capsys.readouterr().err

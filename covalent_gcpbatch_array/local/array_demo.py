@@ -1,4 +1,4 @@
-"""``gcpbatch-array demo``: one Batch array job on the local cloud, through Google's real clients.
+"""``gcpbatch-array local demo``: one Batch array job on the local cloud, via the real clients.
 
 Starts a LocalCloud, plans a spot preemption of one task's first attempt, and creates a script
 job of N tasks with ``google-cloud-batch``. Each task writes ``gs://BUCKET/demo/<index>.txt``
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.cloud import LocalCloud
 
 if TYPE_CHECKING:
     from google.cloud import batch_v1
