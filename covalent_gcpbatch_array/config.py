@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     # Housekeeping.
     "bucket_prefix": "covalent-gcpbatch-array",
     "keep_objects": False,
+    # Reliability: seconds a job may wait for its first task to start (0: no limit).
+    "queue_timeout": 3600.0,
 }
 
 REQUIRED_KEYS = ("project_id", "bucket_name", "container_image_uri")
@@ -131,17 +133,25 @@ class ExecutorConfig:
     parallelism: int
     bucket_prefix: str
     keep_objects: bool
+    queue_timeout: float
 
     @classmethod
-    def from_values(cls, values: Mapping[str, Any]) -> ExecutorConfig:
+    def from_values(cls, values: Mapping[str, Any], *, require: bool = True) -> ExecutorConfig:
         """Validate ``values`` (every key of :data:`DEFAULTS`) into a config.
 
+        :param require: False lets the :data:`REQUIRED_KEYS` stay empty (every value given is
+            still checked): Covalent's server builds each executor from its config file alone
+            before it copies the client's attributes over it
         :raises ConfigError: naming the first key that is missing or invalid
         """
         unknown = sorted(set(values) - set(DEFAULTS))
         if unknown:
             raise ConfigError(unknown[0], f"unknown key; known keys are {', '.join(DEFAULTS)}")
-        checked = {key: _VALIDATORS[key](key, values.get(key, DEFAULTS[key])) for key in DEFAULTS}
+        checked: dict[str, Any] = {}
+        for key, default in DEFAULTS.items():
+            value = values.get(key, default)
+            left_empty = not require and key in REQUIRED_KEYS and value == ""
+            checked[key] = value if left_empty else _VALIDATORS[key](key, value)
         config = cls(**checked)
         config._check_combinations()
         return config
@@ -295,4 +305,5 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "parallelism": _number(int, minimum=0, maximum=5000),
     "bucket_prefix": _text(_PREFIX_RE, required=True, what="object prefix"),
     "keep_objects": _flag,
+    "queue_timeout": _number(float, minimum=0),
 }

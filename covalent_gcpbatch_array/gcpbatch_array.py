@@ -76,12 +76,15 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         parallelism: int | None = None,
         bucket_prefix: str | None = None,
         keep_objects: bool | None = None,
+        queue_timeout: float | None = None,
         log_stdout: str = "",
         log_stderr: str = "",
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in DEFAULTS}
         values = resolve_config(explicit, _read_config_file)
-        config = ExecutorConfig.from_values(values)
+        # Required keys are checked when the electron runs (`self.config`): Covalent's server
+        # first builds every executor from its own config file, then copies our attributes in.
+        config = ExecutorConfig.from_values(values, require=False)
         super().__init__(
             log_stdout=log_stdout,
             log_stderr=log_stderr,
