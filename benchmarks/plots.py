@@ -1,0 +1,165 @@
+"""PNG plots of the results (matplotlib, Agg backend: no display needed).
+
+- ``calls_vs_size.png``: jobs created and Batch API calls against fan-out size, log-log;
+- ``time_vs_size.png``: time to the last result against fan-out size, both modes;
+- ``window_sweep.png``: time to the last result and jobs created against ``batch_window``,
+  one line per ``batch_idle_gap``, for a burst and for a trickle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+
+__all__ = ["draw_all", "load_results"]
+
+_MODE_COLOURS = {"batched": "tab:blue", "baseline": "tab:red"}
+_ARRIVAL_STYLES = {"burst": "-", "trickle": "--"}
+
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    """Every fan-out result in ``results_dir`` (not its sub-folders), sorted by name."""
+    results = []
+    for path in sorted(results_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("kind") == "fanout":
+            results.append(data)
+    return results
+
+
+def _series(
+    results: Iterable[dict[str, Any]], groups: tuple[str, ...]
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(mode, arrival) -> results of ``groups``, by fan-out size."""
+    series: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for result in results:
+        spec = result["spec"]
+        if spec["group"] in groups:
+            series[(spec["mode"], spec["arrival"])].append(result)
+    for points in series.values():
+        points.sort(key=lambda r: r["electrons"])
+    return dict(sorted(series.items()))
+
+
+def _size_axes(axes: Any, title: str, ylabel: str) -> None:
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_title(title)
+    axes.set_xlabel("electrons in the fan-out")
+    axes.set_ylabel(ylabel)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def _plot_calls(results: list[dict[str, Any]], out: Path) -> Path | None:
+    series = _series(results, ("sizes", "trickle"))
+    if not series:
+        return None
+    figure, (jobs_axes, calls_axes) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (mode, arrival), points in series.items():
+        sizes = [r["electrons"] for r in points]
+        style: dict[str, Any] = {
+            "color": _MODE_COLOURS[mode],
+            "linestyle": _ARRIVAL_STYLES[arrival],
+        }
+        label = f"{mode}, {arrival}"
+        jobs_axes.plot(sizes, [r["jobs_created"] for r in points], marker="o", label=label, **style)
+        calls_axes.plot(
+            sizes, [r["api_calls_total"] for r in points], marker="o", label=label, **style
+        )
+    _size_axes(jobs_axes, "Batch jobs created (= VM boots)", "jobs")
+    _size_axes(calls_axes, "Batch API calls (all methods)", "calls")
+    figure.tight_layout()
+    path = out / "calls_vs_size.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _plot_time(results: list[dict[str, Any]], out: Path) -> Path | None:
+    series = _series(results, ("sizes", "trickle"))
+    if not series:
+        return None
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    for (mode, arrival), points in series.items():
+        sizes = [r["electrons"] for r in points]
+        axes.plot(
+            sizes,
+            [r["time_to_last_result_s"] for r in points],
+            marker="o",
+            color=_MODE_COLOURS[mode],
+            linestyle=_ARRIVAL_STYLES[arrival],
+            label=f"{mode}, {arrival}: last result",
+        )
+        if mode == "batched":
+            axes.plot(
+                sizes,
+                [r["target_s"] for r in points],
+                color="grey",
+                linestyle=_ARRIVAL_STYLES[arrival],
+                linewidth=1,
+                label=f"arrival + window + boot + task + poll ({arrival})",
+            )
+    _size_axes(axes, "Time from the first arrival to the last result", "seconds")
+    figure.tight_layout()
+    path = out / "time_vs_size.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _plot_sweep(results: list[dict[str, Any]], out: Path) -> Path | None:
+    points = [r for r in results if r["spec"]["group"] == "sweep"]
+    if not points:
+        return None
+    arrivals = sorted({r["spec"]["arrival"] for r in points})
+    figure, grid = plt.subplots(len(arrivals), 2, figsize=(11, 4 * len(arrivals)), squeeze=False)
+    for row, arrival in enumerate(arrivals):
+        by_gap: dict[float, list[dict[str, Any]]] = defaultdict(list)
+        for result in points:
+            if result["spec"]["arrival"] == arrival:
+                by_gap[result["spec"]["batch_idle_gap"]].append(result)
+        time_axes, jobs_axes = grid[row]
+        for gap, line in sorted(by_gap.items()):
+            line.sort(key=lambda r: r["spec"]["batch_window"])
+            windows = [r["spec"]["batch_window"] for r in line]
+            label = f"idle gap {gap:g} s"
+            time_axes.plot(
+                windows, [r["time_to_last_result_s"] for r in line], marker="o", label=label
+            )
+            jobs_axes.plot(windows, [r["jobs_created"] for r in line], marker="o", label=label)
+        sample = points[0]
+        what = f"{sample['electrons']} electrons, {arrival}"
+        if arrival == "trickle":
+            what += f" at {sample['spec']['rate']:g}/s"
+        for axes, title, ylabel in (
+            (time_axes, f"Time to the last result ({what})", "seconds"),
+            (jobs_axes, f"Jobs created ({what})", "jobs"),
+        ):
+            axes.set_title(title, fontsize="medium")
+            axes.set_xlabel("batch_window (s)")
+            axes.set_ylabel(ylabel)
+            axes.grid(True, alpha=0.3)
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    path = out / "window_sweep.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def draw_all(results_dir: Path) -> list[Path]:
+    """Draw every plot the results in ``results_dir`` allow; returns the files written."""
+    results = load_results(results_dir)
+    drawn = [_plot_calls(results, results_dir), _plot_time(results, results_dir)]
+    drawn.append(_plot_sweep(results, results_dir))
+    return [path for path in drawn if path is not None]

@@ -1,0 +1,361 @@
+"""RESULTS.md from the JSON in ``benchmarks/results/``: ``python -m benchmarks.report``.
+
+Everything with a number in it is generated from the results; the hand-written reading of
+them (``benchmarks/findings.md``) is included as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .plots import draw_all, load_results
+
+__all__ = ["Goal", "goals", "write_report"]
+
+DEFAULT_RESULTS = Path(__file__).parent / "results"
+FINDINGS = Path(__file__).parent / "findings.md"
+HEADLINE_ELECTRONS = 1000
+MEMORY_ELECTRONS = 10_000
+
+Result = dict[str, Any]
+
+
+class Goal(NamedTuple):
+    """One of issue 5's goals, measured."""
+
+    name: str  # what the goal says
+    measured: str  # the measured value, with its unit
+    limit: str  # the goal's limit
+    met: bool | None  # None: not measured in these results
+    note: str  # by how much, or why it was not measured
+
+
+def _find(
+    results: Iterable[Result], group: str, mode: str, electrons: int, arrival: str = "burst"
+) -> Result | None:
+    for result in results:
+        spec = result["spec"]
+        if (spec["group"], spec["mode"], result["electrons"], spec["arrival"]) == (
+            group,
+            mode,
+            electrons,
+            arrival,
+        ):
+            return result
+    return None
+
+
+def _ratio_goal(
+    name: str, batched: Result | None, baseline: Result | None, key: str, limit: float
+) -> Goal:
+    if batched is None or baseline is None or not baseline[key]:
+        return Goal(name, "-", f"≤ 1/{1 / limit:g}", None, "not measured")
+    ratio = batched[key] / baseline[key]
+    met = ratio <= limit
+    note = f"{batched[key]:g} against {baseline[key]:g}: 1/{1 / ratio:.0f}" if ratio else ""
+    if not met:
+        note += f"; {ratio / limit:.1f}x over the limit"
+    return Goal(name, f"{ratio:.4f}", f"≤ {limit:g}", met, note)
+
+
+def headline_size(results: list[Result]) -> int:
+    """The fan-out size the goals are measured at: 1,000, or the largest burst size measured
+    in both modes when there is no 1,000 (as in the quick plan)."""
+    both = {
+        r["electrons"]
+        for r in results
+        if r["spec"]["group"] == "sizes"
+        and _find(results, "sizes", "baseline", r["electrons"]) is not None
+        and _find(results, "sizes", "batched", r["electrons"]) is not None
+    }
+    return HEADLINE_ELECTRONS if HEADLINE_ELECTRONS in both or not both else max(both)
+
+
+def goals(results: list[Result]) -> list[Goal]:
+    """Issue 5's goals against the 1,000-electron burst (and 10,000 for memory)."""
+    size = headline_size(results)
+    batched = _find(results, "sizes", "batched", size)
+    baseline = _find(results, "sizes", "baseline", size)
+    listed = [
+        _ratio_goal("jobs created, against the baseline", batched, baseline, "jobs_created", 0.01),
+        _ratio_goal(
+            "Batch API calls, against the baseline", batched, baseline, "api_calls_total", 0.01
+        ),
+        _ratio_goal(
+            "time to the last result, against the baseline",
+            batched,
+            baseline,
+            "time_to_last_result_s",
+            0.1,
+        ),
+    ]
+    if batched is not None:
+        ratio = batched["time_to_last_result_s"] / batched["target_s"]
+        spread = batched["time_to_last_result_s"] - (batched["time_to_first_result_s"] or 0)
+        listed.append(
+            Goal(
+                "time to the last result, against window + boot + task + one poll",
+                f"{ratio:.2f}x",
+                "≤ 1.2x",
+                ratio <= 1.2,
+                f"{batched['time_to_last_result_s']:g} s against {batched['target_s']:g} s; "
+                f"first to last result took {spread:.1f} s",
+            )
+        )
+        cpu = batched["cpu_ms_per_electron"]
+        listed.append(
+            Goal(
+                "executor CPU per electron",
+                f"{cpu:g} ms",
+                "≤ 2 ms",
+                cpu <= 2,
+                "" if cpu <= 2 else f"{cpu / 2:.1f}x over the limit",
+            )
+        )
+    big = _find(results, "sizes", "batched", MEMORY_ELECTRONS)
+    if big is not None and big.get("rss_all_pending_delta_mb") is not None:
+        delta = big["rss_all_pending_delta_mb"]
+        listed.append(
+            Goal(
+                f"executor memory with {MEMORY_ELECTRONS:,} electrons pending",
+                f"{delta:g} MB",
+                "≤ 100 MB",
+                delta <= 100,
+                f"resident set grew from {big['rss_before_mb']:g} MB (Python, covalent, the "
+                f"Google clients) to {big['rss_all_pending_mb']:g} MB; peak of the whole run "
+                f"{big['rss_peak_mb']:g} MB",
+            )
+        )
+    return listed
+
+
+def _mark(met: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[met]
+
+
+def _calls(result: Result) -> str:
+    return ", ".join(f"{method} {count}" for method, count in result["api_calls"].items())
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if value >= 100 else f"{value:.2f}".rstrip("0").rstrip(".")
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _size_table(results: list[Result], group: str) -> str:
+    rows = []
+    chosen = [r for r in results if r["spec"]["group"] == group]
+    for result in sorted(chosen, key=lambda r: (r["electrons"], r["spec"]["mode"] != "batched")):
+        n = result["electrons"]
+        rows.append(
+            [
+                _fmt(n),
+                result["spec"]["mode"],
+                _fmt(result["jobs_created"]),
+                f"{_fmt(result['api_calls_total'])} ({_calls(result)})",
+                f"{_fmt(result['storage_ops_total'])} ({result['storage_ops_total'] / n:.1f}/el.)",
+                _fmt(result["time_to_first_result_s"]),
+                _fmt(result["time_to_last_result_s"]),
+                _fmt(result["target_s"]) if result["spec"]["mode"] == "batched" else "-",
+                _fmt(result["cpu_ms_per_electron"]),
+                f"{_fmt(result['rss_peak_mb'])} (+{_fmt(result['rss_peak_delta_mb'])})",
+                _fmt(result["failed"]),
+            ]
+        )
+    header = [
+        "electrons",
+        "mode",
+        "jobs (VM boots)",
+        "Batch API calls",
+        "storage ops",
+        "first result (s)",
+        "last result (s)",
+        "target (s)",
+        "CPU ms/electron",
+        "peak RSS MB (+growth)",
+        "failed",
+    ]
+    return _table(header, rows)
+
+
+def _sweep_table(results: list[Result]) -> str:
+    points = [r for r in results if r["spec"]["group"] == "sweep"]
+    points.sort(
+        key=lambda r: (r["spec"]["arrival"], r["spec"]["batch_idle_gap"], r["spec"]["batch_window"])
+    )
+    rows = [
+        [
+            r["spec"]["arrival"],
+            _fmt(r["spec"]["batch_window"]),
+            _fmt(r["spec"]["batch_idle_gap"]),
+            _fmt(r["jobs_created"]),
+            _fmt(r["api_calls_total"]),
+            _fmt(r["time_to_first_result_s"]),
+            _fmt(r["time_to_last_result_s"]),
+            _fmt(r["failed"]),
+        ]
+        for r in points
+    ]
+    header = ["arrival", "window (s)", "idle gap (s)", "jobs", "API calls", "first (s)", "last (s)"]
+    return _table([*header, "failed"], rows)
+
+
+def _profile_sections(results_dir: Path) -> list[str]:
+    sections = []
+    for path in sorted(results_dir.glob("*.profile.json")):
+        summary = json.loads(path.read_text())
+        name = path.name.removesuffix(".profile.json")
+        own = [[f"`{n}`", f"{share:.1%}"] for n, share in summary["own_inclusive"][:12]]
+        leaf = [[f"`{n}`", f"{share:.1%}"] for n, share in summary["self"][:12]]
+        sections += [
+            f"### Profile of `{name}` ({summary['samples']:,} samples of the executor process)",
+            "",
+            "Our functions, by inclusive share of the executor's busy samples:",
+            "",
+            _table(["function", "share"], own),
+            "",
+            "Where the time is spent (self samples):",
+            "",
+            _table(["function", "share"], leaf),
+            "",
+        ]
+    return sections
+
+
+def _environment(results: list[Result]) -> str:
+    envs = [r["environment"] for r in results]
+    commits = sorted({e["commit"] for e in envs})
+    dates = sorted(e["measured_at"] for e in envs)
+    first = envs[0]
+    when = (
+        dates[0][:10] if dates[0][:10] == dates[-1][:10] else f"{dates[0][:10]} to {dates[-1][:10]}"
+    )
+    return (
+        f"Measured {when} on {first['cpus']} CPUs "
+        f"({first['machine']}), Python {first['python']}, commit {', '.join(commits)}."
+    )
+
+
+def render(results_dir: Path, image_dir: str) -> str:
+    """The text of RESULTS.md; ``image_dir`` is the plots' folder relative to it."""
+    results = load_results(results_dir)
+    if not results:
+        return "# Benchmark results\n\nNo results yet: run `make bench`.\n"
+    sample = _find(results, "sizes", "batched", headline_size(results)) or results[0]
+    spec = sample["spec"]
+    quota = spec["jobs_per_minute"]
+    lines = [
+        "# Benchmark results: array jobs against one job per electron",
+        "",
+        "Regenerate everything below (about an hour, mostly waiting on the simulated quota and "
+        "VM boots) with `make bench`, i.e. `python -m benchmarks.fanout --all`; redraw from the "
+        "JSON only with `python -m benchmarks.fanout --report-only`. " + _environment(results),
+        "",
+        "Every run starts its own local cloud: our Batch emulator with a provisioning delay of "
+        f"{spec['provisioning_delay']:g} s per job (a VM boot) and a job-creation quota of "
+        f"{quota or 'no limit on'} jobs per minute, fake-gcs-server, and the executor in its "
+        "own process, with the default knobs (`batch_window` "
+        f"{spec['batch_window']:g} s, `batch_idle_gap` {spec['batch_idle_gap']:g} s, "
+        f"`max_tasks_per_job` {spec['max_tasks_per_job']}, `poll_freq` {spec['poll_freq']:g} s). "
+        "The baseline is the same executor with `max_tasks_per_job = 1`: one job per electron. "
+        "Each electron is a trivial function, run as a real task process (forked from the "
+        f"emulator's pre-warmed server), at most {spec['max_running_tasks']} at a time on this "
+        "machine.",
+        "",
+        "How to read the numbers:",
+        "",
+        "- *jobs (VM boots)*: Batch jobs created; each job boots its own VM(s), so this is also "
+        "the number of simulated VM boots;",
+        "- *Batch API calls*: every call the emulator answered, refused ones included (a 429 "
+        "from the job-creation quota counts);",
+        "- *storage ops*: every request fake-gcs-server logged, from the executor and from the "
+        "tasks (uploads, downloads, 404 reads, lists, deletes);",
+        "- *first/last result*: seconds from the first electron's arrival to the first and last "
+        "`run()` returning; *target*: arrival span + window + provisioning delay + task time + "
+        "one poll period;",
+        "- *CPU ms/electron*: `time.process_time()` of the executor's process (all its threads) "
+        "from the first arrival until its clean-up ended, divided by the electrons. The Batch "
+        "emulator, the task processes and fake-gcs-server are other processes and are **not** "
+        "counted;",
+        "- *peak RSS*: the executor process's resident memory, sampled every 0.25 s; *growth* "
+        "is above what it held before the first electron (Python, covalent and the Google "
+        "clients, about 125 MB).",
+        "",
+        f"## Goals (issue 5), for {headline_size(results):,} electrons arriving at once",
+        "",
+        _table(
+            ["goal", "measured", "limit", "status", "detail"],
+            [[g.name, g.measured, g.limit, _mark(g.met), g.note] for g in goals(results)],
+        ),
+        "",
+        "## Fan-out size, burst arrival",
+        "",
+        _size_table(results, "sizes"),
+        "",
+        f"![jobs and API calls against fan-out size]({image_dir}calls_vs_size.png)",
+        "",
+        f"![time to the last result against fan-out size]({image_dir}time_vs_size.png)",
+        "",
+        "## Fan-out size, trickle arrival at Covalent's dispatch rate",
+        "",
+        _size_table(results, "trickle"),
+        "",
+        "## Window sweep",
+        "",
+        _sweep_table(results),
+        "",
+        f"![window sweep]({image_dir}window_sweep.png)",
+        "",
+    ]
+    profiles = _profile_sections(results_dir)
+    if profiles:
+        lines += ["## Profile of the executor", "", *profiles]
+    if FINDINGS.exists():
+        lines += [FINDINGS.read_text().rstrip(), ""]
+    return "\n".join(lines)
+
+
+def write_report(results_dir: Path = DEFAULT_RESULTS, out: Path | None = None) -> Path:
+    """Draw the plots and write RESULTS.md (next to ``results/`` by default).
+
+    :returns: the file written
+    """
+    draw_all(results_dir)
+    if out is None:
+        out = (
+            results_dir.parent / "RESULTS.md"
+            if results_dir.resolve() == DEFAULT_RESULTS.resolve()
+            else results_dir / "RESULTS.md"
+        )
+    image_dir = os.path.relpath(results_dir, out.parent)
+    image_dir = "" if image_dir == "." else image_dir + "/"
+    out.write_text(render(results_dir, image_dir))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write RESULTS.md from the results folder."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    options = parser.parse_args(argv)
+    print(f"wrote {write_report(options.results)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The benchmark scripts: the quick plan end to end, and the pieces that read its output.
+
+The end-to-end test runs ``python -m benchmarks.fanout --quick`` as a user would, on real local
+clouds, and checks the structure of what it writes and that the numbers make sense against
+each other (never against the clock: the machine is shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.harness import Arrival, Mode, RunSpec
+from benchmarks.profiling import frame_name, summarise
+from benchmarks.report import goals, headline_size, render
+from benchmarks.storage_log import classify
+from benchmarks.suite import full_plan, quick_plan
+
+PROJECT = Path(__file__).parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+REQUIRED_KEYS = {
+    "jobs_created",
+    "vm_boots",
+    "task_attempts",
+    "api_calls",
+    "api_calls_total",
+    "storage_ops",
+    "storage_ops_total",
+    "time_to_first_result_s",
+    "time_to_last_result_s",
+    "target_s",
+    "cpu_ms_per_electron",
+    "rss_peak_mb",
+    "rss_before_mb",
+    "failed",
+    "environment",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The results folder of one ``--quick`` run."""
+    results = tmp_path_factory.mktemp("bench") / "results"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fanout", "--quick", "--results", str(results)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"PYTHONPATH": str(PROJECT)},
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return results
+
+
+def load(results: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    return data
+
+
+@pytest.mark.slow
+class TestQuickPlanEndToEnd:
+    def test_every_planned_run_wrote_a_complete_result(self, quick_results: Path) -> None:
+        for planned in quick_plan():
+            result = load(quick_results, planned.spec.name)
+            assert set(result) >= REQUIRED_KEYS
+            assert RunSpec.from_json(result["spec"]) == planned.spec
+            assert result["failed"] == 0, result["errors_sample"]
+            assert result["task_attempts"] == planned.spec.electrons
+
+    def test_baseline_makes_one_job_per_electron_and_batched_far_fewer(
+        self, quick_results: Path
+    ) -> None:
+        for electrons in (3, 12):
+            batched = load(quick_results, f"sizes-batched-{electrons}")
+            baseline = load(quick_results, f"sizes-baseline-{electrons}")
+            assert baseline["jobs_created"] == electrons
+            assert baseline["vm_boots"] == baseline["jobs_created"]
+            assert batched["jobs_created"] < baseline["jobs_created"]
+            assert batched["api_calls"]["CreateJob"] == batched["jobs_created"]
+        big_batched = load(quick_results, "sizes-batched-12")
+        big_baseline = load(quick_results, "sizes-baseline-12")
+        assert big_batched["api_calls_total"] < big_baseline["api_calls_total"]
+
+    def test_storage_operations_cover_every_input_and_result(self, quick_results: Path) -> None:
+        result = load(quick_results, "sizes-batched-12")
+        ops = result["storage_ops"]
+        # At least one input upload and one result upload per electron, and reading both back.
+        assert ops["upload"] >= 2 * 12
+        assert ops["download"] >= 2 * 12
+        assert result["storage_ops_total"] == sum(ops.values())
+
+    def test_times_cpu_and_memory_are_consistent(self, quick_results: Path) -> None:
+        for planned in quick_plan():
+            result = load(quick_results, planned.spec.name)
+            assert 0 < result["time_to_first_result_s"] <= result["time_to_last_result_s"]
+            assert result["time_to_last_result_s"] <= result["idle_after_s"]
+            assert result["arrival_span_s"] <= result["time_to_last_result_s"]
+            assert 0 < result["cpu_s_to_last_result"] <= result["cpu_s_total"]
+            assert result["rss_peak_mb"] >= result["rss_before_mb"] > 0
+
+    def test_trickle_arrivals_are_spread_at_the_rate(self, quick_results: Path) -> None:
+        result = load(quick_results, "trickle-batched-6")
+        expected_span = (6 - 1) / result["spec"]["rate"]
+        assert result["arrival_span_s"] >= expected_span * 0.99
+
+    def test_the_report_and_its_plots_are_written(self, quick_results: Path) -> None:
+        text = (quick_results / "RESULTS.md").read_text()
+        for heading in ("## Goals", "## Fan-out size, burst", "## Window sweep"):
+            assert heading in text
+        for plot in ("calls_vs_size.png", "time_vs_size.png", "window_sweep.png"):
+            assert (quick_results / plot).read_bytes().startswith(PNG_MAGIC)
+            assert f"]({plot})" in text
+
+
+def fake_result(mode: str, electrons: int, **values: Any) -> dict[str, Any]:
+    spec = RunSpec(
+        name=f"sizes-{mode}-{electrons}", group="sizes", mode=Mode(mode), electrons=electrons
+    )
+    result: dict[str, Any] = {
+        "kind": "fanout",
+        "spec": spec.to_json(),
+        "electrons": electrons,
+        "target_s": spec.target_seconds,
+        "time_to_first_result_s": 40.0,
+        "rss_before_mb": 125.0,
+        "rss_peak_mb": 150.0,
+    }
+    return result | values
+
+
+class TestGoals:
+    def test_ratios_are_batched_over_baseline_of_the_same_size(self) -> None:
+        results = [
+            fake_result(
+                "batched",
+                1000,
+                jobs_created=1,
+                api_calls_total=30,
+                time_to_last_result_s=50.0,
+                cpu_ms_per_electron=3.0,
+            ),
+            fake_result(
+                "baseline",
+                1000,
+                jobs_created=1000,
+                api_calls_total=6000,
+                time_to_last_result_s=3000.0,
+                cpu_ms_per_electron=30.0,
+            ),
+        ]
+        by_name = {goal.name: goal for goal in goals(results)}
+        jobs = by_name["jobs created, against the baseline"]
+        assert jobs.met is True and jobs.measured == f"{1 / 1000:.4f}"
+        assert by_name["Batch API calls, against the baseline"].met is True
+        assert by_name["time to the last result, against the baseline"].met is True
+        cpu = by_name["executor CPU per electron"]
+        assert cpu.met is False and "1.5x" in cpu.note
+
+    def test_a_missed_ratio_says_by_how_much(self) -> None:
+        results = [
+            fake_result(
+                "batched",
+                1000,
+                jobs_created=50,
+                api_calls_total=30,
+                time_to_last_result_s=50.0,
+                cpu_ms_per_electron=1.0,
+            ),
+            fake_result(
+                "baseline",
+                1000,
+                jobs_created=1000,
+                api_calls_total=6000,
+                time_to_last_result_s=3000.0,
+                cpu_ms_per_electron=30.0,
+            ),
+        ]
+        jobs = goals(results)[0]
+        assert jobs.met is False
+        assert "5.0x over" in jobs.note
+
+    def test_without_1000_the_goals_use_the_largest_size_run_in_both_modes(self) -> None:
+        results = [
+            fake_result("batched", 12, jobs_created=1),
+            fake_result("baseline", 12, jobs_created=12),
+            fake_result("batched", 50, jobs_created=1),
+        ]
+        assert headline_size(results) == 12
+
+    def test_render_without_results_says_how_to_make_them(self, tmp_path: Path) -> None:
+        assert "make bench" in render(tmp_path, "")
+
+
+class TestStorageLog:
+    @pytest.mark.parametrize(
+        ("method", "path", "status", "kind"),
+        [
+            ("POST", "/upload/storage/v1/b/bkt/o?uploadType=multipart", 200, "upload"),
+            ("GET", "/download/storage/v1/b/bkt/o/a%2Fb?alt=media", 200, "download"),
+            ("GET", "/download/storage/v1/b/bkt/o/a%2Fb?alt=media", 404, "download_missing"),
+            ("GET", "/storage/v1/b/bkt/o?prefix=a%2F", 200, "list"),
+            ("DELETE", "/storage/v1/b/bkt/o/a%2Fb?generation=1", 200, "delete"),
+            ("GET", "/storage/v1/b/bkt?fields=name", 200, "get_bucket"),
+            ("GET", "/storage/v1/b/bkt/o/a%2Fb", 200, "get_object"),
+        ],
+    )
+    def test_classify(self, method: str, path: str, status: int, kind: str) -> None:
+        assert classify(method, path, status) == kind
+
+
+class TestProfiling:
+    def test_summarise_counts_self_and_inclusive_shares(self) -> None:
+        raw = "\n".join(
+            [
+                "main (/x/benchmarks/harness.py:10);run (/x/covalent_gcpbatch_array/store.py:5);"
+                "send (/v/lib/python3.11/site-packages/requests/sessions.py:1) 3",
+                "main (/x/benchmarks/harness.py:10);encode (/x/covalent_gcpbatch_array/payload.py:7) 1",
+            ]
+        )
+        summary = summarise(raw)
+        assert summary["samples"] == 4
+        assert summary["self"][0] == ["send (requests/sessions.py)", 0.75]
+        inclusive = dict(summary["inclusive"])
+        assert inclusive["main (benchmarks/harness.py)"] == 1.0
+        assert inclusive["run (covalent_gcpbatch_array/store.py)"] == 0.75
+        own = dict(summary["own_inclusive"])
+        assert "send (requests/sessions.py)" not in own
+
+    def test_frame_name_drops_the_line_number(self) -> None:
+        assert frame_name("wait (/usr/lib/python3.11/threading.py:320)") == "wait (threading.py)"
+
+
+class TestPlans:
+    def test_the_full_plan_covers_what_issue_5_asks_for(self) -> None:
+        plan = full_plan()
+        specs = [p.spec for p in plan]
+        names = [s.name for s in specs]
+        assert len(set(names)) == len(names)
+        burst_batched = {
+            s.electrons for s in specs if s.group == "sizes" and s.mode is Mode.BATCHED
+        }
+        burst_baseline = {
+            s.electrons for s in specs if s.group == "sizes" and s.mode is Mode.BASELINE
+        }
+        assert {10, 100, 1000, 10_000} <= burst_batched
+        assert {10, 100, 1000} <= burst_baseline
+        assert any(s.arrival is Arrival.TRICKLE and s.rate == 2.0 for s in specs)
+        assert any(p.profile and p.spec.electrons == 10_000 for p in plan)
+        headline = next(s for s in specs if s.name == "sizes-batched-1000")
+        assert (headline.provisioning_delay, headline.jobs_per_minute) == (30.0, 20)
+
+    def test_spec_json_round_trips(self) -> None:
+        for planned in quick_plan():
+            assert RunSpec.from_json(json.loads(json.dumps(planned.spec.to_json()))) == planned.spec
