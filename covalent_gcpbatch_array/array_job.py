@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 
 _TERMINAL_JOB_STATES = (batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED)
 _FINISHED_TASK_STATES = ("SUCCEEDED", "FAILED")
+#: Job states before any VM ran a task; a job stays in them while Batch waits for capacity.
+_WAITING_JOB_STATES = (
+    batch_v1.JobStatus.State.STATE_UNSPECIFIED,
+    batch_v1.JobStatus.State.QUEUED,
+    batch_v1.JobStatus.State.SCHEDULED,
+)
+_STARTED_TASK_STATES = ("RUNNING", "SUCCEEDED", "FAILED")
 
 
 @dataclass
@@ -123,6 +130,7 @@ class _JobMonitor:
         self.handled: set[int] = set()  # indices whose finished task was already collected
         self.job: batch_v1.Job | None = None  # the last job record read
         self.finished_seen = -1  # SUCCEEDED + FAILED count at the last ListTasks
+        self.created_at = anyio.current_time()  # when the job was created, for queue_timeout
 
     @property
     def job_id(self) -> str:
@@ -156,6 +164,8 @@ class _JobMonitor:
             logger.warning("polling job %s failed, will poll again: %s", self.job_id, exc)
             return True
         counts = self.job.status.task_groups["group0"].counts if self.job.status.task_groups else {}
+        if self._stuck_in_queue(counts):
+            return False
         finished = sum(int(counts.get(state, 0)) for state in _FINISHED_TASK_STATES)
         terminal = self.job.status.state in _TERMINAL_JOB_STATES
         if finished != self.finished_seen or terminal:
@@ -170,6 +180,37 @@ class _JobMonitor:
                 self._collect_if_finished(tg, task)
             if terminal:
                 self._fail_unfinished_of_terminal_job()
+        return True
+
+    def _stuck_in_queue(self, counts: Any) -> bool:
+        """Fail the electrons of a job that started no task within ``queue_timeout``.
+
+        Batch keeps a job QUEUED or SCHEDULED for as long as the region lacks the quota or the
+        capacity for its VMs (days, for a GPU type in short supply); nobody would hear of it.
+        """
+        assert self.job is not None
+        limit = self.config.queue_timeout
+        waited = anyio.current_time() - self.created_at
+        started = sum(int(counts.get(state, 0)) for state in _STARTED_TASK_STATES)
+        if (
+            not limit
+            or waited < limit
+            or started
+            or self.job.status.state not in _WAITING_JOB_STATES
+        ):
+            return False
+        state = batch_v1.JobStatus.State(self.job.status.state).name
+        self._fail_live(
+            TaskInfrastructureError(
+                f"Batch job {self.job_id} started no task within queue_timeout={limit:g}s (it "
+                f"is still {state}): Batch is waiting for VMs it cannot get, usually for lack "
+                "of quota (CPUs, GPUs, Spot VMs, IP addresses) or capacity in the region; "
+                "check the quotas and the job's status events, or raise queue_timeout "
+                "(constructor or [executors.gcpbatch_array]; 0 waits as long as Batch does). "
+                "The job was deleted, no task of it ran",
+                events=tuple(event.description for event in self.job.status.status_events),
+            )
+        )
         return True
 
     def _collect_if_finished(self, tg: anyio.abc.TaskGroup, task: batch_v1.Task) -> None:

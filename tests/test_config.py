@@ -102,6 +102,8 @@ class TestValidation:
             ("keep_objects", "yes", "true or false"),
             ("bucket_prefix", "../escape", "not a valid object prefix"),
             ("parallelism", 5001, "at most 5000"),
+            ("queue_timeout", -1, "at least 0"),
+            ("queue_timeout", "1h", "must be a number"),
         ],
     )
     def test_bad_value_names_key_and_problem(self, key: str, value: Any, expected: str) -> None:
@@ -128,6 +130,10 @@ class TestValidation:
         assert isinstance(c.vcpus, float)
         assert c.provisioning_model == "SPOT"
         assert c.batch_api_endpoint == "http://127.0.0.1:9"
+
+    def test_queue_timeout_zero_means_no_limit(self) -> None:
+        assert config(queue_timeout=0).queue_timeout == 0
+        assert DEFAULTS["queue_timeout"] == 3600.0
 
     def test_config_error_pickles(self) -> None:
         import pickle
@@ -163,4 +169,10 @@ class TestJobShape:
 
     def test_shape_holds_only_job_settings(self) -> None:
         shape_fields = {field.name for field in dataclasses.fields(JobShape)}
-        assert not shape_fields & {"poll_freq", "cache_dir", "keep_objects", "batch_window"}
+        assert not shape_fields & {
+            "poll_freq",
+            "cache_dir",
+            "keep_objects",
+            "batch_window",
+            "queue_timeout",
+        }
