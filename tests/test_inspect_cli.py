@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,6 +27,7 @@ from covalent_gcpbatch_array.exceptions import BatchApiError, ConfigError, GCPBa
 from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 from covalent_gcpbatch_array.inspect_cli import InspectSettings, add_inspect_commands
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.covalent_config import write_executor_config
 from covalent_gcpbatch_array.store import TaskStore
 from tests.conftest import wait_until
 
@@ -166,6 +170,33 @@ class TestSettings:
             argv += ["--logging-endpoint", logging]
         settings = InspectSettings.from_args(self.parse(*argv), no_config)
         assert settings.logging_api_endpoint == expected
+
+
+class TestCovalentConfig:
+    def test_with_the_settings_local_up_writes_no_flag_is_needed(
+        self, cloud: LocalCloud, kept_job: str, tmp_path: Path
+    ) -> None:
+        # `gcpbatch-array local up` writes these into the user's Covalent config file.
+        write_executor_config(tmp_path / "covalent.conf", cloud.executor_config())
+        script = (
+            "import argparse, sys\n"
+            "from covalent_gcpbatch_array.inspect_cli import add_inspect_commands\n"
+            "parser = argparse.ArgumentParser()\n"
+            "add_inspect_commands(parser.add_subparsers(required=True))\n"
+            "args = parser.parse_args(['jobs', '--json'])\n"
+            "sys.exit(args.handler(args))\n"
+        )
+        env = {**os.environ, "COVALENT_CONFIG_DIR": str(tmp_path), "HOME": str(tmp_path)}
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert kept_job in {job["job_id"] for job in json.loads(result.stdout)}
 
 
 class TestJobs:
