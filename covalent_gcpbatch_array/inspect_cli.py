@@ -304,7 +304,14 @@ async def _tasks(inspector: Inspector, args: argparse.Namespace, out: TextIO) ->
             "-" if task.node_id is None else str(task.node_id),
             task.events[-1][1] if task.events else "",
         )
-    _console(out).print(table)
+    console = _console(out)
+    console.print(table)
+    if tasks and all(task.dispatch_id is None for task in tasks):
+        console.print(
+            "The job's manifest is gone, so which electron each task ran is unknown: the "
+            "executor deletes a job's objects when it ends unless keep_objects is set. Each "
+            "task's log names its electron (`gcpbatch-array logs JOB INDEX`)."
+        )
     return 0
 
 

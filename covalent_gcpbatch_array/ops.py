@@ -21,6 +21,7 @@ from google.auth.credentials import AnonymousCredentials
 
 from .batch import BatchJobs
 from .exceptions import CloudApiError, GCPBatchArrayError
+from .outcome import task_exit_code, task_index
 from .store import JOB_ID_PATTERN, TaskObject, TaskRef, TaskStore
 
 if TYPE_CHECKING:
@@ -154,15 +155,11 @@ def _summary(job: batch_v1.Job) -> JobSummary:
 def _task_summary(task: batch_v1.Task, origin: Any) -> TaskSummary:
     events = list(task.status.status_events)
     attempts = sum(1 for event in events if event.task_state.name == "RUNNING")
-    exit_code = None
-    for event in events:
-        if "task_execution" in event:
-            exit_code = int(event.task_execution.exit_code)
     return TaskSummary(
-        index=int(str(task.name).rsplit("/", 1)[1]),
+        index=task_index(task),
         state=task.status.state.name,
         attempts=attempts,
-        exit_code=exit_code,
+        exit_code=task_exit_code(task),
         dispatch_id=None if origin is None else origin.dispatch_id,
         node_id=None if origin is None else origin.node_id,
         events=tuple((event.event_time, event.description) for event in events),
@@ -207,7 +204,7 @@ class Inspector:
         """
         tasks = await self._jobs.list_tasks(job_id)
         manifest = await anyio.to_thread.run_sync(self._store.read_manifest, job_id) or {}
-        found = [_task_summary(task, manifest.get(_index(task))) for task in tasks]
+        found = [_task_summary(task, manifest.get(task_index(task))) for task in tasks]
         return sorted(found, key=lambda task: task.index)
 
     async def logs(self, job_id: str, index: int) -> TaskLogs:
@@ -331,10 +328,6 @@ class Inspector:
                 f"Cloud Storage: listing gs://{self._store.bucket_name}/{root} failed: {exc}"
             ) from exc
         return newest
-
-
-def _index(task: batch_v1.Task) -> int:
-    return int(str(task.name).rsplit("/", 1)[1])
 
 
 def _lines(lines: list[str]) -> str:

@@ -272,6 +272,14 @@ class TestTasks:
             ("SUCCEEDED", None),
         ]
 
+    def test_the_table_says_why_electrons_are_unknown(
+        self, cloud: LocalCloud, cleaned_job: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert run_cli(cloud, "tasks", cleaned_job) == 0
+        out = capsys.readouterr().out
+        assert "manifest is gone" in out
+        assert "keep_objects" in out
+
     def test_an_unknown_job(self, cloud: LocalCloud) -> None:
         with pytest.raises(BatchApiError, match="cga-nope"):
             run_cli(cloud, "tasks", "cga-nope")
