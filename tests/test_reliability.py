@@ -1,0 +1,383 @@
+"""The fault suite: every electron of a fan-out ends with exactly one outcome, and the right one.
+
+Against the local cloud with the real clients: preemption and VM loss (first and later
+attempts, retries exhausted), tasks killed mid-run or ending without writing anything, 429 and
+503 from the Batch API (bursts, the job-creation quota), transient Cloud Storage errors and
+dropped connections (through the fault proxy), a job deleted by someone else, a job that never
+starts, time limits, a retried attempt after a success, and user errors (never retried).
+For each electron the test checks its value (which names its own input), its own exception,
+or a clear infrastructure error, and counts the task attempts.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import cloudpickle
+import pytest
+from electrons import (
+    Delta,
+    FanOut,
+    Spec,
+    check_exactly_one_outcome,
+    check_infrastructure_error,
+    check_user_error,
+    check_value,
+    fan_out,
+    new_token,
+)
+from google.api_core.exceptions import TooManyRequests
+from google.api_core.retry import Retry, if_exception_type
+from google.cloud import batch_v1
+
+from covalent_gcpbatch_array.exceptions import TimeLimitExceeded
+from covalent_gcpbatch_array.local import LocalCloud
+
+pytestmark = [
+    pytest.mark.slow,
+    # google-cloud-storage leaves the response of a failed download for the garbage collector
+    # to close (see test_store.py), and these tests fail many; each collects its own leaks.
+    pytest.mark.filterwarnings(
+        "ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[LocalCloud]:
+    with LocalCloud(gcs_faults=True) as local_cloud:
+        yield local_cloud
+
+
+@pytest.fixture(autouse=True)
+def no_faults_left(cloud: LocalCloud) -> Iterator[None]:
+    """Each test uses up the faults it plans; a failing one must not leak them into the next."""
+    yield
+    gc.collect()
+    leftover = cloud.clear_storage_faults()
+    assert leftover == 0, f"{leftover} planned storage faults were not used"
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Poll the local cloud's state (other processes) until ``condition`` holds (30 s)."""
+    with anyio.fail_after(30):
+        while not await anyio.to_thread.run_sync(condition):  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+
+
+def specs(count: int, behaviours: dict[int, tuple[str, object]] | None = None) -> list[Spec]:
+    token = new_token()
+    chosen = behaviours or {}
+    return [Spec(i, token, *chosen.get(i, ("ok", 0))) for i in range(count)]
+
+
+def all_right(fan: FanOut) -> None:
+    check_exactly_one_outcome(fan)
+    for outcome in fan:
+        check_value(outcome)
+
+
+class TestJobCreationQuota:
+    # First in the module: the fewer jobs created in the last minute, the shorter the wait.
+    @pytest.mark.anyio
+    async def test_job_creation_quota_exceeded_for_a_minute(self, cloud: LocalCloud) -> None:
+        # One job per minute, and a job of someone else's fills the minute: the fan-out's
+        # create meets 429 RESOURCE_EXHAUSTED for about a minute, and is retried (with the
+        # same request id) until the quota's window moves on.
+        client = cloud.batch_client()
+        parent = f"projects/{cloud.project_id}/locations/{cloud.region}"
+        runnable = batch_v1.Runnable(script=batch_v1.Runnable.Script(text="true"))
+        filler = batch_v1.Job(
+            task_groups=[batch_v1.TaskGroup(task_spec=batch_v1.TaskSpec(runnables=[runnable]))]
+        )
+        patient = Retry(predicate=if_exception_type(TooManyRequests), initial=1, timeout=120)
+        cloud.configure(jobs_per_minute=1)
+        try:
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    client.create_job,
+                    parent=parent,
+                    job_id=f"quota-filler-{new_token()}",
+                    job=filler,
+                    retry=patient,
+                )
+            )
+            delta = Delta(cloud)
+            fan = await fan_out(cloud, specs(4), deadline=240)
+            all_right(fan)
+            assert delta["jobs_created"] == 1
+            assert delta["CreateJob"] > 2  # refused for a while, then created once
+        finally:
+            cloud.configure(jobs_per_minute=None)
+
+
+class TestPreemption:
+    @pytest.mark.anyio
+    async def test_preempted_and_lost_vms_on_first_and_later_attempts(
+        self, cloud: LocalCloud
+    ) -> None:
+        delta = Delta(cloud)
+        # Faults for the next job created: this fan-out's single job.
+        cloud.fail_task(index=1, attempt=0, exit_code=50001)
+        cloud.fail_task(index=2, attempt=0, exit_code=50001)
+        cloud.fail_task(index=2, attempt=1, exit_code=50001)
+        cloud.fail_task(index=3, attempt=0, exit_code=50002)  # VM stopped reporting
+        cloud.fail_task(index=4, attempt=0, exit_code=50006)  # VM deleted
+        cloud.fail_task(index=4, attempt=1, exit_code=50003)  # VM rebooted
+        cloud.fail_task(index=4, attempt=2, exit_code=50001)
+        fan = await fan_out(cloud, specs(8), retries=3)
+        all_right(fan)
+        assert delta["jobs_created"] == 1
+        assert delta["task_attempts"] == 8 + 1 + 2 + 1 + 3
+
+    @pytest.mark.anyio
+    async def test_retries_exhausted_fail_only_that_electron(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        cloud.fail_task(index=2, attempt=0, exit_code=50001)
+        cloud.fail_task(index=2, attempt=1, exit_code=50001)
+        cloud.fail_task(index=5, attempt=0, exit_code=50002)
+        cloud.fail_task(index=5, attempt=1, exit_code=50002)
+        fan = await fan_out(cloud, specs(6), retries=1)
+        check_exactly_one_outcome(fan)
+        tasks = fan.by_task()
+        assert len({job for job, _ in tasks}) == 1
+        for (_, index), outcome in tasks.items():
+            if index == 2:
+                cause = check_infrastructure_error(outcome, "preempted", "retries=1")
+                assert cause.exit_code == 50001
+            elif index == 5:
+                cause = check_infrastructure_error(outcome, "stopped reporting", "2 attempt(s)")
+                assert cause.exit_code == 50002
+            else:
+                check_value(outcome)
+        assert delta["task_attempts"] == 6 + 2
+
+
+class TestTasksThatDie:
+    @pytest.mark.anyio
+    async def test_a_task_killed_mid_run_is_retried(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        cloud.fail_task(index=0, attempt=0, exit_code=137, after_seconds=1.0)
+        cloud.fail_task(index=1, attempt=0, exit_code=50001, after_seconds=1.0)
+        fan = await fan_out(cloud, specs(3, {0: ("sleep", 3), 1: ("sleep", 3)}), retries=1)
+        all_right(fan)
+        assert delta["task_attempts"] == 3 + 2
+
+    @pytest.mark.anyio
+    async def test_a_task_killed_mid_run_without_retries_is_an_infrastructure_error(
+        self, cloud: LocalCloud
+    ) -> None:
+        cloud.fail_task(index=0, attempt=0, exit_code=137, after_seconds=1.0)
+        fan = await fan_out(cloud, specs(1, {0: ("sleep", 5)}), retries=0)
+        check_exactly_one_outcome(fan)
+        cause = check_infrastructure_error(fan[0], "exited with code 137 without writing")
+        assert cause.exit_code == 137
+
+    @pytest.mark.anyio
+    async def test_tasks_that_end_without_writing_anything(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        behaviours = {1: ("exit_silently", 0), 2: ("crash_until", 99), 3: ("crash_until", 1)}
+        fan = await fan_out(cloud, specs(5, behaviours), retries=2)
+        check_exactly_one_outcome(fan)
+        # Exit 0 with nothing written: Batch calls it a success, the executor does not.
+        check_infrastructure_error(
+            fan[1], "exited with code 0 without writing a result", "after 1 attempt(s)"
+        )
+        cause = check_infrastructure_error(fan[2], "code 17", "3 attempt(s)")
+        assert cause.exit_code == 17
+        for index in (0, 3, 4):
+            check_value(fan[index])
+        assert delta["task_attempts"] == 5 + 2 + 1
+
+
+class TestBatchApiFaults:
+    @pytest.mark.anyio
+    async def test_429_and_503_bursts_on_job_creation(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        cloud.fail_calls("CreateJob", 429, 2)
+        cloud.fail_calls("CreateJob", 503, 2)
+        fan = await fan_out(cloud, specs(6))
+        all_right(fan)
+        assert delta["jobs_created"] == 1
+        assert delta["CreateJob"] == 5
+
+    @pytest.mark.anyio
+    async def test_429_and_503_bursts_on_get_and_list(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        cloud.fail_calls("GetJob", 503, 3)
+        cloud.fail_calls("ListTasks", 429, 2)
+        cloud.fail_calls("GetJob", 429, 2)
+        cloud.fail_calls("ListTasks", 503, 2)
+        fan = await fan_out(cloud, specs(6))
+        all_right(fan)
+        assert delta["GetJob"] >= 5 + 1
+        assert delta["ListTasks"] >= 4 + 1
+
+
+class TestStorageFaults:
+    @pytest.mark.anyio
+    async def test_input_upload_errors_and_drops(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        cloud.fail_storage("POST", 503, 2, path="/tasks/1/input.pkl")
+        cloud.fail_storage("POST", 500, 1, path="/tasks/2/input.pkl")
+        cloud.fail_storage("POST", drop=True, count=2, path="/tasks/3/input.pkl")
+        fan = await fan_out(cloud, specs(5))
+        all_right(fan)
+        assert delta.storage("failed") == 3
+        assert delta.storage("dropped") == 2
+
+    @pytest.mark.anyio
+    async def test_task_download_errors_and_drops(self, cloud: LocalCloud) -> None:
+        # Only tasks download inputs: these faults prove the tasks go through the proxy too.
+        delta = Delta(cloud)
+        cloud.fail_storage("GET", 503, 2, path="/tasks/0/input.pkl?alt=media")
+        cloud.fail_storage("GET", drop=True, count=1, path="/tasks/1/input.pkl?alt=media")
+        cloud.fail_storage(
+            "GET", drop=True, lose_answer=True, count=1, path="/tasks/2/input.pkl?alt=media"
+        )
+        fan = await fan_out(cloud, specs(4))
+        all_right(fan)
+        assert delta.storage("failed") + delta.storage("dropped") == 4
+        assert delta["task_attempts"] == 4  # the client's retries absorbed them all
+
+    @pytest.mark.anyio
+    async def test_lost_answers_on_the_result_write(self, cloud: LocalCloud) -> None:
+        # The write lands, its answer is lost, the retry meets 412: the runner must see that
+        # its own result is there, not write another one or fail the task.
+        cloud.fail_storage("POST", 503, 1, path="/tasks/0/result.pkl", lose_answer=True)
+        cloud.fail_storage("POST", drop=True, count=1, path="/tasks/1/result.pkl", lose_answer=True)
+        fan = await fan_out(cloud, specs(3))
+        all_right(fan)
+        assert cloud.storage_stats()["pending"] == 0
+
+    @pytest.mark.anyio
+    async def test_result_download_errors_and_truncations(self, cloud: LocalCloud) -> None:
+        cloud.fail_storage("GET", 503, 2, path="/tasks/0/result.pkl?alt=media")
+        cloud.fail_storage(
+            "GET", drop=True, lose_answer=True, count=2, path="/tasks/1/result.pkl?alt=media"
+        )
+        cloud.fail_storage("GET", 429, 1, path="/tasks/2/stdout?alt=media")
+        cloud.fail_storage("POST", 503, 1, path="/tasks/2/stderr")
+        cloud.fail_storage("GET", 503, 1, path="/tasks/2/error.pkl?alt=media")
+        fan = await fan_out(cloud, specs(4, {2: ("raise", 0)}))
+        check_exactly_one_outcome(fan)
+        check_user_error(fan[2])
+        for index in (0, 1, 3):
+            check_value(fan[index])
+
+    @pytest.mark.anyio
+    async def test_manifest_marker_and_cleanup_errors(self, cloud: LocalCloud) -> None:
+        cloud.fail_storage("POST", 503, 2, path="manifest.json")
+        cloud.fail_storage("DELETE", 503, 2)
+        fan = await fan_out(cloud, specs(3))
+        all_right(fan)
+
+
+class TestJobsGoneOrStuck:
+    @pytest.mark.anyio
+    async def test_a_job_deleted_by_someone_else_mid_run(
+        self, cloud: LocalCloud, tmp_path: Path
+    ) -> None:
+        release = tmp_path / "release"
+        batch = specs(3, {i: ("wait_file", str(release)) for i in range(3)})
+        client = cloud.batch_client()
+        parent = f"projects/{cloud.project_id}/locations/{cloud.region}"
+
+        def delete(name: str) -> None:
+            client.delete_job(name=name).result()
+
+        async def delete_when_running() -> None:
+            while True:
+                jobs = await anyio.to_thread.run_sync(lambda: list(client.list_jobs(parent=parent)))
+                for job in jobs:
+                    counts = (
+                        job.status.task_groups["group0"].counts if job.status.task_groups else {}
+                    )
+                    if job.status.state.name == "RUNNING" and int(counts.get("RUNNING", 0)) == 3:
+                        await anyio.to_thread.run_sync(delete, job.name)
+                        return
+                await anyio.sleep(0.1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(delete_when_running)
+            fan = await fan_out(cloud, batch)
+        release.touch()
+        check_exactly_one_outcome(fan)
+        for outcome in fan:
+            check_infrastructure_error(outcome, "deleted")
+
+    @pytest.mark.anyio
+    async def test_a_job_that_never_starts_gives_up_after_queue_timeout(
+        self, cloud: LocalCloud
+    ) -> None:
+        delta = Delta(cloud)
+        cloud.configure(provisioning_delay=3600)  # Batch waits for VMs it cannot get
+        try:
+            fan = await fan_out(cloud, specs(3), queue_timeout=2)
+        finally:
+            cloud.configure(provisioning_delay=0)
+        check_exactly_one_outcome(fan)
+        for outcome in fan:
+            check_infrastructure_error(
+                outcome, "started no task within queue_timeout=2s", "SCHEDULED", "quota"
+            )
+        assert delta["task_attempts"] == 0
+        # The job is deleted as its monitor ends, just after the electrons got their errors:
+        # nothing keeps waiting in Batch for capacity.
+        await wait_for(lambda: delta["DeleteJob"] == 1)
+
+    @pytest.mark.anyio
+    async def test_time_limit_hit_by_some_tasks(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        fan = await fan_out(cloud, specs(4, {1: ("sleep", 60), 3: ("sleep", 60)}), time_limit=2)
+        check_exactly_one_outcome(fan)
+        for index in (1, 3):
+            cause = check_infrastructure_error(fan[index], "time_limit=2s")
+            assert isinstance(cause, TimeLimitExceeded)
+        for index in (0, 2):
+            check_value(fan[index])
+        assert delta["task_attempts"] == 4
+
+
+class TestRetriesAndUserErrors:
+    @pytest.mark.anyio
+    async def test_a_retried_attempt_after_a_success_keeps_the_first_result(
+        self, cloud: LocalCloud
+    ) -> None:
+        # The attempt writes its result and exits 0, but Batch records exit 50001 (the VM was
+        # reclaimed as the task ended) and runs the task again: the result must stay the first.
+        delta = Delta(cloud)
+        cloud.fail_task(index=0, attempt=0, exit_code=50001, after_seconds=60)
+        cloud.fail_task(index=2, attempt=0, exit_code=50001, after_seconds=60)
+        batch = specs(3, {i: ("report_attempt", 0) for i in range(3)})
+        fan = await fan_out(cloud, batch, retries=2)
+        check_exactly_one_outcome(fan)
+        tasks = fan.by_task()
+        for (job_id, index), outcome in tasks.items():
+            check_value(
+                outcome, f"{outcome.spec.token}:{outcome.spec.index}:{outcome.spec.index**2}@0"
+            )
+            if index in (0, 2):
+                second = cloud.task_output(job_id, index, attempt=1, stream="stderr")
+                assert "already succeeded: nothing to do" in second
+        assert delta["task_attempts"] == 3 + 2
+
+    @pytest.mark.anyio
+    async def test_user_errors_are_never_retried(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        behaviours = {i: ("raise", 0) for i in range(0, 20, 4)}
+        fan = await fan_out(cloud, specs(20, behaviours), retries=3)
+        check_exactly_one_outcome(fan)
+        for outcome in fan:
+            if outcome.spec.behaviour == "raise":
+                check_user_error(outcome)
+            else:
+                check_value(outcome)
+        assert delta["task_attempts"] == 20
