@@ -13,7 +13,9 @@ from typing import Any
 import anyio
 from covalent._shared_files.config import get_config
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
+from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
+from covalent.executor.schemas import TaskUpdate
 
 from .config import DEFAULTS, ExecutorConfig, resolve_config
 from .exceptions import ElectronCancelledError, GCPBatchArrayError
@@ -120,6 +122,10 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
             with member:
                 ref = TaskRef(member.batch_id, member.index)
                 await self._set_job_handle({"job_id": ref.job_id, "task_index": ref.index})
+                # ct.cancel reads the job handles right after it flags the electrons: one
+                # flagged before our handle was stored is not cancelled through cancel().
+                if await self._cancel_requested():
+                    raise ElectronCancelledError(f"{origin} was cancelled before it was submitted")
                 data = encode_input(
                     function,
                     tuple(args),
@@ -178,6 +184,27 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         if member is not None:
             member.cancel()
         return True
+
+    async def receive(self, task_group_metadata: dict[str, Any], data: Any) -> list[TaskUpdate]:
+        """Report electrons that ``ct.cancel`` stopped before they were submitted: CANCELLED.
+
+        Covalent 0.240's dispatcher calls ``receive(metadata, None)`` for them, even on an
+        executor without managed execution (whose other electrons never come here); the base
+        class would raise ``NotImplementedError`` and mark them FAILED.
+        """
+        if data is not None:
+            raise NotImplementedError(
+                "GCPBatchArrayExecutor does not use Covalent's managed execution (send/poll)"
+            )
+        return [
+            TaskUpdate(
+                dispatch_id=task_group_metadata["dispatch_id"],
+                node_id=node_id,
+                status=RESULT_STATUS.CANCELLED,
+                assets={},
+            )
+            for node_id in task_group_metadata["node_ids"]
+        ]
 
     # Covalent's runtime hooks exist only when Covalent's runner drives the executor.
 
