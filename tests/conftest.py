@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.covalent_server import CovalentServer
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage
@@ -32,6 +33,23 @@ def local_cloud() -> Iterator[LocalCloud]:
     """
     with LocalCloud() as cloud:
         yield cloud
+
+
+#: What the session's Covalent server adds to the cloud's settings in its config: quick polls
+#: and a window that still gathers a few electrons started one by one by Covalent's dispatcher.
+COVALENT_SERVER_SETTINGS = {"poll_freq": 0.3, "batch_window": 3.0, "batch_idle_gap": 1.5}
+
+
+@pytest.fixture(scope="session")
+def covalent_server(local_cloud: LocalCloud) -> Iterator[CovalentServer]:
+    """One private Covalent server for the session (temporary HOME, free port), whose config
+    points ``[executors.gcpbatch_array]`` at the session's local cloud.
+
+    Started only by the tests that ask for it (about 5 to 30 s), stopped at the end.
+    """
+    settings = local_cloud.executor_config() | COVALENT_SERVER_SETTINGS
+    with CovalentServer(executor_config=settings) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
