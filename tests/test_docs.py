@@ -1,0 +1,70 @@
+"""The documentation in docs/ and CHANGELOG.md stays true to the code it describes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from covalent_gcpbatch_array.config import DEFAULTS
+from covalent_gcpbatch_array.deploy import ExecutorInfraDefaults
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    return {
+        _slug(line.lstrip("#"))
+        for line in page.read_text().splitlines()
+        if re.match(r"#{1,6} ", line)
+    }
+
+
+class TestConfigurationPage:
+    def test_every_key_is_documented_with_its_default(self) -> None:
+        text = (DOCS / "configuration.md").read_text()
+        rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", text, flags=re.M))
+        assert set(rows) == set(DEFAULTS)
+        for key, default in DEFAULTS.items():
+            assert rows[key] == json.dumps(default), key
+
+    def test_required_keys_are_named(self) -> None:
+        text = (DOCS / "configuration.md").read_text()
+        assert "Required: `project_id`, `bucket_name` and `container_image_uri`." in text
+
+
+class TestDeployPage:
+    def test_every_deploy_setting_is_documented(self) -> None:
+        text = (DOCS / "deploy.md").read_text()
+        documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", text, flags=re.M))
+        names = {name for pair in documented for name in pair if name}
+        assert set(ExecutorInfraDefaults.model_fields) <= names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_links_between_pages_resolve(page: Path) -> None:
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"https?://", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (page.parent / file_part).resolve() if file_part else page
+        assert linked.exists(), f"{page.name} links to missing {target}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{page.name} links to missing anchor {target}"
+
+
+def test_the_changelog_has_an_unreleased_section() -> None:
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in text
+    assert "keepachangelog.com" in text
