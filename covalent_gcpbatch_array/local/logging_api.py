@@ -73,6 +73,9 @@ class TaskLogIndex:
 
     def __init__(self) -> None:
         self._jobs: dict[str, _LoggedJob] = {}  # by uid, in creation order
+        # Each output file's entries, with the (mtime, size) they were read at: a query, and
+        # every page of it, rereads only the files that changed.
+        self._files: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
         # The HTTP layer runs on one event loop, but reads of the files run in worker threads.
         self._lock = threading.Lock()
 
@@ -100,24 +103,43 @@ class TaskLogIndex:
         """Every entry of the jobs in ``projects``, oldest first (ties in output order)."""
         with self._lock:
             jobs = [job for job in self._jobs.values() if job.project in projects]
-        found = [entry for job in jobs for entry in _job_entries(job)]
+        found = [entry for job in jobs for entry in self._job_entries(job)]
         # A stable sort: entries with equal times keep their job, task, attempt, line order.
         found.sort(key=lambda entry: entry["timestamp"])
         return found
 
+    def _job_entries(self, job: _LoggedJob) -> Iterator[dict[str, Any]]:
+        """The entries of one job: its tasks' attempts' output files, line by line."""
+        tasks = job.output_dir / "tasks"
+        if not tasks.is_dir():
+            return
+        for task_dir in sorted(_numbered(tasks), key=lambda path: int(path.name)):
+            for attempt_dir in sorted(_numbered(task_dir), key=lambda path: int(path.name)):
+                for stream, severity in _STREAM_SEVERITY.items():
+                    for path in sorted(attempt_dir.glob(f"*.{stream}"), key=_runnable_number):
+                        place = (int(task_dir.name), int(attempt_dir.name))
+                        yield from self._file_entries(job, place, path, severity)
 
-def _job_entries(job: _LoggedJob) -> Iterator[dict[str, Any]]:
-    """The entries of one job: its tasks' attempts' output files, line by line."""
-    tasks = job.output_dir / "tasks"
-    if not tasks.is_dir():
-        return
-    for task_dir in sorted(_numbered(tasks)):
-        index = int(task_dir.name)
-        for attempt_dir in sorted(_numbered(task_dir), key=lambda path: int(path.name)):
-            for stream, severity in _STREAM_SEVERITY.items():
-                files = sorted(attempt_dir.glob(f"*.{stream}"), key=_runnable_number)
-                for path in files:
-                    yield from _file_entries(job, index, int(attempt_dir.name), path, severity)
+    def _file_entries(
+        self, job: _LoggedJob, place: tuple[int, int], path: Path, severity: str
+    ) -> list[dict[str, Any]]:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return []
+        version = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._files.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        entries = list(_line_entries(job, place, path.name, stat.st_mtime, text, severity))
+        with self._lock:
+            self._files[path] = (version, entries)
+        return entries
 
 
 def _numbered(folder: Path) -> Iterator[Path]:
@@ -129,15 +151,17 @@ def _runnable_number(path: Path) -> int:
     return int(head) if head.isdigit() else 0
 
 
-def _file_entries(
-    job: _LoggedJob, index: int, attempt: int, path: Path, severity: str
+def _line_entries(
+    job: _LoggedJob,
+    place: tuple[int, int],
+    file_name: str,
+    mtime: float,
+    text: str,
+    severity: str,
 ) -> Iterator[dict[str, Any]]:
-    try:
-        stat = path.stat()
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return
-    written = rfc3339(datetime.fromtimestamp(stat.st_mtime, timezone.utc))
+    """One entry per line of one output file of attempt ``place = (index, attempt)``."""
+    index, attempt = place
+    written = rfc3339(datetime.fromtimestamp(mtime, timezone.utc))
     task_id = f"{job.uid}-group0-{index}"
     for number, line in enumerate(text.splitlines()):
         yield {
@@ -163,7 +187,7 @@ def _file_entries(
             "timestamp": written,
             "receiveTimestamp": written,
             # Unique and stable across calls, so page tokens stay valid as files grow.
-            "insertId": f"{task_id}/{attempt}/{path.name}/{number:09d}",
+            "insertId": f"{task_id}/{attempt}/{file_name}/{number:09d}",
         }
 
 
