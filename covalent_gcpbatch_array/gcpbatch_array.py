@@ -8,6 +8,7 @@ open, and waits for its own task of the batch's array job; see :mod:`.service` a
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -18,7 +19,7 @@ from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 
 from .config import DEFAULTS, ExecutorConfig, resolve_config
-from .exceptions import ElectronCancelledError, GCPBatchArrayError
+from .exceptions import ElectronCancelledError, ElectronInputError, GCPBatchArrayError
 from .outcome import ElectronOutcome
 from .payload import ElectronOrigin, encode_input
 from .service import BatchService
@@ -114,6 +115,11 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         """
         config = self.config
         origin = ElectronOrigin(str(task_metadata["dispatch_id"]), int(task_metadata["node_id"]))
+        if problem := _bad_call(function, args, kwargs):
+            # Refused before it takes a slot in a job: a task could only fail the same way.
+            error = ElectronInputError(f"{origin}: {problem}")
+            self._print(f"{origin} failed: {error}\n", stream="stderr")
+            raise TaskRuntimeError(f"{origin} failed: {error}") from error
         if await self._cancel_requested():
             raise TaskCancelledError(f"{origin} was cancelled before it was submitted")
         service = await BatchService.current()
@@ -217,3 +223,17 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
     async def _set_job_handle(self, handle: dict[str, Any]) -> None:
         if self._in_covalent_runtime():
             await self.set_job_handle(handle)
+
+
+def _bad_call(function: Any, args: Any, kwargs: Any) -> str:
+    """What makes a call impossible to run anywhere, or "" when nothing does."""
+    if not callable(function):
+        return (
+            f"its function is a {type(function).__name__}, which cannot be called; pass the "
+            "electron's function to run()"
+        )
+    if not isinstance(args, list | tuple):
+        return f"its positional arguments must be a list or tuple, not a {type(args).__name__}"
+    if not isinstance(kwargs, Mapping) or not all(isinstance(name, str) for name in kwargs):
+        return "its keyword arguments must be a mapping of argument names (str) to values"
+    return ""
