@@ -12,7 +12,6 @@ electrons were packed into jobs.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 import time
@@ -123,10 +122,6 @@ def run_demo(
         console.print(f"  Covalent UI       {server.address}  (HOME {server.home})")
         console.print(f"  ready in {ready - started:.1f} s")
 
-        # Our own covalent client reads the private server's config (unless covalent is already
-        # imported here), so the demo leaves the user's ~/.config/covalent alone.
-        if "covalent" not in sys.modules:
-            os.environ["COVALENT_CONFIG_DIR"] = str(server.config_file.parent)
         import covalent as ct
 
         from covalent_gcpbatch_array import demo_workflow
@@ -186,6 +181,8 @@ def _start_both(
         server_started = pool.submit(server.start)
         try:
             cloud.start()
+            # Importing covalent takes seconds: overlap it with the server's start too.
+            import covalent  # noqa: F401
         finally:
             server_started.result()
     return cloud, server

@@ -107,6 +107,7 @@ class CovalentServer:
         self._given_home = Path(home) if home is not None else None
         self._home: Path | None = None  # the HOME in use
         self._port: int | None = None  # the port the server listens on
+        self._cli: subprocess.Popen[bytes] | None = None  # `covalent start`, to reap it
         self._group: int | None = None  # the server's process group (`covalent start`'s pid)
         self._server_pid: int | None = None  # the uvicorn process (`python app.py`)
         self._watchdog: subprocess.Popen[bytes] | None = None
@@ -141,11 +142,13 @@ class CovalentServer:
             if self._group is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self._group, signal.SIGKILL)
+            if self._cli is not None:
+                self._cli.wait()  # reaps it (it was killed above if it still ran)
             if self._watchdog is not None:
                 _close_watchdog(self._watchdog)
         finally:
             self.state = ServerState.STOPPED
-            self._server_pid = self._group = self._watchdog = None
+            self._server_pid = self._group = self._watchdog = self._cli = None
             if self._given_home is None and self._home is not None:
                 shutil.rmtree(self._home, ignore_errors=True)
 
@@ -183,13 +186,13 @@ class CovalentServer:
                 # stops everything, and a Ctrl-C in our terminal does not reach it.
                 start_new_session=True,
             )
-        self._group = cli.pid
+        self._cli, self._group = cli, cli.pid
         self._watchdog = _start_watchdog(cli.pid, self._home if self._given_home is None else None)
         try:
             returncode = cli.wait(timeout=self.startup_timeout)
         except subprocess.TimeoutExpired:
             raise LocalCloudError(
-                f"`covalent start` did not finish within {self.startup_timeout:.0f} s; "
+                f"`covalent start` did not finish within {self.startup_timeout:g} s; "
                 f"{self._logs()}"
             ) from None
         if returncode != 0:
@@ -217,7 +220,7 @@ class CovalentServer:
             if time.monotonic() > deadline:
                 raise LocalCloudError(
                     f"the Covalent server at {self.address} did not answer within "
-                    f"{self.startup_timeout:.0f} s; {self._logs()}"
+                    f"{self.startup_timeout:g} s; {self._logs()}"
                 )
             if not self.is_running():
                 raise LocalCloudError(f"the Covalent server exited while starting; {self._logs()}")
