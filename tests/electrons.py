@@ -15,7 +15,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,7 @@ async def fan_out(
     cancel_after: Mapping[int, float] | None = None,
     dispatch_id: str = "",
     fn: Callable[..., Any] = work,
+    while_running: Callable[[dict[int, tuple[str, int]]], Awaitable[None]] | None = None,
     **overrides: Any,
 ) -> FanOut:
     """Run every spec as an electron, concurrently; wait until every ``run()`` has ended.
@@ -163,11 +164,21 @@ async def fan_out(
     :param arrivals: index -> seconds after the start at which that electron arrives
     :param cancel_after: index -> seconds after its job handle is known at which that
         electron is cancelled through ``executor.cancel()``, as Covalent does
+    :param while_running: called with every electron's ``(job_id, task_index)`` once all
+        are known (while the electrons run), e.g. to play an attacker with bucket access
     :param overrides: executor settings over the cloud's and :data:`FAST`
     """
     import io
 
     result = FanOut({spec.index: Outcome(spec) for spec in specs})
+    handles: dict[int, tuple[str, int]] = {}
+    ended: set[int] = set()
+    all_known = anyio.Event()  # every electron has its handle, or ended without one
+
+    def check_all_known() -> None:
+        if len(set(handles) | ended) == len(specs):
+            all_known.set()
+
     dispatch_id = dispatch_id or f"dispatch-{specs[0].token if specs else 'empty'}"
 
     async def one(spec: Spec) -> None:
@@ -177,6 +188,8 @@ async def fan_out(
         ex._task_stdout, ex._task_stderr = io.StringIO(), io.StringIO()
         metadata = {"dispatch_id": dispatch_id, "node_id": spec.index}
         async with anyio.create_task_group() as tg:
+            if while_running is not None:
+                tg.start_soon(note_handle, ex, spec.index)
             if cancel_after and spec.index in cancel_after:
                 tg.start_soon(cancel_later, ex, metadata, cancel_after[spec.index])
             try:
@@ -184,10 +197,23 @@ async def fan_out(
             except Exception as exc:
                 outcome.error = exc
             outcome.ends += 1
+            ended.add(spec.index)
+            check_all_known()
             outcome.handle = ex.handle
             outcome.stdout = ex.task_stdout.getvalue()
             outcome.stderr = ex.task_stderr.getvalue()
             tg.cancel_scope.cancel()
+
+    async def note_handle(ex: RecordingExecutor, index: int) -> None:
+        await ex.handle_set.wait()
+        assert ex.handle is not None
+        handles[index] = (str(ex.handle["job_id"]), int(ex.handle["task_index"]))
+        check_all_known()
+
+    async def call_while_running() -> None:
+        assert while_running is not None
+        await all_known.wait()
+        await while_running(dict(handles))
 
     async def cancel_later(ex: RecordingExecutor, metadata: dict[str, Any], delay: float) -> None:
         await ex.handle_set.wait()
@@ -196,6 +222,8 @@ async def fan_out(
 
     with anyio.fail_after(deadline):
         async with anyio.create_task_group() as tg:
+            if while_running is not None:
+                tg.start_soon(call_while_running)
             for spec in specs:
                 tg.start_soon(one, spec)
     return result
