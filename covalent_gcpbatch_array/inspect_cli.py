@@ -22,13 +22,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, TextIO
-
-import anyio
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .config import DEFAULTS, ExecutorConfig, resolve_config
 from .exceptions import ConfigError
-from .ops import GcReport, Inspector, JobSummary, TaskSummary, parse_duration
+
+if TYPE_CHECKING:
+    # The Google clients take about a second to import: only a command that runs needs them,
+    # so `gcpbatch-array --help` stays fast.
+    from .ops import GcReport, Inspector, JobSummary, TaskSummary
 
 __all__ = ["InspectSettings", "add_inspect_commands", "read_covalent_config"]
 
@@ -97,7 +99,7 @@ class InspectSettings:
     def inspector(self) -> Inspector:
         """An Inspector over the real clients for these settings."""
         from .batch import BatchJobs, make_batch_client
-        from .ops import make_logging_client
+        from .ops import Inspector, make_logging_client
         from .store import TaskStore, make_storage_client
 
         storage_client = make_storage_client(self.project_id, self.storage_api_endpoint)
@@ -225,13 +227,15 @@ def _task_index(text: str) -> int:
 
 
 def _duration(text: str) -> timedelta:
+    from .ops import parse_duration
+
     try:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-Command = Callable[[Inspector, argparse.Namespace, TextIO], Any]
+Command = Callable[["Inspector", argparse.Namespace, TextIO], Any]
 
 
 def _run(
@@ -240,6 +244,8 @@ def _run(
     """A handler: settings from the flags and config file, then ``command`` on an event loop."""
 
     def handler(args: argparse.Namespace) -> int:
+        import anyio
+
         inspector = InspectSettings.from_args(args, read_config_file).inspector()
         status: int = anyio.run(command, inspector, args, sys.stdout)
         return status

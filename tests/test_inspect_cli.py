@@ -128,6 +128,20 @@ def run_json(cloud: LocalCloud, capsys: pytest.CaptureFixture[str], *argv: str) 
     return json.loads(capsys.readouterr().out)
 
 
+def test_registering_the_commands_imports_no_google_client() -> None:
+    # `gcpbatch-array --help` must stay fast: the clients load when a command runs.
+    script = (
+        "import argparse, sys\n"
+        "from covalent_gcpbatch_array.inspect_cli import add_inspect_commands\n"
+        "add_inspect_commands(argparse.ArgumentParser().add_subparsers())\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('google', 'covalent.'))))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
 class TestSettings:
     def parse(self, *argv: str) -> argparse.Namespace:
         parser = argparse.ArgumentParser()
