@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint unit bench clean
+.PHONY: install demo test lint bench image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+image: install
+	$(MAKE) -C runner_image cloud-build
 
 bench: install
 	$(PY) -m benchmarks.fanout --all

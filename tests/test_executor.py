@@ -201,6 +201,16 @@ class TestOutcomes:
         assert "to stderr" in ex._task_stderr.getvalue()
 
     @pytest.mark.anyio
+    async def test_a_quiet_electron_has_empty_streams(self, cloud: LocalCloud) -> None:
+        import io
+
+        ex = executor(cloud, batch_window=0)
+        ex._task_stdout, ex._task_stderr = io.StringIO(), io.StringIO()
+        assert await run_electron(ex, pow, 2, 10) == 1024
+        assert ex._task_stdout.getvalue() == ""
+        assert ex._task_stderr.getvalue() == ""  # no warnings from the runner or the launcher
+
+    @pytest.mark.anyio
     async def test_a_preempted_task_is_retried_and_succeeds(self, cloud: LocalCloud) -> None:
         delta = Delta(cloud)
         cloud.fail_task(index=0, attempt=0, exit_code=50001)

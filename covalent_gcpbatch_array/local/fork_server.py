@@ -54,6 +54,7 @@ import tempfile
 import threading
 import traceback
 import types
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -314,6 +315,13 @@ def run_forked_task(task: ForkedTask) -> NoReturn:
     sys.argv = [task.module, *task.args]
     # The task gets a __main__ of its own; this module's functions keep their namespace.
     main_module = sys.modules["__main__"] = types.ModuleType("__main__")
+    # runpy warns that a preloaded module "found in sys.modules" runs again as __main__: that
+    # is the point of preloading, and the warning would land in every task's stderr.
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*found in sys\.modules after import of package",
+        category=RuntimeWarning,
+    )
     code = _run_main_module(task.module)
     _exit_like_python(code, main_module)
 
