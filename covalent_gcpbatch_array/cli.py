@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
+from covalent_gcpbatch_array.inspect_cli import add_inspect_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_local(commands)
     _add_demo(commands)
+    add_inspect_commands(commands)
     return parser
 
 

@@ -19,13 +19,21 @@ from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 
 from .config import DEFAULTS, ExecutorConfig, resolve_config
+
+# `covalent deploy up gcpbatch_array` looks these two models up on the plugin module.
+from .deploy import ExecutorInfraDefaults, ExecutorPluginDefaults
 from .exceptions import ElectronCancelledError, ElectronInputError, GCPBatchArrayError
 from .outcome import ElectronOutcome
 from .payload import ElectronOrigin, encode_input
 from .service import BatchService
 from .store import TaskRef, TaskStore, make_storage_client
 
-__all__ = ["EXECUTOR_PLUGIN_NAME", "GCPBatchArrayExecutor"]
+__all__ = [
+    "EXECUTOR_PLUGIN_NAME",
+    "ExecutorInfraDefaults",
+    "ExecutorPluginDefaults",
+    "GCPBatchArrayExecutor",
+]
 
 EXECUTOR_PLUGIN_NAME = "GCPBatchArrayExecutor"
 
