@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console, Group
+from rich import box
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from covalent_gcpbatch_array.local.cloud import LocalCloud
 from covalent_gcpbatch_array.local.covalent_server import CovalentServer
+from covalent_gcpbatch_array.local.up import stop_requested
 
 if TYPE_CHECKING:
     from covalent._results_manager.result import Result
@@ -220,10 +221,20 @@ def _poll(watcher: BatchProgress, address: str, dispatch_id: str) -> tuple[str, 
     return str(answer["status"]), watcher.read()
 
 
-def _progress_view(status: str, jobs: list[JobProgress], elapsed: float) -> Group:
-    table = Table(title=f"Batch jobs  (dispatch {status}, {elapsed:.0f} s)", title_justify="left")
-    for name in ("job", "tasks", "pending", "running", "done", "failed", "state"):
-        table.add_column(name, justify="left" if name in ("job", "state") else "right")
+def _progress_view(status: str, jobs: list[JobProgress], elapsed: float) -> Table:
+    done = sum(job.succeeded + job.failed for job in jobs)
+    total = sum(job.tasks for job in jobs)
+    table = Table(
+        title=f"Batch jobs: {done}/{total} tasks done  (dispatch {status}, {elapsed:.0f} s)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,  # no vertical rules, to keep whole job ids in 80 columns
+        show_edge=False,
+    )
+    table.add_column("job", no_wrap=True)
+    # Short headings keep the table in 80 columns: waiting = PENDING + ASSIGNED.
+    for name in ("tasks", "wait", "run", "done", "fail"):
+        table.add_column(name, justify="right")
+    table.add_column("state", no_wrap=True)
     for job in jobs:
         table.add_row(
             job.job_id,
@@ -234,7 +245,7 @@ def _progress_view(status: str, jobs: list[JobProgress], elapsed: float) -> Grou
             str(job.failed) if job.failed else "",
             job.state,
         )
-    return Group(table)
+    return table
 
 
 def _progress_line(status: str, jobs: list[JobProgress]) -> str:
@@ -301,5 +312,7 @@ def _hold(console: Console, server: CovalentServer) -> None:
     console.print(
         f"Holding: the Covalent UI is at {server.address} . Press Ctrl-C to stop everything."
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+    # A signal handler rather than KeyboardInterrupt: SIGTERM and SIGHUP stop it cleanly too,
+    # and it works when the shell started us with SIGINT ignored (`... &`).
+    with stop_requested() as stop:
+        stop.wait()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from covalent_gcpbatch_array import demo_workflow
 from covalent_gcpbatch_array.cli import build_parser, main
+from tests.test_cli import read_until
 from tests.test_covalent_server import processes_with_home
 
 CLI = [sys.executable, "-m", "covalent_gcpbatch_array.cli"]
@@ -58,16 +62,29 @@ class TestArguments:
 
 class TestDemo:
     @pytest.mark.slow
-    def test_small_grid_prints_scores_best_and_packing_and_cleans_up(self) -> None:
-        result = subprocess.run(
-            [*CLI, "demo", "--c-values", "1,10", "--gamma-values", "0.1,0.7"],
-            capture_output=True,
-            text=True,
-            timeout=600,
+    def test_small_grid_prints_scores_best_and_packing_holds_and_cleans_up(self) -> None:
+        demo = subprocess.Popen(
+            [*CLI, "demo", "--c-values", "1,10", "--gamma-values", "0.1,0.7", "--hold"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-        out = result.stdout
-        assert result.returncode == 0, out + result.stderr
+        try:
+            held = read_until(demo, "Press Ctrl-C to stop everything.", timeout=600)
+            # While it holds, the Covalent server (and its UI's API) shows the dispatch.
+            address = re.search(r"Covalent UI\s+(http://\S+)", held)
+            assert address is not None, held
+            with urllib.request.urlopen(f"{address[1]}/api/v1/dispatches/list", timeout=10) as r:
+                (listed,) = json.load(r)["items"]
+            assert (listed["lattice_name"], listed["status"]) == ("grid_search", "COMPLETED")
+            demo.send_signal(signal.SIGTERM)
+            rest, stderr = demo.communicate(timeout=120)
+        finally:
+            demo.kill()
+            demo.communicate()
+        out = held + rest.decode()
+        assert demo.returncode == 0, out + stderr.decode()
         assert out.rstrip().endswith("Demo OK.")
+        assert f"Dispatched {listed['dispatch_id']}" in out
 
         # The score table: one row per C, one accuracy per gamma; the best is starred.
         rows = {

@@ -26,7 +26,7 @@ from covalent_gcpbatch_array.local.covalent_config import (
     write_executor_config,
 )
 
-__all__ = ["describe", "executor_toml", "serve"]
+__all__ = ["describe", "executor_toml", "serve", "stop_requested"]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _HEALTH_CHECK_INTERVAL = 1.0  # seconds between checks that both servers are still alive
@@ -80,7 +80,7 @@ def serve(
         what was there before
     :returns: the exit status: 0 after a signal, 1 if a server died on its own
     """
-    with _stop_requested() as stop, cloud, _pointed_at(cloud, covalent_config, keep_config):
+    with stop_requested() as stop, cloud, _pointed_at(cloud, covalent_config, keep_config):
         if json_output:
             ready = {
                 "batch_endpoint": cloud.batch_endpoint,
@@ -150,7 +150,7 @@ def _config_note(config_file: str | os.PathLike[str], keep: bool) -> str:
 
 
 @contextmanager
-def _stop_requested() -> Iterator[threading.Event]:
+def stop_requested() -> Iterator[threading.Event]:
     """An event set by SIGINT, SIGTERM or SIGHUP (installed before the servers start, so a
     signal during start-up also stops them cleanly)."""
     stop = threading.Event()
