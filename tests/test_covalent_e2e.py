@@ -259,9 +259,10 @@ class TestConcurrentDispatches:
         self, covalent_server: CovalentServer, cloud: LocalCloud
     ) -> None:
         prefix = f"shared-{time.time_ns()}"
-        # A window long enough for both dispatches' electrons; objects kept to read manifests.
+        # One 10 s window (no early idle flush) gathers both dispatches' electrons; objects are
+        # kept to read the manifests.
         executor = explicit_executor(
-            cloud, bucket_prefix=prefix, keep_objects=True, batch_window=10.0, batch_idle_gap=5.0
+            cloud, bucket_prefix=prefix, keep_objects=True, batch_window=10.0, batch_idle_gap=10.0
         )
         electron = ct.electron(task_identity, executor=executor)
 
