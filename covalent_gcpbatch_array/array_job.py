@@ -60,6 +60,17 @@ class ArrayJobContext:
     store: TaskStore  # the batch's bucket and prefix
     run_blocking: Callable[..., Coroutine[Any, Any, Any]]  # runs a blocking store call in a thread
 
+    async def housekeeping(self, what: str, func: Callable[..., Any], *args: Any) -> None:
+        """A store call no electron's outcome depends on: its failure is logged, not raised.
+
+        The manifest, the cancel markers and the cleanup help the executor and its users, but
+        an electron whose result is known must still get it, and its job-mates too.
+        """
+        try:
+            await self.run_blocking(func, *args)
+        except GCPBatchArrayError as exc:
+            logger.warning("could not %s (carrying on): %s", what, exc)
+
 
 async def run_array_job(
     batch: Batch[JobShape, ElectronOutcome], extras: BatchExtras, ctx: ArrayJobContext
@@ -105,12 +116,16 @@ async def _write_manifest_and_markers(
         )
         for index in launched
     }
+    job_id = batch.batch_id
     async with anyio.create_task_group() as tg:
-        tg.start_soon(ctx.run_blocking, ctx.store.write_manifest, batch.batch_id, entries)
+        manifest = f"write the manifest of job {job_id}"
+        tg.start_soon(ctx.housekeeping, manifest, ctx.store.write_manifest, job_id, entries)
         for member in batch.members:
             if member.index not in launched:
-                ref = TaskRef(batch.batch_id, member.index)
-                tg.start_soon(ctx.run_blocking, ctx.store.write_cancelled, ref)
+                # Without it the slot's task finds no input and fails: wasted, but harmless.
+                ref = TaskRef(job_id, member.index)
+                marker = f"mark task {member.index} of job {job_id} cancelled"
+                tg.start_soon(ctx.housekeeping, marker, ctx.store.write_cancelled, ref)
 
 
 class _JobMonitor:
@@ -249,7 +264,8 @@ class _JobMonitor:
         else:
             member.resolve(outcome)
         if not self.config.keep_objects:
-            await self.ctx.run_blocking(self.ctx.store.delete_task, ref)
+            what = f"delete the objects of task {ref.index} of job {ref.job_id}"
+            await self.ctx.housekeeping(what, self.ctx.store.delete_task, ref)
 
     async def _read_outcome(
         self, ref: TaskRef, task: batch_v1.Task
@@ -286,7 +302,9 @@ class _JobMonitor:
             async with anyio.create_task_group() as tg:
                 for member in cancelled:
                     ref = TaskRef(self.job_id, member.index)
-                    tg.start_soon(self.ctx.run_blocking, self.ctx.store.write_cancelled, ref)
+                    # Unwritten, the task runs to its end and nobody takes its result.
+                    what = f"mark task {ref.index} of job {ref.job_id} cancelled"
+                    tg.start_soon(self.ctx.housekeeping, what, self.ctx.store.write_cancelled, ref)
 
     def _fail_live(self, error: TaskInfrastructureError) -> None:
         for member in self.batch.live_members():
@@ -303,4 +321,5 @@ class _JobMonitor:
             except BatchApiError as exc:
                 logger.warning("could not delete job %s: %s", self.job_id, exc)
         if not self.config.keep_objects:
-            await self.ctx.run_blocking(self.ctx.store.delete_job, self.job_id)
+            what = f"delete the folder of job {self.job_id}"
+            await self.ctx.housekeeping(what, self.ctx.store.delete_job, self.job_id)
