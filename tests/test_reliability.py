@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +29,11 @@ from electrons import (
     check_infrastructure_error,
     check_user_error,
     check_value,
+    executor_for,
+    expected_value,
     fan_out,
     new_token,
+    work,
 )
 from google.api_core.exceptions import TooManyRequests
 from google.api_core.retry import Retry, if_exception_type
@@ -70,6 +74,17 @@ async def wait_for(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(30):
         while not await anyio.to_thread.run_sync(condition):  # noqa: ASYNC110
             await anyio.sleep(0.1)
+
+
+def running_tasks(cloud: LocalCloud) -> int:
+    """How many tasks of the cloud's jobs are RUNNING now."""
+    client = cloud.batch_client()
+    parent = f"projects/{cloud.project_id}/locations/{cloud.region}"
+    total = 0
+    for job in client.list_jobs(parent=parent):
+        if job.status.task_groups:
+            total += int(job.status.task_groups["group0"].counts.get("RUNNING", 0))
+    return total
 
 
 def specs(count: int, behaviours: dict[int, tuple[str, object]] | None = None) -> list[Spec]:
@@ -278,6 +293,78 @@ class TestStorageFaults:
         cloud.fail_storage("DELETE", 503, 2)
         fan = await fan_out(cloud, specs(3))
         all_right(fan)
+
+
+class TestHousekeepingFailures:
+    """Cleanup and cancel markers are housekeeping: when they fail, no outcome may change."""
+
+    @pytest.mark.anyio
+    async def test_cleanup_that_keeps_failing_touches_no_outcome(
+        self, cloud: LocalCloud, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Task 0 ends first; its cleanup is refused (403: not retried) while 1 and 2 still run.
+        release = tmp_path / "release"
+        cloud.fail_storage("DELETE", 403, count=1000)
+
+        async def release_after_first(handles: dict[int, tuple[str, int]]) -> None:
+            await wait_for(lambda: cloud.storage_stats()["failed"] > 0)
+            release.touch()
+
+        try:
+            fan = await fan_out(
+                cloud,
+                specs(3, {1: ("wait_file", str(release)), 2: ("wait_file", str(release))}),
+                while_running=release_after_first,
+            )
+        finally:
+            cloud.clear_storage_faults()
+        all_right(fan)
+        assert re.search(r"could not delete the objects of task \d+ of job", caplog.text)
+
+    @pytest.mark.anyio
+    async def test_a_cancel_marker_that_cannot_be_written_touches_no_job_mate(
+        self, cloud: LocalCloud, tmp_path: Path
+    ) -> None:
+        # The electron's own run() is cancelled (as when Covalent stops waiting for it): the
+        # monitor writes its task's marker, and storage refuses.
+        release = tmp_path / "release"
+        cloud.fail_storage("POST", 403, count=1000, path="/cancelled")
+        token = new_token()
+        batch = [Spec(i, token, "wait_file", str(release)) for i in range(3)]
+        outcomes: dict[int, object] = {}
+
+        async def one(
+            spec: Spec, scope_ready: anyio.Event, scopes: dict[int, anyio.CancelScope]
+        ) -> None:
+            with anyio.CancelScope() as scope:
+                scopes[spec.index] = scope
+                scope_ready.set()
+                ex = executor_for(cloud)
+                try:
+                    outcomes[spec.index] = await ex.run(
+                        work, [spec], {}, {"dispatch_id": token, "node_id": spec.index}
+                    )
+                except Exception as exc:
+                    outcomes[spec.index] = exc
+
+        try:
+            scopes: dict[int, anyio.CancelScope] = {}
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as tg:
+                    for spec in batch:
+                        ready = anyio.Event()
+                        tg.start_soon(one, spec, ready, scopes)
+                        await ready.wait()
+                    await wait_for(lambda: cloud.stats()["api_calls"]["ListTasks"] > 0)
+                    await wait_for(lambda: running_tasks(cloud) >= 3)
+                    scopes[1].cancel()
+                    await wait_for(lambda: cloud.storage_stats()["failed"] > 0)
+                    release.touch()
+        finally:
+            cloud.clear_storage_faults()
+        assert 1 not in outcomes  # its run() was cancelled: no outcome to hand back
+        for index in (0, 2):
+            assert outcomes[index] == expected_value(batch[index]), outcomes[index]
 
 
 class TestJobsGoneOrStuck:
