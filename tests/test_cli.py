@@ -105,6 +105,8 @@ class TestParser:
         assert (defaults.provisioning_delay, defaults.max_running_tasks) == (0.0, None)
         assert defaults.jobs_per_minute is None
         assert defaults.preload is None
+        assert (defaults.covalent_config, defaults.keep_config) == (None, False)
+        assert defaults.no_covalent_config is False
 
     @pytest.mark.parametrize(
         ("argv", "message"),
@@ -112,6 +114,7 @@ class TestParser:
             (["local", "up", "--max-running-tasks", "0"], "must be >= 1"),
             (["local", "up", "--provisioning-delay", "-1"], "must be >= 0"),
             (["local", "up", "--jobs-per-minute", "many"], "expected a whole number"),
+            (["local", "up", "--keep-config", "--no-covalent-config"], "not allowed with"),
             (["local"], "ACTION"),
             ([], "COMMAND"),
         ],
