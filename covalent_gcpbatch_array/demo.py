@@ -116,6 +116,8 @@ def run_demo(
     console.print("[bold]Starting the local cloud and a private Covalent server ...[/bold]")
     with contextlib.ExitStack() as stack:
         cloud, server = _start_both(stack, provisioning_delay)
+        # Written once the server runs (`covalent start` rewrites the file while it starts);
+        # the server reads it again each time it makes an executor by its short name.
         server.write_executor_config(cloud.executor_config() | DEMO_EXECUTOR_SETTINGS)
         ready = time.monotonic()
         console.print(f"  Google Batch API  {cloud.batch_endpoint}  (emulator)")
