@@ -192,8 +192,7 @@ class CovalentServer:
             returncode = cli.wait(timeout=self.startup_timeout)
         except subprocess.TimeoutExpired:
             raise LocalCloudError(
-                f"`covalent start` did not finish within {self.startup_timeout:g} s; "
-                f"{self._logs()}"
+                f"`covalent start` did not finish within {self.startup_timeout:g} s; {self._logs()}"
             ) from None
         if returncode != 0:
             raise LocalCloudError(f"`covalent start` exited with code {returncode}; {self._logs()}")
