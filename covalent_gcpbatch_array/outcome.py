@@ -43,6 +43,10 @@ class ElectronOutcome:
     stderr: str = ""  # what the task printed on standard error
 
 
+#: The runner's exit code when it could not finish (storage, set-up), see runner.EXIT_INFRA_ERROR.
+RUNNER_FAILED_EXIT_CODE = 1
+
+
 def task_index(task: batch_v1.Task) -> int:
     """The index of a task from its resource name ``.../tasks/{index}``."""
     return int(task.name.rsplit("/", 1)[-1])
@@ -93,6 +97,13 @@ def infrastructure_error(
         reason = (
             "the task process exited with code 0 without writing a result or an error (did "
             "the function end its own process, e.g. with os._exit()?)"
+        )
+    elif code == RUNNER_FAILED_EXIT_CODE and task is not None:
+        job_id, index = task.name.split("/jobs/", 1)[-1].split("/")[0], task_index(task)
+        reason = (
+            f"the task's runner could not do its work (exit code {code}): Cloud Storage refused "
+            "or kept failing its requests, or the task image cannot run it; the task's own "
+            f"log says which (`gcpbatch-array logs {job_id} {index}`, or Cloud Logging)"
         )
     else:
         reason = f"the task process exited with code {code} without writing a result"

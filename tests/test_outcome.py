@@ -60,12 +60,23 @@ class TestInfrastructureError:
             infrastructure_error(task(50005, 50005), time_limit=1, retries=1)
         )
 
+    def test_the_runners_exit_code_is_the_one_the_runner_uses(self) -> None:
+        from covalent_gcpbatch_array.outcome import RUNNER_FAILED_EXIT_CODE
+        from covalent_gcpbatch_array.runner import EXIT_INFRA_ERROR
+
+        assert RUNNER_FAILED_EXIT_CODE == EXIT_INFRA_ERROR
+
+    def test_the_runners_own_failure_points_at_the_tasks_log(self) -> None:
+        error = infrastructure_error(task(1, 1), time_limit=300, retries=1)
+        assert "the task's runner could not do its work (exit code 1)" in str(error)
+        assert "`gcpbatch-array logs j 7`" in str(error)
+
     def test_other_exit_code_says_no_result_was_written(self) -> None:
         error = infrastructure_error(task(137), time_limit=300, retries=0)
         assert "exited with code 137 without writing a result" in str(error)
 
     def test_events_are_in_the_message(self) -> None:
-        error = infrastructure_error(task(1), time_limit=300, retries=0)
+        error = infrastructure_error(task(2), time_limit=300, retries=0)
         assert "Batch status events:" in str(error)
         assert "from PENDING to ASSIGNED" in str(error)
         assert error.events[0].endswith("PENDING to ASSIGNED")
