@@ -288,6 +288,29 @@ class TestStorageFaults:
             check_value(fan[index])
 
     @pytest.mark.anyio
+    async def test_storage_refusing_a_tasks_writes(self, cloud: LocalCloud) -> None:
+        # A permission problem on the task's side: the runner exits 1, Batch retries, and the
+        # electron's error says where the runner's own explanation is.
+        delta = Delta(cloud)
+        cloud.fail_storage("POST", 403, count=1000, path="/tasks/1/result.pkl")
+        try:
+            fan = await fan_out(cloud, specs(3), retries=1)
+        finally:
+            cloud.clear_storage_faults()
+        check_exactly_one_outcome(fan)
+        for (job_id, index), outcome in fan.by_task().items():
+            if index != 1:
+                check_value(outcome)
+                continue
+            cause = check_infrastructure_error(
+                outcome, "runner could not do its work", f"gcpbatch-array logs {job_id} 1"
+            )
+            assert cause.exit_code == 1
+            log = cloud.task_output(job_id, 1, attempt=1, stream="stderr")
+            assert "Cloud Storage refused" in log and "roles/storage.objectAdmin" in log
+        assert delta["task_attempts"] == 3 + 1
+
+    @pytest.mark.anyio
     async def test_manifest_marker_and_cleanup_errors(self, cloud: LocalCloud) -> None:
         cloud.fail_storage("POST", 503, 2, path="manifest.json")
         cloud.fail_storage("DELETE", 503, 2)
