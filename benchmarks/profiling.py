@@ -1,8 +1,9 @@
 """Summarising a py-spy profile (``py-spy record --format raw``) of the executor process.
 
 The raw format is one line per distinct stack, ``frame;frame;...;frame COUNT``, root first,
-each frame ``function (path:line)``. Samples are taken only while a thread runs Python code
-(py-spy leaves idle threads out), so the shares below are shares of the executor's CPU.
+each frame ``function (path:line)``. The suite records with ``--gil``: a sample is the stack of
+the thread holding the GIL, so the shares below are shares of the executor's Python CPU time
+(without ``--gil``, threads blocked on a socket would count as busy).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from .harness import Arrival, Mode, RunSpec
 __all__ = [
     "RESULTS_DIR",
     "Planned",
+    "covalent_plan",
     "full_plan",
     "quick_plan",
     "run_plan",
@@ -136,11 +137,36 @@ def trickle_plan(
     return plans
 
 
+def covalent_plan(electrons: int = 100, *, group: str = "covalent", **knobs: Any) -> list[Planned]:
+    """The same fan-out dispatched through a real Covalent server, in each mode."""
+    plans = []
+    for mode in Mode:
+        spec = make_spec(
+            f"{group}-{mode.value}-{electrons}",
+            group,
+            mode,
+            electrons,
+            arrival=Arrival.COVALENT,
+            **knobs,
+        )
+        quota = _quota_minutes(electrons, spec.jobs_per_minute) * 60
+        # Server start-up, Covalent's ~0.5 s per electron, then the jobs.
+        expected = 60 + electrons / 2 + spec.target_seconds
+        plans.append(
+            Planned(
+                spec,
+                heavy=mode is Mode.BATCHED,  # the server's dispatcher keeps a core busy
+                expected_seconds=expected + (quota if mode is Mode.BASELINE else 0),
+            )
+        )
+    return plans
+
+
 def full_plan() -> list[Planned]:
     """Everything RESULTS.md shows (about an hour on 2 cores, most of it waiting)."""
     from .sweep import sweep_plan
 
-    return [*size_plan(), *trickle_plan(), *sweep_plan()]
+    return [*size_plan(), *trickle_plan(), *covalent_plan(), *sweep_plan()]
 
 
 def quick_plan() -> list[Planned]:
@@ -279,13 +305,14 @@ class _ChildRunner:
             self.log(summary_line(json.loads(out.read_text())))
 
     async def _profile(self, pid: int, spec: RunSpec) -> None:
-        """Sample the child with py-spy (all threads, without pausing it) until it exits."""
+        """Sample the child with py-spy until it exits: whichever thread holds the GIL (so the
+        profile is of CPU time, not of threads waiting on sockets), without pausing it."""
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         raw = self.results_dir / f"{spec.name}.pyspy.txt"
         command = [
             py_spy,
             "record",
-            *("--pid", str(pid), "--format", "raw", "--rate", "50", "--nonblocking"),
+            *("--pid", str(pid), "--format", "raw", "--rate", "20", "--gil", "--nonblocking"),
             *("--output", str(raw)),
         ]
         try:
