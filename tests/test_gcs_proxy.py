@@ -291,10 +291,12 @@ class TestLocalCloudWiring:
                 cloud.fail_storage("BREW")
             assert cloud.clear_storage_faults() == 0
             assert task_storage_host(cloud) == cloud.storage_endpoint
-            proxy_pid = cloud._proxy_process.pid if cloud._proxy_process else -1
+            proxy_pid = cloud.gcs_proxy_pid
+            assert proxy_pid is not None and cloud.is_running()
         assert wait_process_gone(proxy_pid)
 
     def test_storage_faults_need_the_proxy(self, local_cloud: LocalCloud) -> None:
         assert local_cloud.storage_endpoint == local_cloud.gcs_endpoint
+        assert local_cloud.gcs_proxy_pid is None
         with pytest.raises(LocalCloudError, match=r"LocalCloud\(gcs_faults=True\)"):
             local_cloud.fail_storage("GET")

@@ -332,6 +332,12 @@ class LocalCloud:
         """fake-gcs-server's process id."""
         return self._running()[1].pid
 
+    @property
+    def gcs_proxy_pid(self) -> int | None:
+        """The GCS fault proxy's process id (``None`` without ``gcs_faults``)."""
+        self._running()
+        return None if self._proxy_process is None else self._proxy_process.pid
+
     def is_running(self) -> bool:
         """Whether every server process (both servers, and the fault proxy if any) is alive."""
         return (
