@@ -66,12 +66,13 @@ class ResourceSampler:
     rss_peak_mb: float = 0.0  # the highest sample
     fds_start: int = 0  # descriptors before the run
     fds_peak: int = 0  # the most descriptors open at a sample
+    sockets_start: int = 0  # sockets before the run (a test process has others open)
     sockets_peak: int = 0  # the most sockets open at a sample
     samples: list[tuple[float, float, int, int]] = field(default_factory=list)  # t, MB, fds, socks
 
     def start(self) -> None:
         self.rss_start_mb = self.rss_peak_mb = rss_mb()
-        self.fds_start, _ = open_fds()
+        self.fds_start, self.sockets_start = open_fds()
 
     def sample(self, elapsed: float) -> None:
         memory, (fds, sockets) = rss_mb(), open_fds()
@@ -103,6 +104,7 @@ class LoadReport:
     fds_start: int  # file descriptors before
     fds_peak: int  # ... at their most
     fds_end: int  # ... after
+    sockets_start: int  # TCP sockets before
     sockets_peak: int  # TCP sockets at their most
     samples: list[tuple[float, float, int, int]]  # (seconds, MB, fds, sockets) over time
 
@@ -176,6 +178,7 @@ async def run_load(
         rss_peak_mb=round(sampler.rss_peak_mb, 1),
         rss_end_mb=round(rss_mb(), 1),
         fds_start=sampler.fds_start,
+        sockets_start=sampler.sockets_start,
         fds_peak=sampler.fds_peak,
         fds_end=fds_end,
         sockets_peak=sampler.sockets_peak,
