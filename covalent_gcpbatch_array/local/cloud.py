@@ -251,23 +251,9 @@ class LocalCloud:
             argv += ["--image-map", json.dumps({k: list(v) for k, v in self.image_map.items()})]
         if self.preload is not None:
             argv += ["--preload", ",".join(self.preload)]
-        log_path = workdir / "batch-server.log"
-        with log_path.open("wb") as log_file:
-            # stdout carries exactly one line (the ready line); logs go to the file.
-            self._batch_process = spawn(argv, stdout=subprocess.PIPE, stderr=log_file)
-        line = read_ready_line(
-            self._batch_process, self.startup_timeout, what="the Batch emulator", log_path=log_path
+        self._batch_process, self._batch_endpoint = self._start_server(
+            spawn, argv, what="the Batch emulator", log_path=workdir / "batch-server.log"
         )
-        try:
-            endpoint = json.loads(line)["endpoint"]
-            if not isinstance(endpoint, str) or not endpoint.startswith("http://"):
-                raise ValueError(endpoint)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LocalCloudError(
-                f"the Batch emulator printed {line!r} instead of its ready line "
-                f'{{"endpoint": "http://HOST:PORT", "pid": PID}}; its log:\n{read_tail(log_path)}'
-            ) from exc
-        self._batch_endpoint = endpoint
 
     def _start_gcs_proxy(self, spawn: Spawner, upstream: str, workdir: Path) -> None:
         argv = [
@@ -275,22 +261,35 @@ class LocalCloud:
             *("-m", _GCS_PROXY_MODULE),
             *("--upstream", upstream, "--host", self.host, "--port", "0"),
         ]
-        log_path = workdir / "gcs-proxy.log"
-        with log_path.open("wb") as log_file:
-            self._proxy_process = spawn(argv, stdout=subprocess.PIPE, stderr=log_file)
-        line = read_ready_line(
-            self._proxy_process, self.startup_timeout, what="the GCS fault proxy", log_path=log_path
+        self._proxy_process, self._proxy_endpoint = self._start_server(
+            spawn, argv, what="the GCS fault proxy", log_path=workdir / "gcs-proxy.log"
         )
+
+    def _start_server(
+        self, spawn: Spawner, argv: list[str], *, what: str, log_path: Path
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start one of our server processes and read the endpoint from its ready line.
+
+        The process prints exactly one line on stdout, ``{"endpoint": "http://HOST:PORT", ...}``,
+        and logs to ``log_path``.
+        """
+        with log_path.open("wb") as log_file:
+            process = spawn(argv, stdout=subprocess.PIPE, stderr=log_file)
         try:
-            endpoint = json.loads(line)["endpoint"]
-            if not isinstance(endpoint, str) or not endpoint.startswith("http://"):
-                raise ValueError(endpoint)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LocalCloudError(
-                f"the GCS fault proxy printed {line!r} instead of its ready line; its log:\n"
-                f"{read_tail(log_path)}"
-            ) from exc
-        self._proxy_endpoint = endpoint
+            line = read_ready_line(process, self.startup_timeout, what=what, log_path=log_path)
+            try:
+                endpoint = json.loads(line)["endpoint"]
+                if not isinstance(endpoint, str) or not endpoint.startswith("http://"):
+                    raise ValueError(endpoint)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LocalCloudError(
+                    f"{what} printed {line!r} instead of its ready line "
+                    f'{{"endpoint": "http://HOST:PORT", ...}}; its log:\n{read_tail(log_path)}'
+                ) from exc
+        except BaseException:
+            stop_process(process, timeout=5.0)
+            raise
+        return process, endpoint
 
     # -- where things are -----------------------------------------------------------------
 
