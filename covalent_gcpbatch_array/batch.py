@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import anyio
+import google.auth.exceptions
+import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.auth.credentials import AnonymousCredentials
@@ -35,12 +37,22 @@ TASK_PAGE_SIZE = 1000
 
 _T = TypeVar("_T")
 
+#: A reset connection or an answer cut short (the REST transport is ``requests``): the request
+#: may or may not have reached Batch, so only requests safe to repeat are retried on it, and
+#: every request here is (reads, deletes, and creates that carry a ``request_id``).
+_CONNECTION_ERRORS = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.Timeout,
+    google.auth.exceptions.TransportError,
+)
 _TRANSIENT = api_retry.if_exception_type(
     api_exceptions.TooManyRequests,
     api_exceptions.InternalServerError,
     api_exceptions.BadGateway,
     api_exceptions.ServiceUnavailable,
     api_exceptions.GatewayTimeout,
+    *_CONNECTION_ERRORS,
 )
 #: Creating a job is retried for a long time: a job-creation quota can stay exceeded for
 #: minutes, and ``request_id`` makes every retry safe.
@@ -178,6 +190,11 @@ def _mapped_errors(action: str) -> Iterator[None]:
         raise BatchApiError(
             f"Google Batch: {action} still failing after retries: {exc.cause}. The API or the "
             "quota is unavailable; the work was not lost, dispatch again when it recovers"
+        ) from exc
+    except (requests.RequestException, google.auth.exceptions.TransportError) as exc:
+        raise BatchApiError(
+            f"Google Batch: {action} failed: could not reach the API ({type(exc).__name__}: "
+            f"{exc}); check the network and batch_api_endpoint"
         ) from exc
 
 
