@@ -22,6 +22,7 @@ from pathlib import Path
 import anyio
 import cloudpickle
 import pytest
+import requests
 from electrons import (
     Delta,
     FanOut,
@@ -42,6 +43,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_array.exceptions import TimeLimitExceeded
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.gcs_proxy import serve
 
 pytestmark = [
     pytest.mark.slow,
@@ -223,6 +225,34 @@ class TestBatchApiFaults:
         all_right(fan)
         assert delta["jobs_created"] == 1
         assert delta["CreateJob"] == 5
+
+    @pytest.mark.anyio
+    async def test_dropped_connections_to_the_batch_api(self, cloud: LocalCloud) -> None:
+        # The fault proxy is plain HTTP: here it stands in front of the Batch emulator.
+        # A reset connection is what a busy front end or a NAT timeout looks like.
+        delta = Delta(cloud)
+        async with anyio.create_task_group() as tg:
+            endpoint = await tg.start(serve, cloud.batch_endpoint)
+
+            def plan(**fault: object) -> None:
+                answer = requests.post(f"{endpoint}/_proxy/faults", json=fault, timeout=10)
+                answer.raise_for_status()
+
+            # The create lands, but its answer is lost: the retry must find the same job.
+            await anyio.to_thread.run_sync(
+                functools.partial(plan, method="POST", drop=True, lose_answer=True, path="/jobs?")
+            )
+            await anyio.to_thread.run_sync(
+                functools.partial(plan, method="GET", drop=True, count=4)
+            )
+            fan = await fan_out(cloud, specs(4), batch_api_endpoint=endpoint)
+            stats = await anyio.to_thread.run_sync(
+                lambda: requests.get(f"{endpoint}/_proxy/stats", timeout=10).json()
+            )
+            tg.cancel_scope.cancel()
+        all_right(fan)
+        assert stats["dropped"] == 5 and stats["pending"] == 0
+        assert delta["jobs_created"] == 1
 
     @pytest.mark.anyio
     async def test_429_and_503_bursts_on_get_and_list(self, cloud: LocalCloud) -> None:
