@@ -10,6 +10,7 @@ their marker; once no electron is waiting on the job, the job is deleted if stil
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,10 +23,24 @@ from google.cloud import batch_v1
 from .batch import BatchJobs, build_job
 from .coalescer import Batch, Member
 from .config import ExecutorConfig, JobShape
-from .exceptions import BatchApiError, GCPBatchArrayError, TaskInfrastructureError
+from .exceptions import (
+    BatchApiError,
+    GCPBatchArrayError,
+    ResultIntegrityError,
+    StorageError,
+    TaskInfrastructureError,
+)
 from .outcome import ElectronOutcome, infrastructure_error, task_index
 from .payload import ElectronOrigin, decode_error, decode_result
 from .store import ManifestEntry, TaskObject, TaskRef, TaskStore
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+try:
+    from google.cloud.storage.exceptions import DataCorruption
+except ImportError:  # pragma: no cover  (google-cloud-storage 2.x)
+    from google.resumable_media.common import DataCorruption
 
 __all__ = ["ArrayJobContext", "BatchExtras", "run_array_job"]
 
@@ -126,6 +141,31 @@ async def _write_manifest_and_markers(
                 ref = TaskRef(job_id, member.index)
                 marker = f"mark task {member.index} of job {job_id} cancelled"
                 tg.start_soon(ctx.housekeeping, marker, ctx.store.write_cancelled, ref)
+
+
+#: Reads of a task's objects before its electron gets the error. Bytes damaged on the way are
+#: caught by the client's checksum (DataCorruption) or by the HMAC (a forged object fails every
+#: read, and is never unpickled); the client retries everything else itself.
+_OUTCOME_READS = 3
+_READ_AGAIN_ON = (DataCorruption, ResultIntegrityError)
+
+
+def _first_error(raised: BaseException) -> BaseException:
+    """The error inside the exception groups that task groups wrap errors in."""
+    while isinstance(raised, BaseExceptionGroup) and raised.exceptions:
+        raised = raised.exceptions[0]
+    return raised
+
+
+def _electron_error(error: BaseException, ref: TaskRef) -> BaseException:
+    if isinstance(error, GCPBatchArrayError):
+        return error
+    wrapped = StorageError(
+        f"could not read the outcome of task {ref.index} of job {ref.job_id}: "
+        f"{type(error).__name__}: {error}"
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 class _JobMonitor:
@@ -252,13 +292,29 @@ class _JobMonitor:
                 )
 
     async def _collect(self, member: Member[ElectronOutcome], task: batch_v1.Task) -> None:
-        """Read the task's objects and resolve (or fail) its electron."""
+        """Read the task's objects and resolve (or fail) its electron, and only its electron.
+
+        Whatever reading one task's outcome raises ends up as that electron's error: raised
+        out of here it would end the monitor and fail every job-mate still waiting.
+        """
         ref = TaskRef(self.job_id, member.index)
-        try:
-            outcome = await self._read_outcome(ref, task)
-        except GCPBatchArrayError as exc:
-            member.fail(exc)
-            return
+        for read in range(1, _OUTCOME_READS + 1):
+            try:
+                outcome = await self._read_outcome(ref, task)
+                break
+            except Exception as raised:
+                error = _first_error(raised)
+                if read < _OUTCOME_READS and isinstance(error, _READ_AGAIN_ON):
+                    logger.warning(
+                        "reading the outcome of task %d of job %s failed, reading it again: %s",
+                        ref.index,
+                        ref.job_id,
+                        error,
+                    )
+                    await anyio.sleep(0.5 * read)  # back off: this is not a synchronisation
+                    continue
+                member.fail(_electron_error(error, ref))
+                return
         if isinstance(outcome, BaseException):
             member.fail(outcome)
         else:
