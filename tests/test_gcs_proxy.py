@@ -209,6 +209,17 @@ class TestFaults:
         assert await call(blob.download_as_bytes, retry=QUICK_RETRY) == data
 
     @pytest.mark.anyio
+    async def test_a_corrupted_download_fails_the_clients_checksum(self, proxy: str) -> None:
+        data = os.urandom(64 * 1024)
+        blob = bucket_via(proxy).blob("rot/object")
+        await call(blob.upload_from_string, data)
+        await plan(proxy, method="GET", corrupt=True, path="rot/object?alt=media")
+        with pytest.raises(Exception, match=r"[Cc]hecksum|hash") as info:
+            await call(bucket_via(proxy).blob("rot/object").download_as_bytes, retry=None)
+        assert "DataCorruption" in type(info.value).__name__
+        assert (await stats(proxy))["corrupted"] == 1
+
+    @pytest.mark.anyio
     async def test_path_names_the_object_of_a_multipart_upload(self, proxy: str) -> None:
         # Small uploads name their object in the body, not the URL: the proxy looks there.
         await plan(proxy, method="POST", status=503, path="tasks/1/result.pkl")

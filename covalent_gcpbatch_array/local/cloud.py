@@ -440,6 +440,7 @@ class LocalCloud:
         drop: bool = False,
         path: str = "",
         lose_answer: bool = False,
+        corrupt: bool = False,
     ) -> None:
         """Make the next ``count`` matching Cloud Storage requests fail (needs ``gcs_faults``).
 
@@ -454,6 +455,7 @@ class LocalCloud:
             ``"result.pkl"`` (uploads name the object in the query)
         :param lose_answer: let the request reach storage first (a write takes effect), and
             only replace its answer (or, with ``drop``, cut it in half)
+        :param corrupt: pass the answer on with one byte of its body flipped instead
         :raises LocalCloudError: the cloud runs without ``gcs_faults``, or a bad value
         """
         body = {
@@ -463,6 +465,7 @@ class LocalCloud:
             "drop": drop,
             "path": path,
             "lose_answer": lose_answer,
+            "corrupt": corrupt,
         }
         self._proxy_admin("POST", "faults", body)
 
@@ -474,7 +477,7 @@ class LocalCloud:
         """What the fault proxy saw since start (needs ``gcs_faults``).
 
         ``{"requests": {"GET": n, "POST": n, ...}, "forwarded": n, "failed": n, "dropped": n,
-        "answers_lost": n, "pending": n, "faulted": ["METHOD /path?query", ...]}``
+        "answers_lost": n, "corrupted": n, "pending": n, "faulted": ["METHOD /path?query", ...]}``
         """
         result: dict[str, Any] = self._proxy_admin("GET", "stats")
         return result

@@ -7,7 +7,9 @@ matches it. A fault is "the next ``count`` requests whose method is M and whose 
 - ``status=503`` (or 500, 429, ...): answer with Google's error JSON instead of forwarding;
 - ``drop=True``: close the connection without answering (the request never arrives);
 - ``lose_answer=True``: forward the request (the write *happens*), then replace the answer
-  with the error status, or with ``drop`` send half of it and close: the client learns nothing.
+  with the error status, or with ``drop`` send half of it and close: the client learns nothing;
+- ``corrupt=True``: forward the request and pass the answer on with one byte of its body
+  flipped (bit rot in transit: the client's checksum check, if any, must catch it).
 
 Process contract (like the Batch emulator's)::
 
@@ -83,6 +85,7 @@ class StorageFault:
     status: int  # the HTTP status answered (unused when dropping)
     drop: bool  # close the connection instead of answering
     lose_answer: bool  # forward the request first: it takes effect, only the answer is lost
+    corrupt: bool = False  # forward it, and flip one byte of the answer's body
 
     def matches(self, method: str, target: str) -> bool:
         """Whether a request ``method target`` (target decoded) is one this fault hits."""
@@ -104,6 +107,7 @@ class StorageFaults:
         drop: bool = False,
         path: str = "",
         lose_answer: bool = False,
+        corrupt: bool = False,
     ) -> None:
         """Plan that the next ``count`` matching requests fail.
 
@@ -118,7 +122,7 @@ class StorageFaults:
             raise ValueError(f"count must be an integer >= 0, got {count!r}")
         if not isinstance(path, str):
             raise ValueError(f"path must be a string, got {path!r}")
-        fault = StorageFault(method, path, status, bool(drop), bool(lose_answer))
+        fault = StorageFault(method, path, status, bool(drop), bool(lose_answer), bool(corrupt))
         self._planned.extend([fault] * count)
 
     def take(self, method: str, target: str) -> StorageFault | None:
@@ -149,6 +153,7 @@ class ProxyStats:
     failed: int = 0  # requests answered with an injected error status
     dropped: int = 0  # connections closed by an injected drop
     answers_lost: int = 0  # of those failed or dropped: requests forwarded first
+    corrupted: int = 0  # answers passed on with a flipped byte
     faulted: deque[str] = field(default_factory=lambda: deque(maxlen=_FAULT_LOG))  # recent hits
 
     def to_json(self, pending: int) -> dict[str, Any]:
@@ -158,6 +163,7 @@ class ProxyStats:
             "failed": self.failed,
             "dropped": self.dropped,
             "answers_lost": self.answers_lost,
+            "corrupted": self.corrupted,
             "pending": pending,
             "faulted": list(self.faulted),
         }
@@ -258,7 +264,7 @@ class GcsProxy:
         if fault is not None:
             self.stats.faulted.append(f"{method} {described}")
             logger.info("injecting %s into %s %s", fault, method, described)
-        if fault is not None and not fault.lose_answer:
+        if fault is not None and not (fault.lose_answer or fault.corrupt):
             if fault.drop:
                 self.stats.dropped += 1
                 return False  # closed unread: the client sees a reset connection
@@ -311,7 +317,11 @@ class GcsProxy:
                         return True
             # Metadata carries links (mediaLink, selfLink) a client may follow: make them ours.
             answer = self._rewrite_links(await _read_body(upstream))
-            if fault is not None:
+            if fault is not None and fault.corrupt and answer:
+                self.stats.corrupted += 1
+                middle = len(answer) // 2
+                answer = answer[:middle] + bytes([answer[middle] ^ 0x01]) + answer[middle + 1 :]
+            elif fault is not None:
                 return await self._lose_answer(client, response, answer, fault)
             await client.send(self._rewritten(response, len(answer)))
             if answer:
@@ -371,7 +381,7 @@ class GcsProxy:
                 spec = json.loads(body or b"{}")
                 if not isinstance(spec, dict):
                     raise ValueError("the body must be a JSON object")
-                known = {"method", "status", "count", "drop", "path", "lose_answer"}
+                known = {"method", "status", "count", "drop", "path", "lose_answer", "corrupt"}
                 if unknown := sorted(set(spec) - known):
                     raise ValueError(f"unknown fields {unknown}; known: {sorted(known)}")
                 self.faults.add(**spec)
