@@ -41,7 +41,7 @@ from google.api_core.exceptions import TooManyRequests
 from google.api_core.retry import Retry, if_exception_type
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_array.exceptions import TimeLimitExceeded
+from covalent_gcpbatch_array.exceptions import StorageError, TimeLimitExceeded
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs_proxy import serve
 
@@ -342,6 +342,34 @@ class TestStorageFaults:
         assert delta["task_attempts"] == 3 + 1
 
     @pytest.mark.anyio
+    async def test_a_result_storage_will_not_give_fails_only_its_electron(
+        self, cloud: LocalCloud
+    ) -> None:
+        cloud.fail_storage("GET", 403, count=1000, path="/tasks/1/result.pkl?alt=media")
+        try:
+            fan = await fan_out(cloud, specs(3))
+        finally:
+            cloud.clear_storage_faults()
+        check_exactly_one_outcome(fan)
+        for (_, index), outcome in fan.by_task().items():
+            if index == 1:
+                assert isinstance(outcome.cause, StorageError), repr(outcome.error)
+                assert "refused to read result.pkl of task 1" in str(outcome.cause)
+            else:
+                check_value(outcome)
+
+    @pytest.mark.anyio
+    async def test_bit_rot_in_transit_is_caught_and_read_again(self, cloud: LocalCloud) -> None:
+        # One byte flipped on the way: the client's checksum (or the HMAC) catches it, and a
+        # second read gets the right bytes; on the task side (input), and on ours (result).
+        delta = Delta(cloud)
+        cloud.fail_storage("GET", corrupt=True, path="/tasks/0/input.pkl?alt=media")
+        cloud.fail_storage("GET", corrupt=True, path="/tasks/1/result.pkl?alt=media")
+        fan = await fan_out(cloud, specs(3), retries=1)
+        all_right(fan)
+        assert delta.storage("corrupted") == 2
+
+    @pytest.mark.anyio
     async def test_manifest_marker_and_cleanup_errors(self, cloud: LocalCloud) -> None:
         cloud.fail_storage("POST", 503, 2, path="manifest.json")
         cloud.fail_storage("DELETE", 503, 2)
@@ -360,10 +388,11 @@ class TestHousekeepingFailures:
         # Earlier tests may raise the root logger's level: capture the executor's own warnings.
         caplog.set_level(logging.WARNING, logger="covalent_gcpbatch_array")
         release = tmp_path / "release"
+        refused_before = cloud.storage_stats()["failed"]
         cloud.fail_storage("DELETE", 403, count=1000)
 
         async def release_after_first(handles: dict[int, tuple[str, int]]) -> None:
-            await wait_for(lambda: cloud.storage_stats()["failed"] > 0)
+            await wait_for(lambda: cloud.storage_stats()["failed"] > refused_before)
             release.touch()
 
         try:
@@ -375,7 +404,8 @@ class TestHousekeepingFailures:
         finally:
             cloud.clear_storage_faults()
         all_right(fan)
-        assert re.search(r"could not delete the objects of task \d+ of job", caplog.text)
+        warned = re.compile(r"could not delete the objects of task \d+ of job")
+        await wait_for(lambda: bool(warned.search(caplog.text)))
 
     @pytest.mark.anyio
     async def test_a_cancel_marker_that_cannot_be_written_touches_no_job_mate(
@@ -384,6 +414,7 @@ class TestHousekeepingFailures:
         # The electron's own run() is cancelled (as when Covalent stops waiting for it): the
         # monitor writes its task's marker, and storage refuses.
         release = tmp_path / "release"
+        refused_before = cloud.storage_stats()["failed"]
         cloud.fail_storage("POST", 403, count=1000, path="/cancelled")
         token = new_token()
         batch = [Spec(i, token, "wait_file", str(release)) for i in range(3)]
@@ -414,7 +445,7 @@ class TestHousekeepingFailures:
                     await wait_for(lambda: cloud.stats()["api_calls"]["ListTasks"] > 0)
                     await wait_for(lambda: running_tasks(cloud) >= 3)
                     scopes[1].cancel()
-                    await wait_for(lambda: cloud.storage_stats()["failed"] > 0)
+                    await wait_for(lambda: cloud.storage_stats()["failed"] > refused_before)
                     release.touch()
         finally:
             cloud.clear_storage_faults()
