@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tasks-per-job", type=int, default=_DEFAULTS.max_tasks_per_job)
     parser.add_argument("--poll-freq", type=float, default=_DEFAULTS.poll_freq)
     parser.add_argument(
+        "--keep-objects", action="store_true", help="the executor leaves task objects in place"
+    )
+    parser.add_argument(
         "--trace-memory", action="store_true", help="also measure allocations with tracemalloc"
     )
     parser.add_argument(
@@ -116,6 +119,7 @@ def _adhoc_plan(options: argparse.Namespace) -> list[Planned]:
         "batch_idle_gap": options.batch_idle_gap,
         "max_tasks_per_job": options.max_tasks_per_job,
         "poll_freq": options.poll_freq,
+        "keep_objects": options.keep_objects,
         "trace_memory": options.trace_memory,
     }
     plans = []

@@ -81,6 +81,7 @@ class RunSpec:
     batch_idle_gap: float = float(DEFAULTS["batch_idle_gap"])  # executor knob
     max_tasks_per_job: int = int(DEFAULTS["max_tasks_per_job"])  # executor knob (batched mode)
     poll_freq: float = float(DEFAULTS["poll_freq"])  # executor knob
+    keep_objects: bool = bool(DEFAULTS["keep_objects"])  # executor knob: skip the clean-up
     trace_memory: bool = False  # also measure the executor's own allocations (slows it down)
 
     def executor_settings(self) -> dict[str, Any]:
@@ -90,6 +91,7 @@ class RunSpec:
             "batch_idle_gap": self.batch_idle_gap,
             "max_tasks_per_job": 1 if self.mode is Mode.BASELINE else self.max_tasks_per_job,
             "poll_freq": self.poll_freq,
+            "keep_objects": self.keep_objects,
             "retries": 0,
         }
 

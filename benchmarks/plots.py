@@ -2,8 +2,8 @@
 
 - ``calls_vs_size.png``: jobs created and Batch API calls against fan-out size, log-log;
 - ``time_vs_size.png``: time to the last result against fan-out size, both modes;
-- ``window_sweep.png``: time to the last result and jobs created against ``batch_window``,
-  one line per ``batch_idle_gap``, for a burst and for a trickle.
+- ``window_sweep.png``: time to the first and the last result, and jobs created, against
+  ``batch_window``, one line per ``batch_idle_gap``, for a burst and for a trickle.
 """
 
 from __future__ import annotations
@@ -133,8 +133,19 @@ def _plot_sweep(results: list[dict[str, Any]], out: Path) -> Path | None:
             line.sort(key=lambda r: r["spec"]["batch_window"])
             windows = [r["spec"]["batch_window"] for r in line]
             label = f"idle gap {gap:g} s"
+            drawn = time_axes.plot(
+                windows,
+                [r["time_to_last_result_s"] for r in line],
+                marker="o",
+                label=f"{label}: last",
+            )
             time_axes.plot(
-                windows, [r["time_to_last_result_s"] for r in line], marker="o", label=label
+                windows,
+                [r["time_to_first_result_s"] for r in line],
+                marker=".",
+                linestyle=":",
+                color=drawn[0].get_color(),
+                label=f"{label}: first",
             )
             jobs_axes.plot(windows, [r["jobs_created"] for r in line], marker="o", label=label)
         sample = points[0]
@@ -142,7 +153,7 @@ def _plot_sweep(results: list[dict[str, Any]], out: Path) -> Path | None:
         if arrival == "trickle":
             what += f" at {sample['spec']['rate']:g}/s"
         for axes, title, ylabel in (
-            (time_axes, f"Time to the last result ({what})", "seconds"),
+            (time_axes, f"Time to the first and last result ({what})", "seconds"),
             (jobs_axes, f"Jobs created ({what})", "jobs"),
         ):
             axes.set_title(title, fontsize="medium")

@@ -104,7 +104,9 @@ def goals(results: list[Result]) -> list[Goal]:
                 "≤ 1.2x",
                 ratio <= 1.2,
                 f"{batched['time_to_last_result_s']:g} s against {batched['target_s']:g} s; "
-                f"first to last result took {spread:.1f} s",
+                f"the first result came at {batched['time_to_first_result_s']:g} s, the "
+                f"{spread:.0f} s after it are this machine running the "
+                f"{batched['electrons']:,} task processes",
             )
         )
         cpu = batched["cpu_ms_per_electron"]
@@ -226,7 +228,10 @@ def _profile_sections(results_dir: Path) -> list[str]:
         sections += [
             f"### Profile of `{name}` ({summary['samples']:,} samples of the executor process)",
             "",
-            "Our functions, by inclusive share of the executor's busy samples:",
+            "Our functions, by inclusive share of the executor's CPU samples (`<module>` and "
+            "`main` of `benchmarks/harness.py` stand for the event loop's thread, where every "
+            "`run()` coroutine, the coalescer and the job monitors run; the rest is worker "
+            "threads doing blocking client calls):",
             "",
             _table(["function", "share"], own),
             "",

@@ -254,6 +254,8 @@ class TestPlans:
         assert {10, 100, 1000} <= burst_baseline
         assert any(s.arrival is Arrival.TRICKLE and s.rate == 2.0 for s in specs)
         assert any(p.profile and p.spec.electrons == 10_000 for p in plan)
+        covalent = {s.mode for s in specs if s.arrival is Arrival.COVALENT}
+        assert covalent == {Mode.BATCHED, Mode.BASELINE}
         headline = next(s for s in specs if s.name == "sizes-batched-1000")
         assert (headline.provisioning_delay, headline.jobs_per_minute) == (30.0, 20)
 
