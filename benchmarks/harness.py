@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 import tracemalloc
 import uuid
 from collections.abc import Mapping
@@ -251,6 +252,7 @@ class _FanOut:
         self.failures: dict[int, str] = {}  # index -> what went wrong
         self.dispatch_id = f"bench-{uuid.uuid4().hex[:8]}"
         self.started = 0.0  # monotonic time of the first arrival
+        self.first_traceback = ""  # of the first failure's innermost cause, for diagnosis
 
     async def run(self) -> dict[str, Any]:
         """Run every electron; wait for the executor to finish its clean-up; measure."""
@@ -286,6 +288,7 @@ class _FanOut:
             "succeeded": spec.electrons - len(self.failures),
             "failed": len(self.failures),
             "errors_sample": [self.failures[i] for i in sorted(self.failures)[:5]],
+            "first_error_traceback": self.first_traceback,
             "arrival_span_s": round(max(self.arrived_at), 3),
             "time_to_first_result_s": round(min(succeeded), 3) if succeeded else None,
             "time_to_last_result_s": round(last_result, 3),
@@ -322,8 +325,17 @@ class _FanOut:
                 self.failures[index] = f"electron {index} returned {value!r}, not {index + 1}"
         except Exception as exc:
             self.failures[index] = f"electron {index}: {type(exc).__name__}: {exc}"[:500]
+            if not self.first_traceback:
+                self.first_traceback = _root_traceback(exc)
         self.finished_at[index] = time.monotonic() - self.started
         self.progress.pending -= 1
+
+
+def _root_traceback(error: BaseException, limit: int = 6000) -> str:
+    """The traceback of the innermost ``__cause__`` of ``error`` (where it really failed)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return "".join(traceback.format_exception(error))[-limit:]
 
 
 def _mb(count: int) -> float:
