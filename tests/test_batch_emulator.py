@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry, if_exception_type
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
 from google.protobuf import duration_pb2
@@ -882,6 +883,43 @@ class TestServerProcess:
             server.process.send_signal(signal.SIGTERM)
             assert server.process.wait(timeout=20) == 0
         wait_until(lambda: process_dead(pid), timeout=10, what=f"task {pid} to die")
+
+    def test_a_short_quota_window_refuses_then_lets_the_retry_through(self, tmp_path: Path) -> None:
+        quota = ("--jobs-per-window", "1", "--quota-window-seconds", "1")
+        with run_emulator(tmp_path, *quota) as server:
+            settings = server.admin("GET", "settings")
+            assert (settings["jobs_per_window"], settings["quota_window_seconds"]) == (1, 1.0)
+            client = server.client()
+            create(client, script_job("true"), "window")
+            with pytest.raises(api_exceptions.TooManyRequests, match="1 jobs per 1 s"):
+                create(client, script_job("true"), "window")
+            # The client's own retry waits the window out; no sleep in the test.
+            patient = Retry(
+                predicate=if_exception_type(api_exceptions.TooManyRequests),
+                initial=0.2,
+                maximum=0.5,
+                timeout=30,
+            )
+            client.create_job(
+                parent=PARENT, job=script_job("true"), job_id=new_id("w"), retry=patient
+            )
+            stats = server.admin("GET", "stats")
+            assert stats["jobs_created"] == 2 and stats["quota_refusals"] >= 1
+            assert stats["api_calls"]["CreateJob"] == 2 + stats["quota_refusals"]
+
+            # jobs_per_minute is the same quota over a minute.
+            now = server.admin("POST", "settings", {"jobs_per_minute": 5})
+            assert (now["jobs_per_window"], now["quota_window_seconds"]) == (5, 60.0)
+
+    def test_jobs_per_minute_goes_without_a_window(self, tmp_path: Path) -> None:
+        command = [
+            sys.executable, "-m", "covalent_gcpbatch_array.local.batch_server",
+            "--storage-endpoint", STORAGE_ENDPOINT, "--workdir", str(tmp_path),
+            "--jobs-per-minute", "2", "--quota-window-seconds", "5",
+        ]  # fmt: skip
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        assert "--jobs-per-minute has a 60 s window" in refused.stderr
 
     def test_the_server_dies_with_its_parent(self, tmp_path: Path) -> None:
         # A parent that starts the server, reports its ready line, then waits to be killed.

@@ -292,3 +292,61 @@ class TestTime:
             assert all(process.killed for process in stuck)
             assert job.state is JobState.FAILED
             tg.cancel_scope.cancel()
+
+
+class TestQuotaSettings:
+    @pytest.mark.anyio
+    async def test_a_window_of_its_own_refuses_creates_and_counts_them(
+        self, running: tuple[BatchScheduler, FakeLauncher]
+    ) -> None:
+        scheduler, _ = running
+        now = scheduler.configure({"jobs_per_window": 1, "quota_window_seconds": 5})
+        assert (now["jobs_per_window"], now["quota_window_seconds"]) == (1, 5.0)
+        assert now["jobs_per_minute"] is None  # the quota is not a per-minute one
+
+        create(scheduler, "first", body())
+        for attempt in range(2):
+            with pytest.raises(ApiError) as refused:
+                create(scheduler, f"refused-{attempt}", body())
+            assert refused.value.code == 429 and "1 jobs per 5 s" in refused.value.message
+        assert (scheduler.stats.jobs_created, scheduler.stats.quota_refusals) == (1, 2)
+        assert scheduler.stats.to_json()["quota_refusals"] == 2
+
+    @pytest.mark.anyio
+    async def test_jobs_per_minute_sets_the_quota_and_a_minute_window(
+        self, running: tuple[BatchScheduler, FakeLauncher]
+    ) -> None:
+        scheduler, _ = running
+        scheduler.configure({"jobs_per_window": 3, "quota_window_seconds": 5})
+        now = scheduler.configure({"jobs_per_minute": 7})
+        assert (now["jobs_per_window"], now["quota_window_seconds"], now["jobs_per_minute"]) == (
+            7,
+            60.0,
+            7,
+        )
+        now = scheduler.configure({"jobs_per_minute": None})
+        assert (now["jobs_per_window"], now["jobs_per_minute"]) == (None, None)
+        for index in range(10):
+            create(scheduler, f"free-{index}", body())
+        assert scheduler.stats.quota_refusals == 0
+
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            {"jobs_per_minute": 1, "quota_window_seconds": 5},
+            {"jobs_per_minute": 1, "jobs_per_window": 1},
+            {"jobs_per_window": 0},
+            {"jobs_per_window": 2, "quota_window_seconds": 0},
+            {"quota_window_seconds": float("inf")},
+            {"quota_window_seconds": "5"},
+            {"quota_window": 5},
+        ],
+    )
+    def test_bad_quota_settings_are_refused_and_nothing_changes(
+        self, tmp_path: Path, launcher: FakeLauncher, changes: dict[str, Any]
+    ) -> None:
+        scheduler = BatchScheduler(launcher, workdir=tmp_path, storage_endpoint="")
+        before = scheduler.settings_json()
+        with pytest.raises(ValueError):
+            scheduler.configure(changes)
+        assert scheduler.settings_json() == before

@@ -117,8 +117,50 @@ class TestCreationQuota:
             quota.check()
             quota.record()
 
-        quota.per_minute = 1000
+        quota.limit = 1000
         with pytest.raises(ApiError):
             quota.check()
-        quota.per_minute = 1001
+        quota.limit = 1001
         quota.check()
+
+    def test_a_shorter_window_lets_creates_through_sooner(self) -> None:
+        clock = FakeClock()
+        quota = CreationQuota(1, window_seconds=5, clock=clock)
+        quota.check()
+        quota.record()
+
+        clock.now += 4.9
+        with pytest.raises(ApiError) as refused:
+            quota.check()
+        assert "1 jobs per 5 s" in refused.value.message
+        assert "Retry in 0.1 s" in refused.value.message
+
+        clock.now += 0.1  # five seconds after the create, it leaves the window
+        quota.check()
+        quota.record()
+        clock.now += 1
+        with pytest.raises(ApiError):
+            quota.check()
+
+    def test_widening_the_window_counts_creates_already_made(self) -> None:
+        clock = FakeClock()
+        quota = CreationQuota(1, window_seconds=5, clock=clock)
+        quota.check()
+        quota.record()
+        clock.now += 10
+        quota.window_seconds = 60  # the create 10 s ago is inside a minute
+        with pytest.raises(ApiError) as refused:
+            quota.check()
+        assert "1 jobs per minute" in refused.value.message
+        clock.now += 50
+        quota.check()
+
+    @pytest.mark.parametrize("limit", [0, -1, True, 1.5])
+    def test_bad_limits_are_refused(self, limit: object) -> None:
+        with pytest.raises(ValueError, match="integer >= 1"):
+            CreationQuota(limit)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("window", [0, -5, float("inf"), float("nan"), True])
+    def test_bad_windows_are_refused(self, window: float) -> None:
+        with pytest.raises(ValueError, match="seconds > 0"):
+            CreationQuota(1, window_seconds=window)

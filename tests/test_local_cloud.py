@@ -217,6 +217,23 @@ class TestAdmin:
             )
         assert local_cloud.settings() == original
 
+    def test_the_quota_window_is_a_knob_and_jobs_per_minute_goes_alone(
+        self, local_cloud: LocalCloud
+    ) -> None:
+        original = local_cloud.settings()
+        try:
+            now = local_cloud.configure(jobs_per_window=2, quota_window_seconds=5)
+            assert (now["jobs_per_window"], now["quota_window_seconds"]) == (2, 5.0)
+            with pytest.raises(LocalCloudError, match="jobs_per_minute sets the quota and its"):
+                local_cloud.configure(jobs_per_minute=1, quota_window_seconds=5)
+            assert local_cloud.settings() == now
+        finally:
+            local_cloud.configure(
+                jobs_per_window=original["jobs_per_window"],
+                quota_window_seconds=original["quota_window_seconds"],
+            )
+        assert local_cloud.settings() == original
+
     def test_bad_admin_request_is_a_clear_error(self, local_cloud: LocalCloud) -> None:
         with pytest.raises(LocalCloudError, match="refused POST /_emulator/fail_calls: 400"):
             local_cloud.fail_calls("CreateJob", status=503, count="two")  # type: ignore[arg-type]
@@ -243,6 +260,14 @@ class TestConfiguration:
         validated = ExecutorConfig.from_values({**DEFAULTS, **local_cloud.executor_config()})
         assert validated.batch_api_endpoint == local_cloud.batch_endpoint
         assert validated.storage_api_endpoint == local_cloud.storage_endpoint
+
+    def test_jobs_per_minute_is_the_quota_over_a_minute(self) -> None:
+        cloud = LocalCloud(jobs_per_minute=20)
+        assert (cloud.jobs_per_window, cloud.quota_window_seconds) == (20, 60.0)
+        short = LocalCloud(jobs_per_window=1, quota_window_seconds=5)
+        assert (short.jobs_per_window, short.quota_window_seconds) == (1, 5)
+        with pytest.raises(ValueError, match="jobs_per_minute is the quota over a 60 s window"):
+            LocalCloud(jobs_per_minute=1, quota_window_seconds=5)
 
     def test_bucket_exists(self, local_cloud: LocalCloud) -> None:
         client = local_cloud.storage_client()

@@ -37,8 +37,6 @@ from electrons import (
     new_token,
     work,
 )
-from google.api_core.exceptions import TooManyRequests
-from google.api_core.retry import Retry, if_exception_type
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_array.exceptions import StorageError, TimeLimitExceeded
@@ -103,35 +101,38 @@ def all_right(fan: FanOut) -> None:
 
 
 class TestJobCreationQuota:
-    # First in the module: the fewer jobs created in the last minute, the shorter the wait.
+    # First in the module: no job of another test is in the quota's window.
     @pytest.mark.anyio
-    async def test_job_creation_quota_exceeded_for_a_minute(self, cloud: LocalCloud) -> None:
-        # One job per minute, and a job of someone else's fills the minute: the fan-out's
-        # create meets 429 RESOURCE_EXHAUSTED for about a minute, and is retried (with the
-        # same request id) until the quota's window moves on.
+    async def test_job_creation_quota_exceeded_for_a_while(self, cloud: LocalCloud) -> None:
+        # One job per 5 s (Google counts per minute; a short window keeps the test short). As
+        # soon as the electrons have joined their batch, someone else's job fills the window,
+        # so the batch's create (2 s after the first join) meets 429 RESOURCE_EXHAUSTED and is
+        # retried, with the same request id, until the window moves on.
         client = cloud.batch_client()
         parent = f"projects/{cloud.project_id}/locations/{cloud.region}"
         runnable = batch_v1.Runnable(script=batch_v1.Runnable.Script(text="true"))
         filler = batch_v1.Job(
             task_groups=[batch_v1.TaskGroup(task_spec=batch_v1.TaskSpec(runnables=[runnable]))]
         )
-        patient = Retry(predicate=if_exception_type(TooManyRequests), initial=1, timeout=120)
-        cloud.configure(jobs_per_minute=1)
+        create_filler = functools.partial(
+            client.create_job, parent=parent, job_id=f"quota-filler-{new_token()}", job=filler
+        )
+
+        async def fill_the_window(_: dict[int, tuple[str, int]]) -> None:
+            await anyio.to_thread.run_sync(create_filler)
+
+        cloud.configure(jobs_per_window=1, quota_window_seconds=5)
         try:
-            await anyio.to_thread.run_sync(
-                functools.partial(
-                    client.create_job,
-                    parent=parent,
-                    job_id=f"quota-filler-{new_token()}",
-                    job=filler,
-                    retry=patient,
-                )
-            )
             delta = Delta(cloud)
-            fan = await fan_out(cloud, specs(4), deadline=240)
+            fan = await fan_out(
+                cloud, specs(4), deadline=240, while_running=fill_the_window, batch_window=2
+            )
             all_right(fan)
-            assert delta["jobs_created"] == 1
-            assert delta["CreateJob"] > 2  # refused for a while, then created once
+            assert len({outcome.handle["job_id"] for outcome in fan if outcome.handle}) == 1
+            assert delta["jobs_created"] == 2  # the filler and the batch's one job
+            refusals = delta["quota_refusals"]
+            assert refusals >= 1  # the batch's create met the full window
+            assert delta["CreateJob"] == 2 + refusals  # every refusal was retried until created
         finally:
             cloud.configure(jobs_per_minute=None)
 

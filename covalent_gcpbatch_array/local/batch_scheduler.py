@@ -31,7 +31,13 @@ from covalent_gcpbatch_array.local.batch_state import (
     TaskRecord,
     TaskState,
 )
-from covalent_gcpbatch_array.local.faults import RPC_METHODS, CallFaults, CreationQuota, TaskFaults
+from covalent_gcpbatch_array.local.faults import (
+    DEFAULT_QUOTA_WINDOW_SECONDS,
+    RPC_METHODS,
+    CallFaults,
+    CreationQuota,
+    TaskFaults,
+)
 from covalent_gcpbatch_array.local.task_attempt import (
     EXIT_GENERIC_FAILURE,
     Launcher,
@@ -45,8 +51,29 @@ logger = logging.getLogger(__name__)
 
 # Google keeps a requestId for 60 minutes.
 _REQUEST_ID_TTL = 3600.0
+# The knobs configure() takes; jobs_per_minute is jobs_per_window over a 60 s window.
+_KNOBS = (
+    "provisioning_delay",
+    "max_running_tasks",
+    "jobs_per_window",
+    "quota_window_seconds",
+    "jobs_per_minute",
+)
 # How long DeleteJob waits for the killed tasks to be reaped.
 _DELETE_DRAIN_TIMEOUT = 10.0
+
+
+def _check_knob(key: str, value: Any) -> None:
+    """:raises ValueError: ``value`` is not a valid value of the knob ``key``"""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key == "provisioning_delay":
+        if not (number and math.isfinite(value) and value >= 0):
+            raise ValueError(f"provisioning_delay must be a number >= 0, got {value!r}")
+    elif key == "quota_window_seconds":
+        if not (number and math.isfinite(value) and value > 0):
+            raise ValueError(f"quota_window_seconds must be a number > 0, got {value!r}")
+    elif value is not None and not (number and isinstance(value, int) and value >= 1):
+        raise ValueError(f"{key} must be an integer >= 1 or null, got {value!r}")
 
 
 @dataclass
@@ -70,12 +97,14 @@ class EmulatorStats:
     api_calls: Counter[str] = field(default_factory=Counter)  # RPC name -> calls (errors too)
     jobs_created: int = 0  # successful CreateJob calls (not idempotent repeats)
     task_attempts: int = 0  # attempts started, including those failed by a fault at start
+    quota_refusals: int = 0  # CreateJob calls answered 429 by the job-creation quota
 
     def to_json(self) -> dict[str, Any]:
         return {
             "api_calls": {method: self.api_calls[method] for method in RPC_METHODS},
             "jobs_created": self.jobs_created,
             "task_attempts": self.task_attempts,
+            "quota_refusals": self.quota_refusals,
         }
 
 
@@ -93,7 +122,8 @@ class BatchScheduler:
     :param workdir: where attempts' outputs and jobs' HOME folders go
     :param storage_endpoint: the GCS emulator, given to tasks as ``STORAGE_EMULATOR_HOST``
     :param settings: the initial realism knobs
-    :param jobs_per_minute: the job-creation quota (None: unlimited)
+    :param jobs_per_window: the job-creation quota, creates per window (None: unlimited)
+    :param quota_window_seconds: the quota's sliding window (Google's is a minute)
     """
 
     def __init__(
@@ -103,13 +133,14 @@ class BatchScheduler:
         workdir: Path,
         storage_endpoint: str,
         settings: EmulatorSettings | None = None,
-        jobs_per_minute: int | None = None,
+        jobs_per_window: int | None = None,
+        quota_window_seconds: float = DEFAULT_QUOTA_WINDOW_SECONDS,
     ) -> None:
         self.settings = settings or EmulatorSettings()
         self.stats = EmulatorStats()
         self.call_faults = CallFaults()
         self.task_faults = TaskFaults()
-        self.quota = CreationQuota(jobs_per_minute)
+        self.quota = CreationQuota(jobs_per_window, quota_window_seconds)
         self._launcher = launcher
         self._workdir = workdir
         self._storage_endpoint = storage_endpoint
@@ -133,41 +164,52 @@ class BatchScheduler:
     # -- settings ---------------------------------------------------------------------------
 
     def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Change knobs at run time and return all of them.
+        """Change knobs at run time and return all of them (nothing changes on an error).
 
-        :raises ValueError: an unknown knob or a bad value
+        The job-creation quota is ``jobs_per_window`` creates in any ``quota_window_seconds``;
+        ``jobs_per_minute`` sets both at once (the window back to 60 s, as Google's quota).
+
+        :raises ValueError: an unknown knob, a bad value, or ``jobs_per_minute`` given with
+            ``jobs_per_window`` or ``quota_window_seconds``
         """
-        unknown = set(changes) - {"provisioning_delay", "max_running_tasks", "jobs_per_minute"}
+        unknown = set(changes) - set(_KNOBS)
         if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; known: {', '.join(_KNOBS)}")
+        if "jobs_per_minute" in changes and changes.keys() & {
+            "jobs_per_window",
+            "quota_window_seconds",
+        }:
             raise ValueError(
-                f"unknown settings {sorted(unknown)}; known: provisioning_delay, "
-                f"max_running_tasks, jobs_per_minute"
+                "jobs_per_minute sets the quota and its window (60 s) at once; give it alone, "
+                "or give jobs_per_window and quota_window_seconds instead"
             )
-        if "provisioning_delay" in changes:
-            delay = changes["provisioning_delay"]
-            if (
-                isinstance(delay, bool)
-                or not isinstance(delay, int | float)
-                or not (math.isfinite(delay) and delay >= 0)
-            ):
-                raise ValueError(f"provisioning_delay must be a number >= 0, got {delay!r}")
-        for key in ("max_running_tasks", "jobs_per_minute"):
-            value = changes.get(key)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{key} must be an integer >= 1 or null, got {value!r}")
+        for key, value in changes.items():
+            _check_knob(key, value)
         if "provisioning_delay" in changes:
             self.settings.provisioning_delay = float(changes["provisioning_delay"])
         if "max_running_tasks" in changes:
             self.settings.max_running_tasks = changes["max_running_tasks"]
             self._start_ready_tasks()
         if "jobs_per_minute" in changes:
-            self.quota.per_minute = changes["jobs_per_minute"]
+            self.quota.limit = changes["jobs_per_minute"]
+            self.quota.window_seconds = DEFAULT_QUOTA_WINDOW_SECONDS
+        if "jobs_per_window" in changes:
+            self.quota.limit = changes["jobs_per_window"]
+        if "quota_window_seconds" in changes:
+            self.quota.window_seconds = float(changes["quota_window_seconds"])
         return self.settings_json()
 
     def settings_json(self) -> dict[str, Any]:
-        return {**self.settings.to_json(), "jobs_per_minute": self.quota.per_minute}
+        """Every knob; ``jobs_per_minute`` is the quota when its window is a minute, else null."""
+        per_minute = (
+            self.quota.limit if self.quota.window_seconds == DEFAULT_QUOTA_WINDOW_SECONDS else None
+        )
+        return {
+            **self.settings.to_json(),
+            "jobs_per_window": self.quota.limit,
+            "quota_window_seconds": self.quota.window_seconds,
+            "jobs_per_minute": per_minute,
+        }
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -195,7 +237,11 @@ class BatchScheduler:
             raise ApiError.already_exists(
                 f"Job {name} already exists; choose another job_id, or delete the old job first"
             )
-        self.quota.check()
+        try:
+            self.quota.check()
+        except ApiError:
+            self.stats.quota_refusals += 1
+            raise
 
         self._serial += 1
         uid = f"j-{uuid.uuid4()}"  # Google's uids look like this

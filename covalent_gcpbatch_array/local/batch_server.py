@@ -5,7 +5,9 @@ Process contract (LocalCloud and the CLI rely on it)::
     python -m covalent_gcpbatch_array.local.batch_server --host 127.0.0.1 --port 0 \\
         --storage-endpoint http://127.0.0.1:G [--provisioning-delay S] \\
         [--max-running-tasks N] [--jobs-per-minute N] [--image-map JSON] [--workdir DIR]
-        [--preload MODULE,MODULE]
+        [--preload MODULE,MODULE] [--jobs-per-window N] [--quota-window-seconds S]
+
+``--jobs-per-minute N`` is ``--jobs-per-window N --quota-window-seconds 60``.
 
 It binds the port (0: a free one), starts the task launcher, and once it serves prints exactly
 one JSON line on stdout, ``{"endpoint": "http://127.0.0.1:PORT", "pid": PID}``; logs go to
@@ -21,6 +23,7 @@ import ctypes
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -36,6 +39,7 @@ import uvicorn
 
 from covalent_gcpbatch_array.local.batch_api import create_app
 from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler, EmulatorSettings
+from covalent_gcpbatch_array.local.faults import DEFAULT_QUOTA_WINDOW_SECONDS
 from covalent_gcpbatch_array.local.task_launcher import DEFAULT_PRELOAD, TaskLauncher
 
 __all__ = ["main"]
@@ -77,6 +81,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _image_map(text: str) -> dict[str, list[str]]:
     try:
         value = json.loads(text)
@@ -109,7 +120,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--provisioning-delay", type=_non_negative_float, default=0.0)
     parser.add_argument("--max-running-tasks", type=_positive_int, default=None)
-    parser.add_argument("--jobs-per-minute", type=_positive_int, default=None)
+    quota = parser.add_mutually_exclusive_group()
+    quota.add_argument("--jobs-per-minute", type=_positive_int, default=None)
+    quota.add_argument("--jobs-per-window", type=_positive_int, default=None)
+    parser.add_argument(
+        "--quota-window-seconds",
+        type=_positive_float,
+        default=None,
+        help=f"the job-creation quota's window (default: {DEFAULT_QUOTA_WINDOW_SECONDS:g})",
+    )
     parser.add_argument("--image-map", type=_image_map, default=None)
     parser.add_argument(
         "--preload",
@@ -121,7 +140,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="task outputs (default: a temporary folder)"
     )
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    if options.jobs_per_minute is not None:
+        if options.quota_window_seconds is not None:
+            parser.error("--jobs-per-minute has a 60 s window; use --jobs-per-window with it")
+        options.jobs_per_window = options.jobs_per_minute
+    if options.quota_window_seconds is None:
+        options.quota_window_seconds = DEFAULT_QUOTA_WINDOW_SECONDS
+    return options
 
 
 def _die_with_parent() -> None:
@@ -153,7 +179,8 @@ async def _serve(options: argparse.Namespace, sock: socket.socket, workdir: Path
                     provisioning_delay=options.provisioning_delay,
                     max_running_tasks=options.max_running_tasks,
                 ),
-                jobs_per_minute=options.jobs_per_minute,
+                jobs_per_window=options.jobs_per_window,
+                quota_window_seconds=options.quota_window_seconds,
             )
             config = uvicorn.Config(
                 create_app(scheduler),

@@ -50,6 +50,7 @@ from covalent_gcpbatch_array.local._process import (
     spawn_process,
     stop_process,
 )
+from covalent_gcpbatch_array.local.faults import DEFAULT_QUOTA_WINDOW_SECONDS
 from covalent_gcpbatch_array.local.gcs import GcsEmulator, make_storage_client
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ class LocalCloud:
 
     :param provisioning_delay: seconds from a job's creation to its first task start
     :param max_running_tasks: cap on tasks running at once across all jobs (``None``: no cap)
-    :param jobs_per_minute: job-creation quota; over it CreateJob answers 429 (``None``: none)
+    :param jobs_per_minute: job-creation quota; over it CreateJob answers 429 (``None``: none);
+        the same as ``jobs_per_window`` with a 60 s window, as Google's quota
     :param project_id: the project name clients use
     :param region: the location clients use
     :param bucket_name: the bucket created at start
@@ -104,6 +106,11 @@ class LocalCloud:
     :param startup_timeout: seconds each server gets to become ready
     :param gcs_faults: put the fault-injecting proxy in front of fake-gcs-server, so that
         :meth:`fail_storage` can fail chosen storage requests of the executor and the tasks
+    :param jobs_per_window: job-creation quota per ``quota_window_seconds`` (``None``: none)
+    :param quota_window_seconds: the quota's sliding window; shorter than Google's minute lets
+        a test meet the quota and see it pass in seconds
+    :raises ValueError: ``jobs_per_minute`` given with ``jobs_per_window`` or a window other
+        than 60 s
     """
 
     def __init__(
@@ -124,10 +131,22 @@ class LocalCloud:
         storage_port: int | None = None,
         startup_timeout: float = 120.0,
         gcs_faults: bool = False,
+        jobs_per_window: int | None = None,
+        quota_window_seconds: float = DEFAULT_QUOTA_WINDOW_SECONDS,
     ) -> None:
+        if jobs_per_minute is not None and (
+            jobs_per_window is not None or quota_window_seconds != DEFAULT_QUOTA_WINDOW_SECONDS
+        ):
+            raise ValueError(
+                "jobs_per_minute is the quota over a 60 s window; give jobs_per_window with "
+                "quota_window_seconds instead"
+            )
         self.provisioning_delay = provisioning_delay  # as started; configure() may change it
         self.max_running_tasks = max_running_tasks  # as started
         self.jobs_per_minute = jobs_per_minute  # as started
+        # the job-creation quota as started: creates allowed per window, and the window
+        self.jobs_per_window = jobs_per_minute if jobs_per_minute is not None else jobs_per_window
+        self.quota_window_seconds = quota_window_seconds
         self.project_id = project_id
         self.region = region
         self.bucket_name = bucket_name
@@ -245,8 +264,9 @@ class LocalCloud:
         ]
         if self.max_running_tasks is not None:
             argv += ["--max-running-tasks", str(self.max_running_tasks)]
-        if self.jobs_per_minute is not None:
-            argv += ["--jobs-per-minute", str(self.jobs_per_minute)]
+        if self.jobs_per_window is not None:
+            argv += ["--jobs-per-window", str(self.jobs_per_window)]
+        argv += ["--quota-window-seconds", repr(float(self.quota_window_seconds))]
         if self.image_map is not None:
             argv += ["--image-map", json.dumps({k: list(v) for k, v in self.image_map.items()})]
         if self.preload is not None:
@@ -390,7 +410,8 @@ class LocalCloud:
         """Calls answered by method, jobs created and task attempts run, since start.
 
         ``{"api_calls": {"CreateJob": n, "GetJob": n, ...}, "jobs_created": n,
-        "task_attempts": n}``; failed calls count too.
+        "task_attempts": n, "quota_refusals": n}``; failed calls count too, and
+        ``quota_refusals`` counts the creates the job-creation quota refused.
         """
         result: dict[str, Any] = self._admin("GET", "stats")
         return result
@@ -488,10 +509,16 @@ class LocalCloud:
         provisioning_delay: float | _Unset = _UNSET,
         max_running_tasks: int | _Unset | None = _UNSET,
         jobs_per_minute: int | _Unset | None = _UNSET,
+        jobs_per_window: int | _Unset | None = _UNSET,
+        quota_window_seconds: float | _Unset = _UNSET,
     ) -> dict[str, Any]:
         """Change the realism knobs while running; only the ones given change.
 
+        The job-creation quota is ``jobs_per_window`` creates in any ``quota_window_seconds``;
+        ``jobs_per_minute`` sets both (the window to 60 s) and goes alone.
+
         :returns: the settings now in force
+        :raises LocalCloudError: the emulator refused a value
         """
         changes = {
             key: value
@@ -499,6 +526,8 @@ class LocalCloud:
                 ("provisioning_delay", provisioning_delay),
                 ("max_running_tasks", max_running_tasks),
                 ("jobs_per_minute", jobs_per_minute),
+                ("jobs_per_window", jobs_per_window),
+                ("quota_window_seconds", quota_window_seconds),
             )
             if value is not _UNSET
         }

@@ -5,7 +5,8 @@ Three small pieces of state, all driven from the emulator's admin endpoints:
 - :class:`CallFaults`: "the next k calls of method M fail with HTTP status S";
 - :class:`TaskFaults`: "attempt a of task i of job J dies with exit code E" (at start, or after
   running for a while), for a named job or for the next job created;
-- :class:`CreationQuota`: the job-creation quota, a sliding 60-second window.
+- :class:`CreationQuota`: the job-creation quota, a sliding window (60 s, as Google's
+  per-minute quota, unless a test shortens it).
 
 None of them does I/O or knows about HTTP beyond :class:`ApiError`; the scheduler and the HTTP
 layer ask them what to do.
@@ -21,12 +22,20 @@ from dataclasses import dataclass, field
 
 from covalent_gcpbatch_array.local.api_errors import STATUS_NAMES, ApiError
 
-__all__ = ["RPC_METHODS", "CallFaults", "CreationQuota", "TaskFault", "TaskFaults"]
+__all__ = [
+    "DEFAULT_QUOTA_WINDOW_SECONDS",
+    "RPC_METHODS",
+    "CallFaults",
+    "CreationQuota",
+    "TaskFault",
+    "TaskFaults",
+]
 
 # The BatchServiceClient RPCs the emulator answers, by their CamelCase RPC names.
 RPC_METHODS = ("CreateJob", "GetJob", "ListJobs", "DeleteJob", "ListTasks", "GetTask")
 
-_QUOTA_WINDOW_SECONDS = 60.0
+#: Google's job-creation quota counts creates per minute.
+DEFAULT_QUOTA_WINDOW_SECONDS = 60.0
 
 
 class CallFaults:
@@ -127,39 +136,85 @@ class TaskFaults:
 
 
 class CreationQuota:
-    """Google's job-creation quota: at most ``per_minute`` creates in any 60-second window.
+    """Google's job-creation quota: at most ``limit`` creates in any ``window_seconds`` window.
 
-    :param per_minute: the quota; None means unlimited
+    Google's window is a minute (the default). A shorter one lets a test meet the quota and see
+    it move on in seconds: ``CreationQuota(1, window_seconds=5)``.
+
+    :param limit: creates allowed per window; None means unlimited
+    :param window_seconds: the length of the sliding window, > 0
     :param clock: a monotonic clock in seconds (injectable for tests)
+    :raises ValueError: a limit below 1, or a window that is not a finite number > 0
     """
 
     def __init__(
-        self, per_minute: int | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        limit: int | None = None,
+        window_seconds: float = DEFAULT_QUOTA_WINDOW_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.per_minute = per_minute
         self._clock = clock
         # monotonic times of the successful creates still inside the window, oldest first
         self._recent: deque[float] = deque()
+        self.limit = limit
+        self.window_seconds = window_seconds
+
+    @property
+    def limit(self) -> int | None:
+        """Creates allowed per window (None: unlimited)."""
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int | None) -> None:
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ValueError(f"the quota must be an integer >= 1 or None, got {limit!r}")
+        self._limit = limit
+
+    @property
+    def window_seconds(self) -> float:
+        """The length of the sliding window in seconds."""
+        return self._window_seconds
+
+    @window_seconds.setter
+    def window_seconds(self, seconds: float) -> None:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not (math.isfinite(seconds) and seconds > 0)
+        ):
+            raise ValueError(f"the quota window must be a number of seconds > 0, got {seconds!r}")
+        self._window_seconds = float(seconds)
 
     def check(self) -> None:
         """Refuse a create that would exceed the quota.
 
         :raises ApiError: 429 RESOURCE_EXHAUSTED naming the job-creation quota
         """
-        if self.per_minute is None:
+        if self.limit is None:
             return
         now = self._clock()
-        while self._recent and now - self._recent[0] >= _QUOTA_WINDOW_SECONDS:
+        while self._recent and now - self._recent[0] >= self.window_seconds:
             self._recent.popleft()
-        if len(self._recent) >= self.per_minute:
-            retry_in = _QUOTA_WINDOW_SECONDS - (now - self._recent[0])
+        if len(self._recent) >= self.limit:
+            retry_in = self.window_seconds - (now - self._recent[0])
             raise ApiError.resource_exhausted(
                 f"Quota exceeded for quota metric 'Job creation requests' and limit "
                 f"'Job creation requests per minute per region' of service "
-                f"'batch.googleapis.com': {self.per_minute} jobs per minute (the emulator's "
-                f"jobs_per_minute). Retry in {retry_in:.1f} s, or raise jobs_per_minute."
+                f"'batch.googleapis.com': {self._describe()}. Retry in {retry_in:.1f} s, or "
+                f"raise the emulator's quota."
             )
 
     def record(self) -> None:
         """Count a successful create."""
         self._recent.append(self._clock())
+
+    def _describe(self) -> str:
+        if self.window_seconds == DEFAULT_QUOTA_WINDOW_SECONDS:
+            return f"{self.limit} jobs per minute (the emulator's jobs_per_minute)"
+        return (
+            f"{self.limit} jobs per {self.window_seconds:g} s (the emulator's jobs_per_window "
+            f"and quota_window_seconds)"
+        )
