@@ -56,10 +56,19 @@ class Emulator:
             client_options={"api_endpoint": self.endpoint},
         )
 
-    def http(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         """One plain HTTP call; returns (status, parsed JSON or text)."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(self.endpoint + path, data=data, method=method)
+        request = urllib.request.Request(
+            self.endpoint + path, data=data, method=method, headers=headers or {}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 status, payload = response.status, response.read()
@@ -631,6 +640,95 @@ class TestListing:
             client.get_task(name=done.name + "/taskGroups/group0/tasks/7")
         with pytest.raises(api_exceptions.NotFound, match="group1"):
             client.list_tasks(parent=done.name + "/taskGroups/group1")
+
+
+STATE_MASK = "tasks.name,tasks.status.state,nextPageToken"
+
+
+@pytest.fixture(scope="module")
+def finished(emulator: Emulator) -> batch_v1.Job:
+    """A finished job of 250 tasks; task 1 failed."""
+    client = emulator.client()
+    job = script_job('[ "$BATCH_TASK_INDEX" = 1 ] && exit 7; exit 0', task_count=250)
+    return wait_done(client, create(client, job, "masked").name)
+
+
+class TestFieldMasks:
+    """The ``$fields`` system parameter, as a query parameter or the ``X-Goog-FieldMask`` header."""
+
+    @pytest.mark.parametrize(
+        ("query", "headers"),
+        [
+            ("?$fields=" + STATE_MASK, {}),
+            ("?fields=tasks(name,status.state),nextPageToken", {}),
+            ("", {"X-Goog-FieldMask": STATE_MASK}),
+        ],
+    )
+    def test_list_tasks_answers_only_the_masked_fields(
+        self, emulator: Emulator, finished: batch_v1.Job, query: str, headers: dict[str, str]
+    ) -> None:
+        path = f"/v1/{finished.name}/taskGroups/group0/tasks{query}"
+        status, whole = emulator.http("GET", path.split("?")[0])
+        assert status == 200
+        status, body = emulator.http("GET", path, headers=headers)
+        assert status == 200, body
+        assert set(body) == {"tasks", "nextPageToken"}
+        assert body["tasks"] == [
+            {"name": task["name"], "status": {"state": task["status"]["state"]}}
+            for task in whole["tasks"]
+        ]
+        assert all(task["status"]["statusEvents"] for task in whole["tasks"])
+
+    def test_the_real_client_pages_through_masked_tasks(
+        self, client: batch_v1.BatchServiceClient, finished: batch_v1.Job
+    ) -> None:
+        pager = client.list_tasks(
+            request={"parent": finished.name + "/taskGroups/group0", "page_size": 100},
+            metadata=[("x-goog-fieldmask", STATE_MASK)],
+        )
+        pages = [list(page.tasks) for page in pager.pages]
+        assert [len(page) for page in pages] == [100, 100, 50]
+        tasks = [task for page in pages for task in page]
+        assert [int(task.name.rsplit("/", 1)[1]) for task in tasks] == list(range(250))
+        states = [task.status.state for task in tasks]
+        assert states == [TaskState.FAILED if i == 1 else TaskState.SUCCEEDED for i in range(250)]
+        assert not any(task.status.status_events for task in tasks)
+
+    def test_get_job_masks_into_the_task_group_map(
+        self, emulator: Emulator, finished: batch_v1.Job
+    ) -> None:
+        mask = "status(state,taskGroups.group0.counts)"
+        status, body = emulator.http("GET", f"/v1/{finished.name}?$fields={mask}")
+        assert status == 200, body
+        assert body == {
+            "status": {
+                "state": "FAILED",
+                "taskGroups": {"group0": {"counts": {"SUCCEEDED": "249", "FAILED": "1"}}},
+            }
+        }
+
+    def test_an_unknown_field_is_400_naming_it(
+        self, client: batch_v1.BatchServiceClient, finished: batch_v1.Job
+    ) -> None:
+        with pytest.raises(api_exceptions.BadRequest, match=r"tasks\.status\.sate"):
+            client.list_tasks(
+                parent=finished.name + "/taskGroups/group0",
+                metadata=[("x-goog-fieldmask", "tasks.name,tasks.status.sate")],
+            )
+
+    def test_a_create_with_a_bad_mask_makes_no_job(
+        self, emulator: Emulator, client: batch_v1.BatchServiceClient
+    ) -> None:
+        job_id = new_id("badmask")
+        with pytest.raises(api_exceptions.BadRequest, match="nmae"):
+            client.create_job(
+                parent=PARENT,
+                job=script_job("true"),
+                job_id=job_id,
+                metadata=[("x-goog-fieldmask", "nmae")],
+            )
+        with pytest.raises(api_exceptions.NotFound):
+            client.get_job(name=f"{PARENT}/jobs/{job_id}")
 
 
 class TestValidation:

@@ -5,6 +5,10 @@ camelCase JSON, int64 values as strings, enums as names, errors as Google's erro
 client raises ``NotFound``, ``InvalidArgument``, ``ServiceUnavailable``, ...). Every RPC call is
 counted, and a call planned to fail with ``/_emulator/fail_calls`` fails before it does anything.
 
+Every RPC honours the response field mask (system parameter ``$fields`` / ``X-Goog-FieldMask``,
+see :mod:`covalent_gcpbatch_array.local.field_mask`): a poller asking ``ListTasks`` for
+``tasks.name,tasks.status.state,nextPageToken`` gets neither status events nor timestamps.
+
 Our choices where Google's behaviour is not documented: ``pageSize`` defaults to 100 and larger
 values are clamped to 1000 (ListJobs and ListTasks); ``filter`` accepts state clauses joined by
 ``OR`` (``State=RUNNING``, ``State=FAILED OR State=SUCCEEDED``; ``status.state="RUNNING"`` for
@@ -21,6 +25,9 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from google.cloud import batch_v1
+from google.longrunning import operations_pb2
+from google.protobuf.descriptor import Descriptor
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,6 +37,7 @@ from starlette.routing import Route
 from covalent_gcpbatch_array.local.api_errors import ApiError
 from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler
 from covalent_gcpbatch_array.local.batch_state import JobState, TaskState, rfc3339
+from covalent_gcpbatch_array.local.field_mask import FieldMask, field_mask_text
 from covalent_gcpbatch_array.local.logging_api import TaskLogIndex, logging_routes
 from covalent_gcpbatch_array.local.task_attempt import attempt_output
 
@@ -45,7 +53,16 @@ _JOB = _LOCATION + "/jobs/{job}"
 _TASKS = _JOB + "/taskGroups/{group}/tasks"
 _STATE_CLAUSE = re.compile(r'^\(?\s*(?:status\.)?state\s*=\s*"?([A-Za-z_]+)"?\s*\)?$', re.I)
 
+# The response message of each RPC, which its field mask is checked against.
+_JOB_TYPE: Descriptor = batch_v1.Job.pb().DESCRIPTOR
+_JOBS_TYPE: Descriptor = batch_v1.ListJobsResponse.pb().DESCRIPTOR
+_TASK_TYPE: Descriptor = batch_v1.Task.pb().DESCRIPTOR
+_TASKS_TYPE: Descriptor = batch_v1.ListTasksResponse.pb().DESCRIPTOR
+_OPERATION_TYPE: Descriptor = operations_pb2.Operation.DESCRIPTOR
+
 Handler = Callable[[Request], Awaitable[Response]]
+#: An RPC's handler returns its response message in JSON form.
+RpcHandler = Callable[[Request], Awaitable[dict[str, Any]]]
 _E = TypeVar("_E", JobState, TaskState)
 
 
@@ -57,31 +74,36 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
     """
     task_logs = TaskLogIndex()
 
-    def rpc(method: str, handler: Handler) -> Handler:
+    def rpc(method: str, response_type: Descriptor, handler: RpcHandler) -> Handler:
         async def endpoint(request: Request) -> Response:
             scheduler.stats.api_calls[method] += 1
             planned = scheduler.call_faults.take(method)
             if planned is not None:
                 return _error(planned)
             try:
-                return await handler(request)
+                # A bad mask is refused before the call does anything (a create makes no job).
+                mask = FieldMask.parse(
+                    field_mask_text(request.headers, request.query_params), response_type
+                )
+                body = await handler(request)
             except ApiError as exc:
                 return _error(exc)
+            return JSONResponse(body if mask is None else mask.apply(body))
 
         return endpoint
 
-    async def create_job(request: Request) -> Response:
+    async def create_job(request: Request) -> dict[str, Any]:
         query = request.query_params
         job = scheduler.create_job(
             _parent(request), query.get("jobId"), query.get("requestId"), await request.body()
         )
         task_logs.add(job)
-        return JSONResponse(job.to_json())
+        return job.to_json()
 
-    async def get_job(request: Request) -> Response:
-        return JSONResponse(scheduler.get_job(_job_name(request)).to_json())
+    async def get_job(request: Request) -> dict[str, Any]:
+        return scheduler.get_job(_job_name(request)).to_json()
 
-    async def list_jobs(request: Request) -> Response:
+    async def list_jobs(request: Request) -> dict[str, Any]:
         states = _state_filter(request.query_params.get("filter", ""), JobState)
         size, start = _page(request)
         jobs = [job for job in scheduler.list_jobs(_parent(request)) if job.seq >= start]
@@ -90,31 +112,29 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
         body: dict[str, Any] = {"jobs": [job.to_json() for job in jobs[:size]]}
         if len(jobs) > size:
             body["nextPageToken"] = str(jobs[size].seq)
-        return JSONResponse(body)
+        return body
 
-    async def delete_job(request: Request) -> Response:
+    async def delete_job(request: Request) -> dict[str, Any]:
         name = _job_name(request)
         started = datetime.now(timezone.utc)
         await scheduler.delete_job(name)
         params = request.path_params
         operation = f"projects/{params['project']}/locations/{params['location']}/operations/"
-        return JSONResponse(
-            {
-                "name": operation + f"operation-{uuid.uuid4()}",
-                "metadata": {
-                    "@type": "type.googleapis.com/google.cloud.batch.v1.OperationMetadata",
-                    "createTime": rfc3339(started),
-                    "endTime": rfc3339(datetime.now(timezone.utc)),
-                    "target": name,
-                    "verb": "delete",
-                    "apiVersion": "v1",
-                },
-                "done": True,
-                "response": {"@type": "type.googleapis.com/google.protobuf.Empty"},
-            }
-        )
+        return {
+            "name": operation + f"operation-{uuid.uuid4()}",
+            "metadata": {
+                "@type": "type.googleapis.com/google.cloud.batch.v1.OperationMetadata",
+                "createTime": rfc3339(started),
+                "endTime": rfc3339(datetime.now(timezone.utc)),
+                "target": name,
+                "verb": "delete",
+                "apiVersion": "v1",
+            },
+            "done": True,
+            "response": {"@type": "type.googleapis.com/google.protobuf.Empty"},
+        }
 
-    async def list_tasks(request: Request) -> Response:
+    async def list_tasks(request: Request) -> dict[str, Any]:
         job = scheduler.task_group(_job_name(request), request.path_params["group"])
         states = _state_filter(request.query_params.get("filter", ""), TaskState)
         size, start = _page(request)
@@ -132,12 +152,12 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
         body: dict[str, Any] = {"tasks": page}
         if index < len(job.tasks):
             body["nextPageToken"] = str(index)
-        return JSONResponse(body)
+        return body
 
-    async def get_task(request: Request) -> Response:
+    async def get_task(request: Request) -> dict[str, Any]:
         params = request.path_params
         job, task = scheduler.get_task(_job_name(request), params["group"], params["task"])
-        return JSONResponse(job.task_json(task))
+        return job.task_json(task)
 
     # -- admin ----------------------------------------------------------------------------
 
@@ -194,12 +214,12 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
         return PlainTextResponse(text)
 
     routes = [
-        Route(_LOCATION + "/jobs", rpc("CreateJob", create_job), methods=["POST"]),
-        Route(_LOCATION + "/jobs", rpc("ListJobs", list_jobs), methods=["GET"]),
-        Route(_JOB, rpc("GetJob", get_job), methods=["GET"]),
-        Route(_JOB, rpc("DeleteJob", delete_job), methods=["DELETE"]),
-        Route(_TASKS, rpc("ListTasks", list_tasks), methods=["GET"]),
-        Route(_TASKS + "/{task}", rpc("GetTask", get_task), methods=["GET"]),
+        Route(_LOCATION + "/jobs", rpc("CreateJob", _JOB_TYPE, create_job), methods=["POST"]),
+        Route(_LOCATION + "/jobs", rpc("ListJobs", _JOBS_TYPE, list_jobs), methods=["GET"]),
+        Route(_JOB, rpc("GetJob", _JOB_TYPE, get_job), methods=["GET"]),
+        Route(_JOB, rpc("DeleteJob", _OPERATION_TYPE, delete_job), methods=["DELETE"]),
+        Route(_TASKS, rpc("ListTasks", _TASKS_TYPE, list_tasks), methods=["GET"]),
+        Route(_TASKS + "/{task}", rpc("GetTask", _TASK_TYPE, get_task), methods=["GET"]),
         Route("/_emulator/stats", admin(stats), methods=["GET"]),
         Route("/_emulator/fail_calls", admin(fail_calls), methods=["POST"]),
         Route("/_emulator/fail_task", admin(fail_task), methods=["POST"]),
