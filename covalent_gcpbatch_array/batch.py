@@ -12,7 +12,7 @@ import functools
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -28,12 +28,24 @@ from .config import JobShape
 from .exceptions import BatchApiError
 from .runner import EXIT_USER_ERROR
 
-__all__ = ["BatchJobs", "build_job", "make_batch_client", "new_job_id"]
+__all__ = ["TASK_STATE_FIELDS", "BatchJobs", "build_job", "make_batch_client", "new_job_id"]
 
 #: Label every job carries, so `gcpbatch-array jobs` and `gc` find ours and only ours.
 CREATED_BY_LABEL = ("created-by", "covalent-gcpbatch-array")
 #: Largest ListTasks page; a job of up to this many tasks costs one call per poll.
 TASK_PAGE_SIZE = 1000
+#: The ListTasks fields a poller needs: each task's name (its index) and state, and the paging
+#: token. Without status events and their timestamps the answer is a fraction of the size and
+#: parses several times faster (``list_tasks(..., fields=TASK_STATE_FIELDS)``).
+TASK_STATE_FIELDS = ("tasks.name", "tasks.status.state", "nextPageToken", "unreachable")
+#: Worker threads for creates when the caller gives no ``create_limiter``: a create may retry a
+#: quota for minutes, and must not hold the threads that reads need.
+CREATE_THREADS = 2
+#: The response field mask travels as the ``X-Goog-FieldMask`` header, the header form of the
+#: ``$fields`` system parameter every Google API takes
+#: (https://cloud.google.com/apis/docs/system-parameters); the REST transport sends a call's
+#: ``metadata`` pairs as HTTP headers, so it rides along on every page of a listing.
+_FIELD_MASK_HEADER = "x-goog-fieldmask"
 
 _T = TypeVar("_T")
 
@@ -185,7 +197,7 @@ def _mapped_errors(action: str) -> Iterator[None]:
     try:
         yield
     except api_exceptions.GoogleAPICallError as exc:
-        raise BatchApiError(f"Google Batch: {action} failed: {exc}{_advice(exc)}") from exc
+        raise BatchApiError(f"Google Batch: {action} failed: {exc}{_advice(exc, action)}") from exc
     except api_exceptions.RetryError as exc:
         raise BatchApiError(
             f"Google Batch: {action} still failing after retries: {exc.cause}. The API or the "
@@ -198,7 +210,7 @@ def _mapped_errors(action: str) -> Iterator[None]:
         ) from exc
 
 
-def _advice(exc: api_exceptions.GoogleAPICallError) -> str:
+def _advice(exc: api_exceptions.GoogleAPICallError, action: str) -> str:
     if isinstance(
         exc,
         api_exceptions.PermissionDenied
@@ -211,6 +223,8 @@ def _advice(exc: api_exceptions.GoogleAPICallError) -> str:
             "project and roles/iam.serviceAccountUser on the job's service_account_email"
         )
     if isinstance(exc, api_exceptions.InvalidArgument | api_exceptions.BadRequest):
+        if not action.startswith("creating"):
+            return ""  # a read's request is ours to get right, not the user's
         return ". Batch rejected the job definition; check the executor's job-shape keys"
     if isinstance(exc, api_exceptions.NotFound):
         return ". Check project_id and region, and that the Batch API is enabled"
@@ -223,7 +237,11 @@ class BatchJobs:
     :param client: a synchronous REST ``BatchServiceClient``
     :param project_id: the Google Cloud project
     :param region: the Batch location
-    :param limiter: bounds the worker threads (and so the HTTP connections) used for calls
+    :param limiter: bounds the worker threads (and so the HTTP connections) used for reads
+        and deletes
+    :param create_limiter: bounds the worker threads of creates, kept apart from ``limiter``
+        because a create retries an exceeded job-creation quota for up to 30 minutes: reads
+        must not queue behind it (default: a limiter of :data:`CREATE_THREADS` of its own)
     """
 
     def __init__(
@@ -232,18 +250,27 @@ class BatchJobs:
         project_id: str,
         region: str,
         limiter: anyio.CapacityLimiter | None = None,
+        create_limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         self._client = client
         self.parent = f"projects/{project_id}/locations/{region}"
         self._limiter = limiter or anyio.CapacityLimiter(8)
+        self._create_limiter = create_limiter or anyio.CapacityLimiter(CREATE_THREADS)
 
     def job_name(self, job_id: str) -> str:
         """The full resource name of a job."""
         return f"{self.parent}/jobs/{job_id}"
 
-    async def _call(self, method: Callable[..., _T], /, **kwargs: Any) -> _T:
+    async def _call(
+        self,
+        method: Callable[..., _T],
+        /,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+        **kwargs: Any,
+    ) -> _T:
         return await anyio.to_thread.run_sync(
-            functools.partial(method, **kwargs), limiter=self._limiter
+            functools.partial(method, **kwargs), limiter=limiter or self._limiter
         )
 
     async def create(self, job_id: str, job: batch_v1.Job) -> batch_v1.Job:
@@ -261,7 +288,10 @@ class BatchJobs:
         with _mapped_errors(f"creating job {job_id}"):
             try:
                 return await self._call(
-                    self._client.create_job, request=request, retry=CREATE_RETRY
+                    self._client.create_job,
+                    limiter=self._create_limiter,
+                    request=request,
+                    retry=CREATE_RETRY,
                 )
             except api_exceptions.Conflict:  # ALREADY_EXISTS arrives over REST as 409
                 existing = await self.get(job_id)
@@ -279,16 +309,36 @@ class BatchJobs:
                 self._client.get_job, name=self.job_name(job_id), retry=READ_RETRY
             )
 
-    async def list_tasks(self, job_id: str, states: tuple[str, ...] = ()) -> list[batch_v1.Task]:
-        """All tasks of a job, optionally only those in ``states`` (e.g. ``("SUCCEEDED",)``)."""
+    async def get_task(self, job_id: str, index: int) -> batch_v1.Task:
+        """Fetch one task whole, status events included (its exit codes and attempts).
+
+        :raises BatchApiError: ``NotFound`` is chained when the job or the task does not exist
+        """
+        name = f"{self.job_name(job_id)}/taskGroups/group0/tasks/{index}"
+        with _mapped_errors(f"reading task {index} of job {job_id}"):
+            return await self._call(self._client.get_task, name=name, retry=READ_RETRY)
+
+    async def list_tasks(
+        self, job_id: str, states: tuple[str, ...] = (), *, fields: Sequence[str] = ()
+    ) -> list[batch_v1.Task]:
+        """All tasks of a job, optionally only those in ``states`` (e.g. ``("SUCCEEDED",)``).
+
+        :param fields: the response field mask's paths: Batch sends only these fields (e.g.
+            :data:`TASK_STATE_FIELDS`, tasks with a name and a state but no status events);
+            empty for whole tasks. ``nextPageToken`` is added if missing: paging needs it.
+        """
         request = batch_v1.ListTasksRequest(
             parent=f"{self.job_name(job_id)}/taskGroups/group0",
             filter=" OR ".join(f"State={state}" for state in states),
             page_size=TASK_PAGE_SIZE,
         )
+        if fields and "nextPageToken" not in fields:
+            fields = (*fields, "nextPageToken")
+        metadata = [(_FIELD_MASK_HEADER, ",".join(fields))] if fields else []
 
         def list_all() -> list[batch_v1.Task]:
-            return list(self._client.list_tasks(request=request, retry=READ_RETRY))
+            pages = self._client.list_tasks(request=request, retry=READ_RETRY, metadata=metadata)
+            return list(pages)
 
         with _mapped_errors(f"listing tasks of job {job_id}"):
             return await anyio.to_thread.run_sync(list_all, limiter=self._limiter)

@@ -11,8 +11,10 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array import batch
 from covalent_gcpbatch_array.batch import (
     CREATED_BY_LABEL,
+    TASK_STATE_FIELDS,
     BatchJobs,
     build_job,
     make_batch_client,
@@ -209,3 +211,107 @@ class TestBatchJobs:
         job.task_groups[0].task_spec.max_retry_count = 11
         with pytest.raises(BatchApiError, match="job definition"):
             await jobs.create(new_job_id(), job)
+
+
+async def wait_job_state(jobs: BatchJobs, job_id: str, state: int) -> None:
+    with anyio.fail_after(60):  # the emulator is another process: poll it
+        while (await jobs.get(job_id)).status.state != state:  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+
+
+class TestTaskFieldMask:
+    def jobs(self, cloud: LocalCloud) -> BatchJobs:
+        return BatchJobs(make_batch_client(cloud.batch_endpoint), cloud.project_id, cloud.region)
+
+    @pytest.mark.anyio
+    async def test_state_fields_bring_names_and_states_only(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        await jobs.create(job_id, script_job('[ "$BATCH_TASK_INDEX" = 1 ] && exit 7; exit 0', 3))
+        await wait_job_state(jobs, job_id, batch_v1.JobStatus.State.FAILED)
+        whole = await jobs.list_tasks(job_id, ("SUCCEEDED", "FAILED"))
+        masked = await jobs.list_tasks(job_id, ("SUCCEEDED", "FAILED"), fields=TASK_STATE_FIELDS)
+        assert [(t.name, t.status.state) for t in masked] == [
+            (t.name, t.status.state) for t in whole
+        ]
+        assert [t.status.state.name for t in masked] == ["SUCCEEDED", "FAILED", "SUCCEEDED"]
+        assert all(t.status.status_events for t in whole)
+        assert not any(t.status.status_events for t in masked)
+        # What the mask leaves out, one task's whole record has.
+        failed = await jobs.get_task(job_id, 1)
+        assert failed.name == masked[1].name
+        assert [e.task_execution.exit_code for e in failed.status.status_events][-1] == 7
+
+    @pytest.mark.anyio
+    async def test_pages_follow_even_when_the_mask_omits_the_token(
+        self, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        await jobs.create(job_id, script_job("true", 5))
+        await wait_job_state(jobs, job_id, batch_v1.JobStatus.State.SUCCEEDED)
+        before = cloud.stats()["api_calls"]["ListTasks"]
+        monkeypatch.setattr(batch, "TASK_PAGE_SIZE", 2)
+        tasks = await jobs.list_tasks(job_id, fields=("tasks.name",))
+        assert [int(t.name.rsplit("/", 1)[-1]) for t in tasks] == [0, 1, 2, 3, 4]
+        assert cloud.stats()["api_calls"]["ListTasks"] - before == 3
+
+    @pytest.mark.anyio
+    async def test_an_unknown_field_is_a_clear_error(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        await jobs.create(job_id, script_job())
+        with pytest.raises(BatchApiError, match=r"tasks\.nmae") as info:
+            await jobs.list_tasks(job_id, fields=("tasks.nmae",))
+        assert isinstance(info.value.__cause__, api_exceptions.BadRequest)
+        assert "job definition" not in str(info.value)  # that advice is for creates
+
+    @pytest.mark.anyio
+    async def test_get_task_of_a_missing_task_is_not_found(self, cloud: LocalCloud) -> None:
+        jobs = self.jobs(cloud)
+        job_id = new_job_id()
+        await jobs.create(job_id, script_job())
+        with pytest.raises(BatchApiError, match="task 9 of job") as info:
+            await jobs.get_task(job_id, 9)
+        assert isinstance(info.value.__cause__, api_exceptions.NotFound)
+
+
+class TestCreatesDoNotBlockReads:
+    @pytest.mark.anyio
+    async def test_reads_answer_while_a_create_retries_the_quota(self, cloud: LocalCloud) -> None:
+        # One read thread: were creates run on it, the read below would wait for the create.
+        jobs = BatchJobs(
+            make_batch_client(cloud.batch_endpoint),
+            cloud.project_id,
+            cloud.region,
+            anyio.CapacityLimiter(1),
+        )
+        other = new_job_id()
+        await jobs.create(other, script_job("sleep 30"))
+        refusals = cloud.stats()["quota_refusals"]
+        # The create just made fills a quota of one job per hour: the next one gets 429s.
+        cloud.configure(jobs_per_window=1, quota_window_seconds=3600)
+        created = anyio.Event()
+        stuck = new_job_id()
+
+        async def create_stuck() -> None:
+            await jobs.create(stuck, script_job())
+            created.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(create_stuck)
+                await anyio.wait_all_tasks_blocked()  # the create is in its worker thread
+                # Guards against a hang (reads queued behind the create), not a speed limit.
+                with anyio.fail_after(120):
+                    job = await jobs.get(other)
+                    tasks = await jobs.list_tasks(other, fields=TASK_STATE_FIELDS)
+                assert job.name == jobs.job_name(other)
+                assert len(tasks) == 2
+                assert not created.is_set()
+                cloud.configure(jobs_per_window=None)
+        finally:
+            cloud.configure(jobs_per_window=None, quota_window_seconds=60)
+        assert (await jobs.get(stuck)).name == jobs.job_name(stuck)
+        assert cloud.stats()["quota_refusals"] > refusals
+        await jobs.delete(other)
