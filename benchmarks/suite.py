@@ -170,26 +170,31 @@ def full_plan() -> list[Planned]:
 
 
 def quick_plan() -> list[Planned]:
-    """A miniature of :func:`full_plan` that keeps the scripts working (well under a minute)."""
+    """A miniature of :func:`full_plan` that keeps the scripts working (well under a minute).
+
+    One run per code path, each as short as it can be: a burst in both modes (the size table
+    and plots, the goals), a batched trickle (the trickle arrivals and their table) and one
+    window-sweep point (the sweep table and plot); no VM boot, no quota.
+    """
     from .sweep import sweep_plan
 
     fast: dict[str, Any] = {
-        "provisioning_delay": 0.5,
+        "provisioning_delay": 0.0,
         "jobs_per_minute": None,
         "max_running_tasks": 4,
-        "batch_window": 1.0,
-        "batch_idle_gap": 0.3,
+        "batch_window": 0.5,
+        "batch_idle_gap": 0.2,
         "poll_freq": 0.25,
+        "rate": 10.0,
     }
     return [
-        *size_plan((3, 12), (3, 12), profile_at=None, **fast),
-        *trickle_plan((6,), (6,), **(fast | {"rate": 10.0})),
+        *size_plan((4,), (4,), profile_at=None, **fast),
+        *trickle_plan((4,), (), **fast),
         *sweep_plan(
-            electrons=6,
-            windows=(0.5, 1.5),
-            idle_gaps=(0.0, 0.3),
+            electrons=4,
+            windows=(0.5,),
+            idle_gaps=(0.0,),
             arrivals=(Arrival.TRICKLE,),
-            rate=10.0,
             **{k: v for k, v in fast.items() if k not in ("batch_window", "batch_idle_gap")},
         ),
     ]

@@ -65,6 +65,11 @@ def load(results: Path, name: str) -> dict[str, Any]:
     return data
 
 
+def quick_specs(group: str, mode: Mode) -> list[RunSpec]:
+    """The quick plan's runs of one group and mode."""
+    return [p.spec for p in quick_plan() if p.spec.group == group and p.spec.mode is mode]
+
+
 @pytest.mark.slow
 class TestQuickPlanEndToEnd:
     def test_every_planned_run_wrote_a_complete_result(self, quick_results: Path) -> None:
@@ -78,24 +83,25 @@ class TestQuickPlanEndToEnd:
     def test_baseline_makes_one_job_per_electron_and_batched_far_fewer(
         self, quick_results: Path
     ) -> None:
-        for electrons in (3, 12):
+        sizes = {spec.electrons for spec in quick_specs("sizes", Mode.BASELINE)}
+        assert sizes and sizes == {spec.electrons for spec in quick_specs("sizes", Mode.BATCHED)}
+        for electrons in sizes:
             batched = load(quick_results, f"sizes-batched-{electrons}")
             baseline = load(quick_results, f"sizes-baseline-{electrons}")
             assert baseline["jobs_created"] == electrons
             assert baseline["vm_boots"] == baseline["jobs_created"]
             assert batched["jobs_created"] < baseline["jobs_created"]
             assert batched["api_calls"]["CreateJob"] == batched["jobs_created"]
-        big_batched = load(quick_results, "sizes-batched-12")
-        big_baseline = load(quick_results, "sizes-baseline-12")
-        assert big_batched["api_calls_total"] < big_baseline["api_calls_total"]
+            assert batched["api_calls_total"] < baseline["api_calls_total"]
 
     def test_storage_operations_cover_every_input_and_result(self, quick_results: Path) -> None:
-        result = load(quick_results, "sizes-batched-12")
-        ops = result["storage_ops"]
-        # At least one input upload and one result upload per electron, and reading both back.
-        assert ops["upload"] >= 2 * 12
-        assert ops["download"] >= 2 * 12
-        assert result["storage_ops_total"] == sum(ops.values())
+        for spec in quick_specs("sizes", Mode.BATCHED):
+            result = load(quick_results, spec.name)
+            ops = result["storage_ops"]
+            # At least one input upload and one result upload per electron, and reading both.
+            assert ops["upload"] >= 2 * spec.electrons
+            assert ops["download"] >= 2 * spec.electrons
+            assert result["storage_ops_total"] == sum(ops.values())
 
     def test_times_cpu_and_memory_are_consistent(self, quick_results: Path) -> None:
         for planned in quick_plan():
@@ -107,14 +113,21 @@ class TestQuickPlanEndToEnd:
             assert result["rss_peak_mb"] >= result["rss_before_mb"] > 0
 
     def test_trickle_arrivals_are_spread_at_the_rate(self, quick_results: Path) -> None:
-        result = load(quick_results, "trickle-batched-6")
-        expected_span = (6 - 1) / result["spec"]["rate"]
-        assert result["arrival_span_s"] >= expected_span * 0.99
+        trickles = quick_specs("trickle", Mode.BATCHED)
+        assert trickles
+        for spec in trickles:
+            result = load(quick_results, spec.name)
+            expected_span = (spec.electrons - 1) / spec.rate
+            assert expected_span > 0
+            assert result["arrival_span_s"] >= expected_span * 0.99
 
     def test_the_report_and_its_plots_are_written(self, quick_results: Path) -> None:
         text = (quick_results / "RESULTS.md").read_text()
         for heading in ("## Goals", "## Fan-out size, burst", "## Window sweep"):
             assert heading in text
+        # Every run is one row of a size or sweep table, whose last column is "failed".
+        run_rows = [line for line in text.splitlines() if line.endswith("| 0 |")]
+        assert len(run_rows) == len(quick_plan())
         for plot in ("calls_vs_size.png", "time_vs_size.png", "window_sweep.png"):
             assert (quick_results / plot).read_bytes().startswith(PNG_MAGIC)
             assert f"]({plot})" in text
