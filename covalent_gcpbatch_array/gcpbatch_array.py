@@ -148,7 +148,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
                     task=ref,
                     origin=origin,
                 )
-                await service.run_blocking(service.store(config).upload_input, ref, data)
+                await service.upload_input(config, ref, data)
                 del data
                 member.set_ready()
                 outcome = await member.wait()

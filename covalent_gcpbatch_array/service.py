@@ -26,7 +26,7 @@ from .coalescer import Batch, BatchPhase, BatchPolicy, Coalescer, Member
 from .config import MAX_TASKS_PER_JOB, ExecutorConfig, JobShape
 from .outcome import ElectronOutcome
 from .payload import ElectronOrigin, new_job_key
-from .store import TaskStore, make_storage_client
+from .store import TaskRef, TaskStore, make_storage_client
 
 __all__ = ["BatchService"]
 
@@ -34,8 +34,11 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Threads (and so HTTP connections) for Cloud Storage and for the Batch API, per service.
+#: Threads (and so HTTP connections) per service for Cloud Storage and for the Batch API. Of the
+#: storage threads, INPUT_THREADS upload inputs and the rest read results, write markers and clean
+#: up, so that the results of a running job never queue behind the inputs of the next batches.
 STORAGE_THREADS = 32
+INPUT_THREADS = 16
 BATCH_API_THREADS = 8
 
 
@@ -62,7 +65,8 @@ class BatchService:
         self._members: dict[tuple[str, int], Member[ElectronOutcome]] = {}  # for cancel()
         self._active = 0  # electrons joined and not finished
         self._launches = 0  # launch callbacks running
-        self._storage_limiter = anyio.CapacityLimiter(STORAGE_THREADS)
+        self._input_limiter = anyio.CapacityLimiter(INPUT_THREADS)
+        self._storage_limiter = anyio.CapacityLimiter(STORAGE_THREADS - INPUT_THREADS)
         self._batch_limiter = anyio.CapacityLimiter(BATCH_API_THREADS)
         self._batch_apis: dict[tuple[str, str, str], BatchJobs] = {}
         self._stores: dict[tuple[str, str, str, str], TaskStore] = {}
@@ -171,6 +175,12 @@ class BatchService:
         """Run a blocking Cloud Storage call in a worker thread."""
         return await anyio.to_thread.run_sync(
             functools.partial(func, *args), limiter=self._storage_limiter
+        )
+
+    async def upload_input(self, config: ExecutorConfig, ref: TaskRef, data: bytes) -> None:
+        """Upload an electron's input envelope, on the threads kept for inputs."""
+        await anyio.to_thread.run_sync(
+            self.store(config).upload_input, ref, data, limiter=self._input_limiter
         )
 
     # -- the launch callback --
