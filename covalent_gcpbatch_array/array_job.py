@@ -4,7 +4,8 @@
 ``cancelled`` marker for every slot whose electron gave up before launch), creates the job,
 then polls it once every ``poll_freq`` (one ``GetJob``, plus one ``ListTasks`` when tasks
 finished) and resolves each electron the moment its own task ends. Cancelled electrons get
-their marker; once no electron is waiting on the job, the job is deleted if still running.
+their marker; once no electron is waiting on the job, the job is deleted if still running, and
+the objects of its tasks are deleted (the manifest stays for `gcpbatch-array tasks`).
 """
 
 from __future__ import annotations
@@ -319,34 +320,32 @@ class _JobMonitor:
             member.fail(outcome)
         else:
             member.resolve(outcome)
-        if not self.config.keep_objects:
-            what = f"delete the objects of task {ref.index} of job {ref.job_id}"
-            await self.ctx.housekeeping(what, self.ctx.store.delete_task, ref)
 
     async def _read_outcome(
         self, ref: TaskRef, task: batch_v1.Task
     ) -> ElectronOutcome | BaseException:
+        """The outcome the runner recorded, in one download when the task state says which.
+
+        A succeeded task normally has ``result.pkl``, a failed one ``error.pkl``; the other
+        object is read only when the expected one is absent (a result written by an attempt
+        that Batch then counted as failed is still the electron's result).
+        """
         store, key = self.ctx.store, self.extras.key
-        objects: dict[TaskObject, bytes | None] = {}
-
-        async def read(obj: TaskObject) -> None:
-            objects[obj] = await self.ctx.run_blocking(store.download, ref, obj)
-
-        async with anyio.create_task_group() as tg:
-            for obj in (TaskObject.RESULT, TaskObject.ERROR, TaskObject.STDOUT, TaskObject.STDERR):
-                tg.start_soon(read, obj)
-        stdout = (objects[TaskObject.STDOUT] or b"").decode(errors="replace")
-        stderr = (objects[TaskObject.STDERR] or b"").decode(errors="replace")
-        if (data := objects[TaskObject.RESULT]) is not None:
-            result = decode_result(data, key=key, task=ref)
-            return ElectronOutcome(result=result, stdout=stdout, stderr=stderr)
-        if (data := objects[TaskObject.ERROR]) is not None:
+        succeeded = batch_v1.TaskStatus.State(task.status.state).name == "SUCCEEDED"
+        reads = (TaskObject.RESULT, TaskObject.ERROR)
+        for obj in reads if succeeded else reversed(reads):
+            data = await self.ctx.run_blocking(store.download, ref, obj)
+            if data is None:
+                continue
+            if obj is TaskObject.RESULT:
+                result = decode_result(data, key=key, task=ref)
+                return ElectronOutcome(result.value, stdout=result.stdout, stderr=result.stderr)
             failure = decode_error(data, key=key, task=ref)
             return ElectronOutcome(
                 error=failure.to_exception(),
                 traceback_text=failure.traceback_text,
-                stdout=stdout,
-                stderr=stderr,
+                stdout=failure.stdout,
+                stderr=failure.stderr,
             )
         return infrastructure_error(
             task, time_limit=self.config.time_limit, retries=self.config.retries
@@ -367,7 +366,7 @@ class _JobMonitor:
             member.fail(type(error)(error.reason, exit_code=error.exit_code, events=error.events))
 
     async def finish(self) -> None:
-        """Delete the job if it still runs tasks nobody waits for; clean up the manifest."""
+        """Delete the job if it still runs tasks nobody waits for; delete its tasks' objects."""
         job = self.job
         unfinished = self.finished_seen < len(self.batch.members)
         if job is not None and unfinished and job.status.state not in _TERMINAL_JOB_STATES:
@@ -377,5 +376,5 @@ class _JobMonitor:
             except BatchApiError as exc:
                 logger.warning("could not delete job %s: %s", self.job_id, exc)
         if not self.config.keep_objects:
-            what = f"delete the folder of job {self.job_id}"
-            await self.ctx.housekeeping(what, self.ctx.store.delete_job, self.job_id)
+            what = f"delete the task objects of job {self.job_id}"
+            await self.ctx.housekeeping(what, self.ctx.store.delete_tasks, self.job_id)

@@ -210,8 +210,8 @@ class Inspector:
     async def logs(self, job_id: str, index: int) -> TaskLogs:
         """What task ``index`` of ``job_id`` printed.
 
-        The runner's copy in the bucket comes first; the executor deletes it once the electron
-        succeeded (unless ``keep_objects``), and it exists only once the attempt ended. Then
+        The runner's copy in the bucket comes first; it exists only once the attempt ended,
+        only if the task printed anything, and until its job ended (unless ``keep_objects``). Then
         Cloud Logging is asked, which Batch feeds with every attempt's lines as they happen.
 
         :raises GCPBatchArrayError: neither has the output, saying why

@@ -15,7 +15,9 @@ environment, never through the bucket. Every ``decode_*`` verifies the MAC and t
 
 Bodies: the input is the cloudpickle of ``(fn, args, kwargs)``; the result, the cloudpickle of
 the return value; the error, the cloudpickle of the exception when it survives a round trip
-(else empty), with its type name, message and traceback text always in the header.
+(else empty), with its type name, message and traceback text always in the header. Result and
+error bodies start with what the task printed (stdout, then stderr; their lengths are in the
+header), so the executor learns everything about a finished task from one download.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "RuntimeVersions",
     "TaskFailure",
     "TaskInput",
+    "TaskResult",
     "decode_error",
     "decode_input",
     "decode_result",
@@ -132,6 +135,15 @@ class TaskInput:
 
 
 @dataclass(frozen=True)
+class TaskResult:
+    """A verified result envelope: what the user's function returned, and what it printed."""
+
+    value: Any  # the return value
+    stdout: str  # what the task printed on standard output
+    stderr: str  # what the task printed on standard error
+
+
+@dataclass(frozen=True)
 class TaskFailure:
     """A verified error envelope: what the user's function raised in the task."""
 
@@ -139,6 +151,8 @@ class TaskFailure:
     message: str  # str() of the exception
     traceback_text: str  # the remote traceback, formatted
     exception: BaseException | None  # the exception object, if it could be rebuilt here
+    stdout: str = ""  # what the task printed on standard output
+    stderr: str = ""  # what the task printed on standard error
 
     def to_exception(self) -> BaseException:
         """The original exception if it was rebuilt, else a :class:`RemoteTaskError`."""
@@ -147,15 +161,38 @@ class TaskFailure:
         return RemoteTaskError(self.type_name, self.message, self.traceback_text)
 
 
-def _seal(kind: str, task: TaskRef, key: bytes, header: dict[str, Any], body: bytes) -> bytes:
+def _seal(kind: str, task: TaskRef, key: bytes, header: dict[str, Any], *body: bytes) -> bytes:
+    """The envelope of ``body``, given in parts (joined here, once)."""
     if len(key) != JOB_KEY_BYTES:
         raise ValueError(f"a job key must be {JOB_KEY_BYTES} bytes, not {len(key)}")
     header = {**header, "format": _FORMAT, "kind": kind, "job_id": task.job_id, "index": task.index}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     head = b"".join((_MAGIC, _LENGTH.pack(len(header_bytes)), header_bytes))
     mac = hmac.new(key, head, hashlib.sha256)
-    mac.update(body)  # bodies may be 100 MB: sign and join them without extra copies
-    return b"".join((head, body, mac.digest()))
+    for part in body:  # bodies may be 100 MB: sign and join them without extra copies
+        mac.update(part)
+    return b"".join((head, *body, mac.digest()))
+
+
+def _streams_header(stdout: bytes, stderr: bytes) -> dict[str, int]:
+    return {"stdout_bytes": len(stdout), "stderr_bytes": len(stderr)}
+
+
+def _open_with_streams(
+    kind: str, task: TaskRef, key: bytes, data: bytes
+) -> tuple[dict[str, Any], str, str, memoryview]:
+    """Verify a result or error envelope; split its body into stdout, stderr and the pickle."""
+    header, body = _open(kind, task, key, data)
+    out_end = int(header.get("stdout_bytes", 0))
+    err_end = out_end + int(header.get("stderr_bytes", 0))
+    if not 0 <= out_end <= err_end <= len(body):
+        raise ResultIntegrityError(
+            f"the {kind} object of task {task.index} of job {task.job_id} has stream lengths "
+            f"that do not fit its body; it was not unpickled"
+        )
+    stdout = bytes(body[:out_end]).decode(errors="replace")
+    stderr = bytes(body[out_end:err_end]).decode(errors="replace")
+    return header, stdout, stderr, body[err_end:]
 
 
 def _open(kind: str, task: TaskRef, key: bytes, data: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -278,8 +315,10 @@ def decode_input(
     return TaskInput(fn, tuple(args), dict(kwargs), origin, sent)
 
 
-def encode_result(value: Any, *, key: bytes, task: TaskRef) -> bytes:
-    """The signed result envelope of a return value (task side).
+def encode_result(
+    value: Any, *, key: bytes, task: TaskRef, stdout: bytes = b"", stderr: bytes = b""
+) -> bytes:
+    """The signed result envelope of a return value and the task's streams (task side).
 
     :raises ElectronInputError: the value cannot be pickled
     """
@@ -291,18 +330,18 @@ def encode_result(value: Any, *, key: bytes, task: TaskRef) -> bytes:
             f"cloudpickle ({type(value).__qualname__}: {type(exc).__name__}: {exc}); return "
             f"picklable values (no open files, sockets, locks, generators or clients)"
         ) from exc
-    return _seal(_RESULT, task, key, {}, body)
+    return _seal(_RESULT, task, key, _streams_header(stdout, stderr), stdout, stderr, body)
 
 
-def decode_result(data: bytes, *, key: bytes, task: TaskRef) -> Any:
+def decode_result(data: bytes, *, key: bytes, task: TaskRef) -> TaskResult:
     """Verify and unpickle a result envelope (executor side).
 
     :raises ResultIntegrityError: the envelope does not verify; nothing was unpickled
     :raises ElectronInputError: it verifies but cannot be unpickled in this process
     """
-    _, body = _open(_RESULT, task, key, data)
+    _, stdout, stderr, body = _open_with_streams(_RESULT, task, key, data)
     try:
-        return cloudpickle.loads(body)
+        return TaskResult(cloudpickle.loads(body), stdout, stderr)
     except Exception as exc:
         raise ElectronInputError(
             f"the result of task {task.index} of job {task.job_id} cannot be unpickled on the "
@@ -322,9 +361,15 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 def encode_error(
-    exc: BaseException, *, key: bytes, task: TaskRef, traceback_text: str | None = None
+    exc: BaseException,
+    *,
+    key: bytes,
+    task: TaskRef,
+    traceback_text: str | None = None,
+    stdout: bytes = b"",
+    stderr: bytes = b"",
 ) -> bytes:
-    """The signed error envelope of an exception (task side).
+    """The signed error envelope of an exception and the task's streams (task side).
 
     The exception object goes in only if it pickles *and* unpickles (an exception whose
     ``__init__`` needs other arguments than ``args`` pickles fine but cannot be rebuilt);
@@ -347,8 +392,9 @@ def encode_error(
         "message": message,
         "traceback": traceback_text,
         "pickle_problem": problem,
+        **_streams_header(stdout, stderr),
     }
-    return _seal(_ERROR, task, key, header, body)
+    return _seal(_ERROR, task, key, header, stdout, stderr, body)
 
 
 def decode_error(data: bytes, *, key: bytes, task: TaskRef) -> TaskFailure:
@@ -356,7 +402,7 @@ def decode_error(data: bytes, *, key: bytes, task: TaskRef) -> TaskFailure:
 
     :raises ResultIntegrityError: the envelope does not verify; nothing was unpickled
     """
-    header, body = _open(_ERROR, task, key, data)
+    header, stdout, stderr, body = _open_with_streams(_ERROR, task, key, data)
     exception: BaseException | None = None
     if body:
         try:
@@ -370,4 +416,6 @@ def decode_error(data: bytes, *, key: bytes, task: TaskRef) -> TaskFailure:
         message=str(header["message"]),
         traceback_text=str(header["traceback"]),
         exception=exception,
+        stdout=stdout,
+        stderr=stderr,
     )

@@ -447,9 +447,14 @@ class TaskStore:
                 f"delete the job folder gs://{self.bucket_name}/{self.layout(job_id).folder}/"
             ) from exc
 
-    def delete_task(self, ref: TaskRef) -> int:
-        """Delete every object of task ``ref``; returns how many were deleted."""
-        return self._delete_folder(self.layout(ref.job_id).task_folder(ref.index))
+    def delete_tasks(self, job_id: str) -> int:
+        """Delete the objects of every task of job ``job_id``, not its manifest; returns the count.
+
+        The manifest (a few bytes per task) stays, so that `gcpbatch-array tasks` can still name
+        the electron behind each task; the bucket's lifecycle rule or `gcpbatch-array gc` removes
+        it later.
+        """
+        return self._delete_folder(self.layout(job_id).tasks_folder)
 
     def delete_job(self, job_id: str) -> int:
         """Delete job ``job_id``'s folder (manifest and every task); returns the count."""

@@ -478,8 +478,12 @@ class TestBadInput:
             return [blob.name for blob in client.list_blobs(cloud.bucket_name, prefix=prefix)]
 
         await fan_out(cloud, square, [1, 2], bucket_prefix="cleanup-test")
-        # Cleanup runs after the results are handed back, as the job's monitor ends.
-        await wait_until(lambda: not names("cleanup-test/"))
+        # Cleanup runs after the results are handed back, as the job's monitor ends; the
+        # manifest stays so that `gcpbatch-array tasks` can still name the electrons.
+        await wait_until(
+            lambda: all(name.endswith("manifest.json") for name in names("cleanup-test/"))
+        )
+        assert len(names("cleanup-test/")) == 1
         await fan_out(cloud, square, [1, 2], bucket_prefix="kept-test", keep_objects=True)
         kept = names("kept-test/")
         assert sum(name.endswith("result.pkl") for name in kept) == 2

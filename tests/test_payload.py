@@ -24,6 +24,7 @@ from covalent_gcpbatch_array.exceptions import (
 from covalent_gcpbatch_array.payload import (
     ElectronOrigin,
     RuntimeVersions,
+    TaskResult,
     decode_error,
     decode_input,
     decode_result,
@@ -137,11 +138,13 @@ class TestRoundTrips:
     )
     def test_result(self, value: object) -> None:
         key = new_job_key()
-        assert decode_result(encode_result(value, key=key, task=TASK), key=key, task=TASK) == value
+        decoded = decode_result(encode_result(value, key=key, task=TASK), key=key, task=TASK)
+        assert decoded.value == value
 
     def test_large_result(self, key: bytes) -> None:
         value = bytes(range(256)) * (40 * 4096)  # 40 MiB
-        assert decode_result(encode_result(value, key=key, task=TASK), key=key, task=TASK) == value
+        decoded = decode_result(encode_result(value, key=key, task=TASK), key=key, task=TASK)
+        assert decoded.value == value
 
     def test_error_keeps_the_exception_and_its_traceback(self, key: bytes) -> None:
         exc = _raised(KeyError("missing"))
@@ -168,6 +171,35 @@ class TestRoundTrips:
     def test_explicit_traceback_text_is_kept(self, key: bytes) -> None:
         data = encode_error(RuntimeError("x"), key=key, task=TASK, traceback_text="remote tb")
         assert decode_error(data, key=key, task=TASK).traceback_text == "remote tb"
+
+    @settings(max_examples=30, deadline=None)
+    @given(stdout=st.binary(max_size=300), stderr=st.binary(max_size=300), value=st.binary())
+    def test_result_carries_the_streams(self, stdout: bytes, stderr: bytes, value: bytes) -> None:
+        key = new_job_key()
+        data = encode_result(value, key=key, task=TASK, stdout=stdout, stderr=stderr)
+        decoded = decode_result(data, key=key, task=TASK)
+        assert decoded.value == value
+        assert decoded.stdout == stdout.decode(errors="replace")
+        assert decoded.stderr == stderr.decode(errors="replace")
+
+    def test_error_carries_the_streams(self, key: bytes) -> None:
+        data = encode_error(
+            _raised(KeyError("k")), key=key, task=TASK, stdout=b"out\n", stderr="é\n".encode()
+        )
+        failure = decode_error(data, key=key, task=TASK)
+        assert (failure.stdout, failure.stderr) == ("out\n", "é\n")
+        assert type(failure.exception) is KeyError
+
+    def test_envelope_without_stream_lengths_reads_as_quiet(self, key: bytes) -> None:
+        # An envelope from a runner that kept its streams only as separate objects.
+        data = payload._seal("result", TASK, key, {}, cloudpickle.dumps(42))
+        assert decode_result(data, key=key, task=TASK) == TaskResult(42, "", "")
+
+    def test_stream_lengths_past_the_body_are_refused(self, key: bytes) -> None:
+        header = {"stdout_bytes": 10**6, "stderr_bytes": 0}
+        data = payload._seal("result", TASK, key, header, cloudpickle.dumps(42))
+        with pytest.raises(ResultIntegrityError, match="stream lengths"):
+            decode_result(data, key=key, task=TASK)
 
 
 class TestUnpicklable:

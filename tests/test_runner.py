@@ -34,6 +34,7 @@ from covalent_gcpbatch_array.payload import (
     ElectronOrigin,
     RuntimeVersions,
     TaskFailure,
+    TaskResult,
     decode_error,
     decode_result,
     encode_error,
@@ -130,10 +131,13 @@ class Job:
     def objects(self, index: int = 0) -> frozenset[TaskObject]:
         return self.store.task_objects(self.task(index))
 
-    def result(self, index: int = 0) -> Any:
+    def recorded(self, index: int = 0) -> TaskResult:
         data = self.store.download(self.task(index), TaskObject.RESULT)
         assert data is not None, "no result.pkl"
         return decode_result(data, key=self.key, task=self.task(index))
+
+    def result(self, index: int = 0) -> Any:
+        return self.recorded(index).value
 
     def failure(self, index: int = 0) -> TaskFailure:
         data = self.store.download(self.task(index), TaskObject.ERROR)
@@ -182,6 +186,7 @@ def touch(path: str) -> None:
 
 
 def raise_value_error(message: str) -> None:
+    print("about to fail")
     raise ValueError(message)
 
 
@@ -261,15 +266,17 @@ class TestOutcomes:
         job.submit(add, 2, 3, marker=str(marker))
         done = job.run()
         assert done.returncode == EXIT_OK, done.stderr
-        assert job.result() == 5
+        assert job.recorded() == TaskResult(5, stdout="adding 2 and 3\n", stderr="")
         assert marker.read_text() == "ran"
-        assert job.objects() == {
-            TaskObject.INPUT,
-            TaskObject.RESULT,
-            TaskObject.STDOUT,
-            TaskObject.STDERR,
-        }
+        # A copy of what it printed is kept beside the result; nothing for an empty stream.
+        assert job.objects() == {TaskObject.INPUT, TaskObject.RESULT, TaskObject.STDOUT}
         assert job.output(TaskObject.STDOUT) == "adding 2 and 3\n"
+
+    def test_quiet_success_writes_only_the_result(self, job: Job) -> None:
+        job.submit(ignore)
+        assert job.run().returncode == EXIT_OK
+        assert job.objects() == {TaskObject.INPUT, TaskObject.RESULT}
+        assert job.recorded() == TaskResult(None, stdout="", stderr="")
 
     def test_user_exception(self, job: Job) -> None:
         job.submit(raise_value_error, "bad input 42")
@@ -281,6 +288,7 @@ class TestOutcomes:
         assert failure.type_name == "builtins.ValueError"
         assert "raise_value_error" in failure.traceback_text
         assert "ValueError: bad input 42" in failure.traceback_text
+        assert (failure.stdout, failure.stderr) == ("about to fail\n", "")
         assert TaskObject.RESULT not in job.objects()
 
     def test_sys_exit_in_the_function_is_a_user_error(self, job: Job) -> None:
@@ -331,6 +339,7 @@ class TestOutputs:
         assert done.returncode == EXIT_OK, done.stderr
         stdout = job.output(TaskObject.STDOUT)
         stderr = job.output(TaskObject.STDERR)
+        assert job.recorded() == TaskResult("done", stdout=stdout, stderr=stderr)
         for line in ("print to stdout", "raw fd 1", "child stdout"):
             assert line in stdout
             assert line in done.stdout  # still echoed for Cloud Logging
@@ -440,7 +449,7 @@ class TestRefusedInputs:
         assert "not unpickled" in str(exc)
         assert not tripwire.exists()
         # The tripwire does fire when an intact input is unpickled.
-        job.store.delete_task(task)
+        job.store.delete_tasks(task.job_id)
         job.submit(ignore, Tripwire(str(tripwire)))
         assert job.run().returncode == EXIT_OK
         assert tripwire.exists()
@@ -535,7 +544,6 @@ class TestCancellation:
             TaskObject.INPUT,
             TaskObject.CANCELLED,
             TaskObject.STDOUT,
-            TaskObject.STDERR,
         }
         # What it printed up to the hard stop is kept (a loaded machine may cut the last line).
         assert job.output(TaskObject.STDOUT).startswith("before the cancel\n")
@@ -586,7 +594,6 @@ class TestUnderTheBatchEmulator:
             TaskObject.INPUT,
             TaskObject.CANCELLED,
             TaskObject.STDOUT,
-            TaskObject.STDERR,
         }
         assert not finished.exists()
         # The user error ran once: exit code 3 is FAIL_TASK, never retried.

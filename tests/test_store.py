@@ -339,7 +339,7 @@ class TestObjects:
         assert outcomes[10] is TaskOutcome.FAILED
         assert outcomes[5] is TaskOutcome.UNFINISHED
 
-    def test_delete_task_and_job(
+    def test_delete_tasks_and_job(
         self, store: TaskStore, client: storage.Client, bucket: str
     ) -> None:
         entry = ManifestEntry("d", 1, datetime.now(timezone.utc))
@@ -349,10 +349,11 @@ class TestObjects:
                 store.upload_input(TaskRef(job, index), b"i")
                 store.upload(TaskRef(job, index), TaskObject.STDOUT, b"o")
 
-        assert store.delete_task(TaskRef("job-a", 0)) == 2
-        assert store.task_objects(TaskRef("job-a", 0)) == frozenset()
-        assert store.task_objects(TaskRef("job-a", 1)) == {TaskObject.INPUT, TaskObject.STDOUT}
-        assert store.delete_job("job-a") == 3
+        assert store.delete_tasks("job-a") == 4
+        assert store.job_task_objects("job-a") == {}
+        assert store.read_manifest("job-a") == {0: entry, 1: entry}
+        assert len(store.job_task_objects("job-ab")) == 2
+        assert store.delete_job("job-a") == 1
         remaining = sorted(blob.name for blob in client.list_blobs(bucket))
         assert remaining and all(name.startswith("runs/cga/job-ab/") for name in remaining)
         assert store.delete_job("job-a") == 0
