@@ -21,7 +21,7 @@ import anyio
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
-from .batch import BatchJobs, build_job
+from .batch import TASK_STATE_FIELDS, BatchJobs, build_job
 from .coalescer import Batch, Member
 from .config import ExecutorConfig, JobShape
 from .exceptions import (
@@ -227,7 +227,9 @@ class _JobMonitor:
         if finished != self.finished_seen or terminal:
             states = () if terminal else _FINISHED_TASK_STATES
             try:
-                tasks = await self.ctx.jobs.list_tasks(self.job_id, states)
+                tasks = await self.ctx.jobs.list_tasks(
+                    self.job_id, states, fields=TASK_STATE_FIELDS
+                )
             except BatchApiError as exc:
                 logger.warning("listing tasks of %s failed, will retry: %s", self.job_id, exc)
                 return True
@@ -348,8 +350,18 @@ class _JobMonitor:
                 stderr=failure.stderr,
             )
         return infrastructure_error(
-            task, time_limit=self.config.time_limit, retries=self.config.retries
+            await self._whole_task(ref, task),
+            time_limit=self.config.time_limit,
+            retries=self.config.retries,
         )
+
+    async def _whole_task(self, ref: TaskRef, listed: batch_v1.Task) -> batch_v1.Task:
+        """The task with its status events (exit codes, attempts), which polls do not list."""
+        try:
+            return await self.ctx.jobs.get_task(ref.job_id, ref.index)
+        except BatchApiError as exc:
+            logger.warning("could not read task %d of job %s: %s", ref.index, ref.job_id, exc)
+            return listed
 
     async def mark_cancellations(self) -> None:
         """Write the ``cancelled`` marker of every electron cancelled after launch."""
