@@ -104,7 +104,8 @@ def cloud(local_cloud: LocalCloud) -> Iterator[LocalCloud]:
     local_cloud.configure(
         provisioning_delay=knobs["provisioning_delay"],
         max_running_tasks=knobs["max_running_tasks"],
-        jobs_per_minute=knobs["jobs_per_minute"],
+        jobs_per_window=knobs["jobs_per_window"],
+        quota_window_seconds=knobs["quota_window_seconds"],
     )
 
 
@@ -259,10 +260,16 @@ class TestConcurrentDispatches:
         self, covalent_server: CovalentServer, cloud: LocalCloud
     ) -> None:
         prefix = f"shared-{time.time_ns()}"
-        # One 10 s window (no early idle flush) gathers both dispatches' electrons; objects are
-        # kept to read the manifests.
+        # One batch of exactly the 4 + 4 electrons: it flushes the moment it is full, not on
+        # a timer (the window and idle gap only stop it flushing before the second dispatch's
+        # electrons join); objects are kept to read the manifests.
         executor = explicit_executor(
-            cloud, bucket_prefix=prefix, keep_objects=True, batch_window=10.0, batch_idle_gap=10.0
+            cloud,
+            bucket_prefix=prefix,
+            keep_objects=True,
+            max_tasks_per_job=8,
+            batch_window=120.0,
+            batch_idle_gap=120.0,
         )
         electron = ct.electron(task_identity, executor=executor)
 
