@@ -13,6 +13,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_array import batch
 from covalent_gcpbatch_array.batch import (
+    CANCEL_CHECKS_PER_SECOND,
     CREATED_BY_LABEL,
     TASK_STATE_FIELDS,
     BatchJobs,
@@ -60,7 +61,25 @@ class TestBuildJob:
             "CGA_BUCKET": "my-bucket",
             "CGA_JOB_PREFIX": "pfx/j",
             "CGA_HMAC_KEY": "00ff",
+            "CGA_CANCEL_POLL_SECONDS": "2",
         }
+
+    @pytest.mark.parametrize(
+        ("task_count", "parallelism", "seconds"),
+        [(1, 0, 2.0), (100, 0, 2.0), (1000, 0, 20.0), (1000, 100, 2.0), (5000, 0, 60.0)],
+    )
+    def test_big_jobs_check_their_cancel_markers_less_often(
+        self, task_count: int, parallelism: int, seconds: float
+    ) -> None:
+        job = build_job(
+            shape(parallelism=parallelism), task_count=task_count, job_prefix="p/j", hmac_key=""
+        )
+        variables = job.task_groups[0].task_spec.environment.variables
+        assert float(variables["CGA_CANCEL_POLL_SECONDS"]) == seconds
+        # In all, the running tasks of a job read their markers at most ~50 times a second,
+        # unless that would leave a cancelled task running for more than a minute.
+        running = min(task_count, parallelism or task_count)
+        assert running / seconds <= CANCEL_CHECKS_PER_SECOND or seconds == 60.0
 
     def test_user_errors_are_never_retried(self) -> None:
         (policy,) = (
