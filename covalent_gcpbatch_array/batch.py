@@ -97,6 +97,11 @@ def make_batch_client(endpoint: str = "") -> batch_v1.BatchServiceClient:
     )
 
 
+#: Exit codes whose task fails at once, whatever ``retries`` says: the function raised (another
+#: attempt would raise again), or the attempt ran past ``time_limit`` (Batch would otherwise
+#: retry it with the same limit). ``retries`` is for preemptions and other VM faults.
+NEVER_RETRIED_EXIT_CODES = (EXIT_USER_ERROR, 50005)
+
 #: How often a running task looks for its cancel marker: every 2 s, slower in big jobs so that the
 #: tasks of one job check at most ~50 times a second in all (a metadata read each), up to 60 s.
 CANCEL_CHECKS_PER_SECOND = 50
@@ -139,7 +144,7 @@ def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: st
             batch_v1.LifecyclePolicy(
                 action=batch_v1.LifecyclePolicy.Action.FAIL_TASK,
                 action_condition=batch_v1.LifecyclePolicy.ActionCondition(
-                    exit_codes=[EXIT_USER_ERROR]
+                    exit_codes=list(NEVER_RETRIED_EXIT_CODES)
                 ),
             )
         ],

@@ -88,7 +88,8 @@ class TestBuildJob:
             .task_spec.lifecycle_policies
         )
         assert policy.action == batch_v1.LifecyclePolicy.Action.FAIL_TASK
-        assert list(policy.action_condition.exit_codes) == [EXIT_USER_ERROR]
+        # The function raised, or the attempt ran past time_limit: retries are for VM faults.
+        assert list(policy.action_condition.exit_codes) == [EXIT_USER_ERROR, 50005]
 
     def test_job_shape_settings_reach_the_allocation_policy(self) -> None:
         job = build_job(

@@ -517,6 +517,19 @@ class TestJobsGoneOrStuck:
             check_value(fan[index])
         assert delta["task_attempts"] == 4
 
+    @pytest.mark.anyio
+    async def test_a_time_limit_hit_is_not_retried_a_preemption_is(self, cloud: LocalCloud) -> None:
+        delta = Delta(cloud)
+        cloud.fail_task(index=2, attempt=0, exit_code=50001)
+        fan = await fan_out(cloud, specs(3, {1: ("sleep", 60)}), time_limit=2, retries=2)
+        check_exactly_one_outcome(fan)
+        cause = check_infrastructure_error(fan[1], "time_limit=2s")
+        assert isinstance(cause, TimeLimitExceeded)
+        assert "after 1 attempt(s) (retries=2)" in str(cause)
+        for index in (0, 2):
+            check_value(fan[index])
+        assert delta["task_attempts"] == 4  # 0 once, 1 once (not retried), 2 preempted then run
+
 
 class TestRetriesAndUserErrors:
     @pytest.mark.anyio
