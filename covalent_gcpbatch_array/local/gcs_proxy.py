@@ -11,6 +11,12 @@ matches it. A fault is "the next ``count`` requests whose method is M and whose 
 - ``corrupt=True``: forward the request and pass the answer on with one byte of its body
   flipped (bit rot in transit: the client's checksum check, if any, must catch it).
 
+Batch requests (``POST /batch/storage/v1``, up to 100 calls in one multipart/mixed request),
+which fake-gcs-server lacks, are answered here (:mod:`.gcs_batch`): each call goes to
+fake-gcs-server as a request of its own, over one keep-alive connection, and meets the planned
+faults as one (a ``drop`` loses the whole batch's answer); a fault can also hit the batch
+request itself (``method="POST", path="/batch/"``).
+
 Process contract (like the Batch emulator's)::
 
     python -m covalent_gcpbatch_array.local.gcs_proxy --upstream http://127.0.0.1:G \\
@@ -48,6 +54,16 @@ from typing import Any
 import anyio
 import anyio.abc
 import h11
+
+from covalent_gcpbatch_array.local.gcs_batch import (
+    BATCH_PATH,
+    BatchFormatError,
+    InnerRequest,
+    InnerResponse,
+    compose_batch_response,
+    inner_headers,
+    parse_batch_request,
+)
 
 __all__ = ["ProxyStats", "StorageFault", "StorageFaults", "main", "serve"]
 
@@ -154,6 +170,7 @@ class ProxyStats:
     dropped: int = 0  # connections closed by an injected drop
     answers_lost: int = 0  # of those failed or dropped: requests forwarded first
     corrupted: int = 0  # answers passed on with a flipped byte
+    batches: int = 0  # batch requests answered (their calls count as requests of their own)
     faulted: deque[str] = field(default_factory=lambda: deque(maxlen=_FAULT_LOG))  # recent hits
 
     def to_json(self, pending: int) -> dict[str, Any]:
@@ -164,6 +181,7 @@ class ProxyStats:
             "dropped": self.dropped,
             "answers_lost": self.answers_lost,
             "corrupted": self.corrupted,
+            "batches": self.batches,
             "pending": pending,
             "faulted": list(self.faulted),
         }
@@ -273,7 +291,74 @@ class GcsProxy:
             self.stats.failed += 1
             await _send_error(client, fault.status, f"Injected fault: {method} {described}")
             return True
+        if method == "POST" and urllib.parse.urlsplit(target).path == BATCH_PATH:
+            return await self._batch(client, request, fault)
         return await self._forward(client, request, body, fault)
+
+    async def _batch(self, client: _Peer, request: h11.Request, fault: StorageFault | None) -> bool:
+        """Answer a batch request: each call goes to fake-gcs-server, which has no batch API."""
+        body = await _read_body(client)
+        content_type = _header(request, b"content-type").decode("latin-1")
+        try:
+            calls = parse_batch_request(content_type, body)
+        except BatchFormatError as exc:
+            await _send_error(client, 400, str(exc))
+            return True
+        self.stats.batches += 1
+        answers: list[tuple[InnerRequest, InnerResponse]] = []
+        async with _Upstream(self._upstream_host, self._upstream_port) as upstream:
+            for call in calls:
+                answer = await self._batch_call(upstream, request, call)
+                if answer is None:
+                    return False  # an injected drop: the whole batch's answer is lost
+                answers.append((call, answer))
+        answer_type, answer_body = compose_batch_response(answers)
+        head = h11.Response(status_code=200, headers=[(b"content-type", answer_type)])
+        if fault is not None and fault.corrupt:
+            self.stats.corrupted += 1
+            answer_body = _flip_a_byte(answer_body)
+        elif fault is not None:
+            return await self._lose_answer(client, head, answer_body, fault)
+        await client.send(self._rewritten(head, len(answer_body)))
+        await client.send(h11.Data(data=answer_body))
+        await client.send(h11.EndOfMessage())
+        return True
+
+    async def _batch_call(
+        self, upstream: _Upstream, request: h11.Request, call: InnerRequest
+    ) -> InnerResponse | None:
+        """One call of a batch, through the faults like a request of its own; None: drop all."""
+        self.stats.requests[call.method] += 1
+        described = urllib.parse.unquote(call.target)
+        fault = self.faults.take(call.method, described)
+        if fault is not None:
+            self.stats.faulted.append(f"{call.method} {described}")
+            logger.info("injecting %s into %s %s (in a batch)", fault, call.method, described)
+            if not (fault.lose_answer or fault.corrupt):
+                if fault.drop:
+                    self.stats.dropped += 1
+                    return None
+                self.stats.failed += 1
+                return _error_answer(fault.status, f"Injected fault: {call.method} {described}")
+        try:
+            status, headers, body = await upstream.call(
+                call.method, call.target, inner_headers(request.headers, call), call.body
+            )
+        except (OSError, _Closed) as exc:
+            return _error_answer(502, f"the proxy could not reach {self.upstream}: {exc}")
+        self.stats.forwarded += 1
+        body = self._rewrite_links(body)
+        if fault is not None and fault.corrupt:
+            self.stats.corrupted += 1
+            body = _flip_a_byte(body)
+        elif fault is not None:
+            self.stats.answers_lost += 1
+            if fault.drop:
+                self.stats.dropped += 1
+                return None
+            self.stats.failed += 1
+            return _error_answer(fault.status, "Injected fault after the request was applied")
+        return InnerResponse(status, headers, body)
 
     async def _forward(
         self, client: _Peer, request: h11.Request, body: bytes | None, fault: StorageFault | None
@@ -319,8 +404,7 @@ class GcsProxy:
             answer = self._rewrite_links(await _read_body(upstream))
             if fault is not None and fault.corrupt and answer:
                 self.stats.corrupted += 1
-                middle = len(answer) // 2
-                answer = answer[:middle] + bytes([answer[middle] ^ 0x01]) + answer[middle + 1 :]
+                answer = _flip_a_byte(answer)
             elif fault is not None:
                 return await self._lose_answer(client, response, answer, fault)
             await client.send(self._rewritten(response, len(answer)))
@@ -397,6 +481,78 @@ class GcsProxy:
         await _send_json(client, 200, answer)
 
 
+class _Upstream:
+    """One keep-alive connection to fake-gcs-server for the calls of a batch, in turn."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._peer: _Peer | None = None  # None until the first call, or after a close
+
+    async def __aenter__(self) -> _Upstream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._peer is not None:
+            await self._peer.stream.aclose()
+            self._peer = None
+
+    async def call(
+        self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+        """Send one request and read its whole answer: status, headers, body.
+
+        :raises OSError: fake-gcs-server cannot be reached
+        :raises _Closed: it closed the connection mid-answer
+        """
+        if self._peer is not None and (
+            self._peer.conn.our_state is not h11.DONE or self._peer.conn.their_state is not h11.DONE
+        ):
+            await self._close()  # the server will not take another request on it
+        if self._peer is not None:
+            self._peer.conn.start_next_cycle()
+        else:
+            self._peer = _Peer(await anyio.connect_tcp(self._host, self._port), h11.CLIENT)
+        host = f"{self._host}:{self._port}".encode()
+        await self._peer.send(
+            h11.Request(method=method, target=target, headers=[*headers, (b"host", host)])
+        )
+        if body:
+            await self._peer.send(h11.Data(data=body))
+        await self._peer.send(h11.EndOfMessage())
+        response = await self._peer.next_event()
+        while isinstance(response, h11.InformationalResponse):
+            response = await self._peer.next_event()
+        answer = await _read_body(self._peer)
+        kept = tuple(
+            (name.lower(), value)
+            for name, value in response.headers
+            if name.lower() not in (b"connection", b"keep-alive")
+        )
+        return response.status_code, kept, answer
+
+
+def _header(message: h11.Request | h11.Response, name: bytes) -> bytes:
+    return next((value for key, value in message.headers if key.lower() == name), b"")
+
+
+def _flip_a_byte(data: bytes) -> bytes:
+    """``data`` with one bit of its middle byte flipped (bit rot in transit)."""
+    if not data:
+        return data
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
+
+
+def _error_answer(status: int, message: str) -> InnerResponse:
+    """Cloud Storage's error JSON as the answer to one call of a batch."""
+    body = json.dumps({"error": _error_document(status, message)}).encode()
+    return InnerResponse(status, ((b"content-type", b"application/json; charset=UTF-8"),), body)
+
+
 def _is_json(response: h11.Response) -> bool:
     return any(
         name.lower() == b"content-type" and value.lower().startswith(b"application/json")
@@ -421,9 +577,12 @@ async def _send_json(peer: _Peer, status: int, payload: dict[str, Any]) -> None:
 
 async def _send_error(peer: _Peer, status: int, message: str) -> None:
     """Answer with Cloud Storage's error JSON, which google-cloud-storage maps by status."""
+    await _send_json(peer, status, {"error": _error_document(status, message)})
+
+
+def _error_document(status: int, message: str) -> dict[str, Any]:
     reason = _REASONS.get(status, "backendError")
-    error = {"code": status, "message": message, "errors": [{"message": message, "reason": reason}]}
-    await _send_json(peer, status, {"error": error})
+    return {"code": status, "message": message, "errors": [{"message": message, "reason": reason}]}
 
 
 async def serve(
