@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import google.auth.exceptions
+import google.cloud.exceptions
 import google.cloud.storage as storage
 import requests
 from google.api_core import exceptions as api_exceptions
@@ -55,6 +56,9 @@ JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._/-]*$")
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_FORMAT = 1
+_BATCH_CALLS = 100  # calls per batch request: the most Cloud Storage takes in one
+# What the client's DEFAULT_RETRY retries, by status (408 and 429 throttle, 5xx are transient).
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class TaskObject(str, enum.Enum):
@@ -288,6 +292,7 @@ class TaskStore:
         self._bucket = client.bucket(bucket_name)
         self._prefix = validate_prefix(prefix)
         self._retry = retry
+        self._batch_deletes = True  # False once the endpoint turned out to have no batch API
 
     @property
     def bucket_name(self) -> str:
@@ -461,11 +466,74 @@ class TaskStore:
         return self._delete_folder(self.layout(job_id).folder + "/")
 
     def _delete_folder(self, folder: str) -> int:
-        deleted = 0
         with self._errors(f"delete {folder}"):
-            for blob in self._client.list_blobs(self._bucket, prefix=folder, retry=self._retry):
-                # Someone else (another cleanup) may have deleted it meanwhile: that is fine.
-                with contextlib.suppress(api_exceptions.NotFound):
-                    blob.delete(retry=self._retry)
-                    deleted += 1
+            # Listed once, outside any batch: inside one every call is deferred.
+            names = [
+                blob.name
+                for blob in self._client.list_blobs(self._bucket, prefix=folder, retry=self._retry)
+            ]
+            return sum(
+                self._delete_batch(names[start : start + _BATCH_CALLS])
+                for start in range(0, len(names), _BATCH_CALLS)
+            )
+
+    def _delete_batch(self, names: list[str]) -> int:
+        """Delete up to 100 objects in one batch request; returns how many this call deleted.
+
+        google-cloud-storage's Batch retries nothing: neither the batch request nor its inner
+        calls. Calls answered 429/5xx, or all of them when the batch request itself failed that
+        way, are deleted again one by one with the store's retry policy (a delete is
+        idempotent: a second try that meets 404 is a success). A 404 means someone else
+        (another cleanup) deleted it first; any other failure raises, translated by
+        :func:`_storage_errors`. An endpoint without the batch API (fake-gcs-server alone)
+        gets one delete per object from then on.
+        """
+        if not self._batch_deletes:
+            return self._delete_each(names)
+        try:
+            with self._client.batch(raise_exception=False) as batch:
+                for name in names:
+                    # No retry: inside a batch the call is only recorded, never sent.
+                    self._bucket.blob(name).delete(retry=None)
+        except (api_exceptions.NotFound, api_exceptions.MethodNotAllowed, ValueError):
+            # No batch endpoint here (a 404/405, or an answer that is not multipart).
+            self._batch_deletes = False
+            return self._delete_each(names)
+        except (
+            api_exceptions.GoogleAPICallError,
+            requests.RequestException,
+            ConnectionError,
+        ) as exc:
+            if not _is_transient(exc):
+                raise
+            return self._delete_each(names)
+        deleted = 0
+        again = []
+        # Batch.finish returns one response per call, in order; the context manager keeps them.
+        for name, response in zip(names, batch._responses, strict=True):
+            if 200 <= response.status_code < 300:
+                deleted += 1
+            elif response.status_code in _TRANSIENT_STATUSES:
+                again.append(name)
+            elif response.status_code != 404:
+                raise google.cloud.exceptions.from_http_response(response)
+        return deleted + self._delete_each(again)
+
+    def _delete_each(self, names: list[str]) -> int:
+        deleted = 0
+        for name in names:
+            with contextlib.suppress(api_exceptions.NotFound):
+                self._bucket.blob(name).delete(retry=self._retry)
+                deleted += 1
         return deleted
+
+
+def _is_transient(exc: Exception) -> bool:
+    """Whether a failed batch request is worth sending again (as the client's retry judges)."""
+    if isinstance(exc, ConnectionError):
+        return True
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        return exc.code in _TRANSIENT_STATUSES
+    return isinstance(
+        exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+    )

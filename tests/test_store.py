@@ -10,11 +10,15 @@ import os
 import socket
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import anyio.from_thread
 import pytest
+import requests
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 from hypothesis import given
@@ -23,6 +27,7 @@ from hypothesis import strategies as st
 from covalent_gcpbatch_array import store as store_module
 from covalent_gcpbatch_array.exceptions import StorageError
 from covalent_gcpbatch_array.local.gcs import GcsEmulator
+from covalent_gcpbatch_array.local.gcs_proxy import serve
 from covalent_gcpbatch_array.store import (
     JOB_ID_PATTERN,
     JobLayout,
@@ -464,6 +469,161 @@ class TestErrors:
         with pytest.raises(StorageError, match="gave up after retrying") as info:
             store.upload_input(TaskRef("job", 0), b"x")
         assert "ConnectionError" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def batch_endpoint(gcs_endpoint: str) -> Iterator[str]:
+    """Our GCS proxy in front of the module's fake-gcs-server: it has the batch API."""
+    with anyio.from_thread.start_blocking_portal() as portal:
+        served, endpoint = portal.start_task(serve, gcs_endpoint)
+        yield endpoint
+        served.cancel()
+
+
+@pytest.fixture
+def proxy_admin(batch_endpoint: str) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Calls the proxy's admin API; forgets the faults a test planned but did not use."""
+
+    def admin(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        answer = requests.request(method, f"{batch_endpoint}/_proxy/{path}", json=body, timeout=10)
+        answer.raise_for_status()
+        result: dict[str, Any] = answer.json()
+        return result
+
+    yield admin
+    admin("DELETE", "faults")
+
+
+@pytest.fixture
+def batch_store(
+    make_client: Callable[..., storage.Client], batch_endpoint: str, bucket: str
+) -> TaskStore:
+    return TaskStore(make_client("p", batch_endpoint), bucket, "runs/cga", retry=FAST_RETRY)
+
+
+def write_tasks(client: storage.Client, bucket: str, job_id: str, count: int) -> list[str]:
+    """Put an input and a result in each of ``count`` task folders, straight into the bucket."""
+    layout = JobLayout("runs/cga", job_id)
+    names = [
+        layout.object_name(index, obj)
+        for index in range(count)
+        for obj in (TaskObject.INPUT, TaskObject.RESULT)
+    ]
+    for name in names:
+        client.bucket(bucket).blob(name).upload_from_string(b"x")
+    return names
+
+
+def requests_seen(admin: Callable[..., dict[str, Any]]) -> Counter[str]:
+    seen = admin("GET", "stats")
+    counts = Counter(seen["requests"])
+    counts["batches"] = seen["batches"]
+    return counts
+
+
+class TestBatchDeletes:
+    def test_more_than_100_objects_go_in_several_batches(
+        self,
+        batch_store: TaskStore,
+        client: storage.Client,
+        bucket: str,
+        proxy_admin: Callable[..., dict[str, Any]],
+    ) -> None:
+        names = write_tasks(client, bucket, "job-many", 130)
+        batch_store.write_manifest("job-many", {})
+        before = requests_seen(proxy_admin)
+        assert batch_store.delete_tasks("job-many") == 260
+        seen = requests_seen(proxy_admin) - before
+        assert (seen["batches"], seen["DELETE"]) == (3, 260)  # 100 + 100 + 60 calls
+        assert seen["GET"] == 1  # one list
+        assert not any(client.bucket(bucket).blob(name).exists() for name in names[::13])
+        assert batch_store.job_task_objects("job-many") == {}
+        assert batch_store.read_manifest("job-many") == {}
+        assert batch_store.delete_job("job-many") == 1
+
+    def test_objects_deleted_meanwhile_are_fine_and_not_counted(
+        self,
+        batch_store: TaskStore,
+        client: storage.Client,
+        bucket: str,
+        proxy_admin: Callable[..., dict[str, Any]],
+    ) -> None:
+        write_tasks(client, bucket, "job-gone", 3)
+        # Deleted (by the call itself) before the store hears of it: a 404 to the store.
+        proxy_admin(
+            "POST",
+            "faults",
+            {
+                "method": "DELETE",
+                "status": 404,
+                "lose_answer": True,
+                "path": "job-gone/tasks/1/",
+                "count": 2,
+            },
+        )
+        assert batch_store.delete_tasks("job-gone") == 4
+        assert batch_store.job_task_objects("job-gone") == {}
+
+    def test_transient_failures_are_deleted_again_one_by_one(
+        self,
+        batch_store: TaskStore,
+        client: storage.Client,
+        bucket: str,
+        proxy_admin: Callable[..., dict[str, Any]],
+    ) -> None:
+        write_tasks(client, bucket, "job-flaky", 3)
+        proxy_admin("POST", "faults", {"method": "DELETE", "status": 503, "count": 1})
+        proxy_admin("POST", "faults", {"method": "DELETE", "status": 429, "count": 1})
+        before = requests_seen(proxy_admin)
+        assert batch_store.delete_tasks("job-flaky") == 6
+        seen = requests_seen(proxy_admin) - before
+        assert (seen["batches"], seen["DELETE"]) == (1, 6 + 2)
+        assert batch_store.job_task_objects("job-flaky") == {}
+
+    @pytest.mark.parametrize("fault", [{"status": 503}, {"drop": True}])
+    def test_a_failed_batch_request_is_done_one_by_one(
+        self,
+        batch_store: TaskStore,
+        client: storage.Client,
+        bucket: str,
+        proxy_admin: Callable[..., dict[str, Any]],
+        fault: dict[str, Any],
+    ) -> None:
+        write_tasks(client, bucket, "job-nobatch", 2)
+        proxy_admin("POST", "faults", {"method": "POST", "path": "/batch/", **fault})
+        before = requests_seen(proxy_admin)
+        assert batch_store.delete_tasks("job-nobatch") == 4
+        seen = requests_seen(proxy_admin) - before
+        assert (seen["batches"], seen["DELETE"]) == (0, 4)
+        assert batch_store.job_task_objects("job-nobatch") == {}
+
+    def test_refused_deletes_raise_a_storage_error_naming_the_folder(
+        self,
+        batch_store: TaskStore,
+        client: storage.Client,
+        bucket: str,
+        proxy_admin: Callable[..., dict[str, Any]],
+    ) -> None:
+        write_tasks(client, bucket, "job-refused", 2)
+        proxy_admin("POST", "faults", {"method": "DELETE", "status": 403, "path": "tasks/1/"})
+        with pytest.raises(StorageError, match="refused to delete runs/cga/job-refused/tasks/"):
+            batch_store.delete_tasks("job-refused")
+        remaining = batch_store.job_task_objects("job-refused")
+        assert remaining == {1: {TaskObject.INPUT}}  # only the refused one, not retried
+
+    def test_an_endpoint_without_the_batch_api_gets_one_delete_per_object(
+        self, make_client: Callable[..., storage.Client], gcs_endpoint: str, bucket: str
+    ) -> None:
+        client = make_client("p", gcs_endpoint)
+        write_tasks(client, bucket, "job-a", 2)
+        write_tasks(client, bucket, "job-b", 2)
+        with ScriptedProxy(gcs_endpoint, status=503, fail_first=0) as proxy:
+            store = TaskStore(make_client("p", proxy.endpoint), bucket, "runs/cga")
+            assert store.delete_tasks("job-a") == 4
+            assert store.delete_tasks("job-b") == 4
+        batch_requests = [path for path in proxy.paths if "/batch/" in path]
+        assert batch_requests == ["POST /batch/storage/v1"]  # tried once, then remembered
+        assert sum(path.startswith("DELETE") for path in proxy.paths) == 8
 
 
 class TestExports:
