@@ -7,7 +7,9 @@ import functools
 import gc
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -18,10 +20,12 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from benchmarks.storage_log import StorageLog
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs import GcsEmulator, make_storage_client
 from covalent_gcpbatch_array.local.gcs_proxy import StorageFault, StorageFaults, serve
+from tests.conftest import wait_until
 
 # google-cloud-storage does not close the streamed response of a failed download (see
 # test_store.py); the faults here fail many. Each test collects its own leaks (below).
@@ -33,6 +37,13 @@ _T = TypeVar("_T")
 BUCKET = "proxy-tests"
 #: Retries quickly, so that tests that meet several faults stay short.
 QUICK_RETRY = DEFAULT_RETRY.with_delay(initial=0.05, maximum=0.2).with_timeout(20.0)
+
+
+@pytest.fixture(autouse=True)
+def _no_background_bucket_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # google-cloud-storage 3.x reads bucket metadata from a background thread, for tracing:
+    # a GET that would land in the proxy's counts at a random moment.
+    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
 
 
 @pytest.fixture(autouse=True)
@@ -241,6 +252,142 @@ class TestFaults:
             tg.cancel_scope.cancel()
 
 
+def delete_in_a_batch(endpoint: str, names: list[str]) -> list[int]:
+    """Delete ``names`` in one batch request of the real client; the status of each call."""
+    client = make_storage_client(endpoint, "proxy-project")
+    with client.batch(raise_exception=False) as batch:
+        for name in names:
+            client.bucket(BUCKET).blob(name).delete(retry=None)
+    return [response.status_code for response in batch._responses]
+
+
+async def upload_each(endpoint: str, names: list[str]) -> None:
+    bucket = bucket_via(endpoint)
+    for name in names:
+        await call(bucket.blob(name).upload_from_string, name.encode())
+
+
+async def exists_directly(gcs: GcsEmulator, names: list[str]) -> list[bool]:
+    bucket = bucket_via(gcs.endpoint)
+    return [await call(bucket.blob(name).exists) for name in names]
+
+
+class TestBatch:
+    @pytest.mark.anyio
+    async def test_the_clients_batch_deletes_reach_fake_gcs_server(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        names = [f"batch/{i}" for i in range(3)]
+        await upload_each(gcs.endpoint, names)
+        statuses = await call(delete_in_a_batch, proxy, [*names, "batch/missing"])
+        assert [status // 100 for status in statuses] == [2, 2, 2, 4]
+        assert statuses[3] == 404
+        assert await exists_directly(gcs, names) == [False, False, False]
+        seen = await stats(proxy)
+        assert seen["batches"] == 1
+        assert seen["requests"] == {"POST": 1, "DELETE": 4}  # the batch, and each call in it
+        assert seen["forwarded"] == 4
+
+    @pytest.mark.anyio
+    async def test_a_patch_in_a_batch_carries_its_body(self, proxy: str, gcs: GcsEmulator) -> None:
+        await upload_each(gcs.endpoint, ["patched"])
+        client = make_storage_client(proxy, "proxy-project")
+
+        def patch() -> None:
+            with client.batch():
+                blob = client.bucket(BUCKET).blob("patched")
+                blob.metadata = {"colour": "blue"}
+                blob.patch(retry=None)
+
+        await call(patch)
+        reread = await call(bucket_via(gcs.endpoint).get_blob, "patched")
+        assert reread is not None and reread.metadata == {"colour": "blue"}
+
+    @pytest.mark.anyio
+    async def test_more_than_100_calls_are_refused(self, proxy: str) -> None:
+        with pytest.raises(api_exceptions.BadRequest, match="at most 100 calls"):
+            await call(delete_in_a_batch, proxy, [f"many/{i}" for i in range(101)])
+
+    @pytest.mark.anyio
+    async def test_a_malformed_batch_is_a_400(self, proxy: str) -> None:
+        answer = await call(
+            requests.post,
+            f"{proxy}/batch/storage/v1",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert answer.status_code == 400
+        assert "multipart/mixed" in answer.json()["error"]["message"]
+
+
+class TestBatchFaults:
+    @pytest.mark.anyio
+    async def test_a_fault_hits_one_call_of_a_batch(self, proxy: str, gcs: GcsEmulator) -> None:
+        names = [f"one-fault/{i}" for i in range(3)]
+        await upload_each(gcs.endpoint, names)
+        await plan(proxy, method="DELETE", status=503, path="one-fault/1")
+        assert await call(delete_in_a_batch, proxy, names) == [200, 503, 200]
+        assert await exists_directly(gcs, names) == [False, True, False]
+        seen = await stats(proxy)
+        assert seen["faulted"] == [f"DELETE /storage/v1/b/{BUCKET}/o/one-fault/1?prettyPrint=false"]
+        assert (seen["failed"], seen["forwarded"]) == (1, 2)
+
+    @pytest.mark.anyio
+    async def test_a_lost_answer_in_a_batch_means_the_call_happened(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        names = ["lost-in-batch/0", "lost-in-batch/1"]
+        await upload_each(gcs.endpoint, names)
+        await plan(proxy, method="DELETE", status=500, lose_answer=True, path="lost-in-batch/0")
+        assert await call(delete_in_a_batch, proxy, names) == [500, 200]
+        assert await exists_directly(gcs, names) == [False, False]
+        assert (await stats(proxy))["answers_lost"] == 1
+
+    @pytest.mark.anyio
+    async def test_a_drop_in_a_batch_loses_the_whole_answer(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        names = [f"dropped-batch/{i}" for i in range(3)]
+        await upload_each(gcs.endpoint, names)
+        await plan(proxy, method="DELETE", drop=True, path="dropped-batch/1")
+        with pytest.raises(requests.ConnectionError):
+            await call(delete_in_a_batch, proxy, names)
+        # Calls run in order: the one before the drop happened, the rest never did.
+        assert await exists_directly(gcs, names) == [False, True, True]
+        assert (await stats(proxy))["dropped"] == 1
+
+    @pytest.mark.anyio
+    async def test_a_fault_can_hit_the_batch_request_itself(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        await upload_each(gcs.endpoint, ["whole-batch"])
+        await plan(proxy, method="POST", status=503, path="/batch/")
+        with pytest.raises(api_exceptions.ServiceUnavailable, match="Injected fault"):
+            await call(delete_in_a_batch, proxy, ["whole-batch"])
+        assert await exists_directly(gcs, ["whole-batch"]) == [True]
+        assert (await stats(proxy))["batches"] == 0
+
+
+class TestBatchCounting:
+    @pytest.mark.anyio
+    async def test_the_benchmarks_storage_log_counts_each_call_once(self, tmp_path: Path) -> None:
+        # benchmarks/storage_log.py counts fake-gcs-server's log lines: the batch request never
+        # reaches it, each of its calls does, as an ordinary request.
+        with GcsEmulator.start(log_dir=tmp_path, log_level="info") as gcs:
+            gcs.create_bucket(BUCKET, "proxy-project")
+            names = [f"counted/{i}" for i in range(3)]
+            await upload_each(gcs.endpoint, names)
+            log = StorageLog.of(tmp_path)
+            async with anyio.create_task_group() as tg:
+                endpoint = await tg.start(serve, gcs.endpoint)
+                await call(delete_in_a_batch, endpoint, [*names, "counted/missing"])
+                tg.cancel_scope.cancel()
+            # The server logs a request once it has answered it: wait for the last line.
+            assert await call(wait_until, lambda: sum(log.operations().values()) >= 4)
+            assert log.operations() == {"delete": 4}
+
+
 class TestAdmin:
     @pytest.mark.anyio
     async def test_bad_plans_answer_400_with_the_reason(self, proxy: str) -> None:
@@ -262,7 +409,7 @@ class TestAdmin:
         assert (await admin(proxy, "GET", "nothing")).status_code == 404
 
 
-def task_storage_host(cloud: LocalCloud) -> str:
+def task_storage_host(cloud: LocalCloud, job_id: str = "storage-host") -> str:
     """The STORAGE_EMULATOR_HOST a task of the cloud's Batch emulator sees."""
     client = cloud.batch_client()
     runnable = batch_v1.Runnable(
@@ -271,14 +418,14 @@ def task_storage_host(cloud: LocalCloud) -> str:
     group = batch_v1.TaskGroup(task_spec=batch_v1.TaskSpec(runnables=[runnable]), task_count=1)
     job = client.create_job(
         parent=f"projects/{cloud.project_id}/locations/{cloud.region}",
-        job_id="storage-host",
+        job_id=job_id,
         job=batch_v1.Job(task_groups=[group]),
     )
     deadline = time.monotonic() + 60
     while client.get_job(name=job.name).status.state != batch_v1.JobStatus.State.SUCCEEDED:
         assert time.monotonic() < deadline, "the echo job did not succeed within 60 s"
         time.sleep(0.05)
-    return cloud.task_output("storage-host", 0).strip()
+    return cloud.task_output(job_id, 0).strip()
 
 
 class TestLocalCloudWiring:
@@ -298,7 +445,7 @@ class TestLocalCloudWiring:
             assert direct.download_as_bytes() == b"x"
             seen = cloud.storage_stats()
             assert seen["failed"] == 1 and seen["requests"]["POST"] == 1
-            with pytest.raises(LocalCloudError, match="GCS fault proxy refused POST"):
+            with pytest.raises(LocalCloudError, match="GCS proxy refused POST"):
                 cloud.fail_storage("BREW")
             assert cloud.clear_storage_faults() == 0
             assert task_storage_host(cloud) == cloud.storage_endpoint
@@ -306,8 +453,23 @@ class TestLocalCloudWiring:
             assert proxy_pid is not None and cloud.is_running()
         assert wait_process_gone(proxy_pid)
 
-    def test_storage_faults_need_the_proxy(self, local_cloud: LocalCloud) -> None:
-        assert local_cloud.storage_endpoint == local_cloud.gcs_endpoint
-        assert local_cloud.gcs_proxy_pid is None
+    def test_the_proxy_runs_by_default_without_faults(self, local_cloud: LocalCloud) -> None:
+        assert local_cloud.storage_endpoint != local_cloud.gcs_endpoint
+        assert local_cloud.gcs_proxy_pid is not None
+        assert "batches" in local_cloud.storage_stats()
+        # Tasks send no batch requests: without faults to meet they skip the hop.
+        host = task_storage_host(local_cloud, f"storage-host-{uuid.uuid4().hex[:8]}")
+        assert host == local_cloud.gcs_endpoint
         with pytest.raises(LocalCloudError, match=r"LocalCloud\(gcs_faults=True\)"):
             local_cloud.fail_storage("GET")
+
+    def test_without_the_proxy_clients_reach_fake_gcs_server_directly(self) -> None:
+        with LocalCloud(gcs_proxy=False, preload=()) as cloud:
+            assert cloud.storage_endpoint == cloud.gcs_endpoint
+            assert cloud.gcs_proxy_pid is None
+            with pytest.raises(LocalCloudError, match=r"without its storage proxy"):
+                cloud.storage_stats()
+
+    def test_faults_need_the_proxy(self) -> None:
+        with pytest.raises(ValueError, match="gcs_faults needs the proxy"):
+            LocalCloud(gcs_faults=True, gcs_proxy=False)

@@ -287,13 +287,19 @@ class TestConfiguration:
         assert json.loads(out.stdout) == []
 
 
+def server_pids(cloud: LocalCloud) -> tuple[int, int, int]:
+    """The process ids of the cloud's three servers: Batch, fake-gcs-server, the GCS proxy."""
+    assert cloud.gcs_proxy_pid is not None, "the GCS proxy runs by default"
+    return cloud.batch_pid, cloud.storage_pid, cloud.gcs_proxy_pid
+
+
 class TestLifecycle:
     def test_sync_context_manager_starts_and_stops_both(
         self, wait_process_gone: Callable[[int], bool]
     ) -> None:
         children_before = our_children()
         with LocalCloud(preload=(), project_id="p-sync", bucket_name="b-sync") as cloud:
-            pids = (cloud.batch_pid, cloud.storage_pid)
+            pids = server_pids(cloud)
             assert cloud.is_running()
             assert cloud.storage_client().get_bucket("b-sync").name == "b-sync"
             jobs = cloud.batch_client().list_jobs(parent="projects/p-sync/locations/us-east1")
@@ -316,7 +322,7 @@ class TestLifecycle:
             pytest.raises(RuntimeError, match="boom"),
             LocalCloud(preload=(), workdir=tmp_path) as cloud,
         ):
-            pids = (cloud.batch_pid, cloud.storage_pid)
+            pids = server_pids(cloud)
             raise RuntimeError("boom")
         assert all(wait_process_gone(pid) for pid in pids)
         # A workdir we were given is kept, logs included.
@@ -339,7 +345,7 @@ class TestLifecycle:
             tg.start_soon(tick)
             async with LocalCloud(preload=()) as cloud:
                 ticks_during_start = ticks
-                pids = (cloud.batch_pid, cloud.storage_pid)
+                pids = server_pids(cloud)
                 endpoint = cloud.batch_endpoint
                 assert cloud.is_running()
                 stats = await anyio.to_thread.run_sync(cloud.stats)
@@ -358,7 +364,7 @@ class TestLifecycle:
         async with LocalCloud(preload=()) as cloud:
             loop_thread = threading.get_native_id()
             children = await anyio.Path(f"/proc/self/task/{loop_thread}/children").read_text()
-            assert {str(cloud.batch_pid), str(cloud.storage_pid)} <= set(children.split())
+            assert {str(pid) for pid in server_pids(cloud)} <= set(children.split())
 
     def test_a_server_that_cannot_start_leaves_nothing_behind(self, tmp_path: Path) -> None:
         storage_port = free_port()
@@ -384,7 +390,7 @@ class TestLifecycle:
             from covalent_gcpbatch_array.local import LocalCloud
             # A killed owner cannot remove a temporary workdir: give it one pytest removes.
             cloud = LocalCloud(preload=(), workdir=sys.argv[1]).start()
-            print(cloud.batch_pid, cloud.storage_pid, flush=True)
+            print(cloud.batch_pid, cloud.storage_pid, cloud.gcs_proxy_pid, flush=True)
             threading.Event().wait()
             """
         )
@@ -394,7 +400,7 @@ class TestLifecycle:
         try:
             assert owner.stdout is not None
             pids = [int(pid) for pid in owner.stdout.readline().split()]
-            assert len(pids) == 2
+            assert len(pids) == 3
             owner.send_signal(signal.SIGKILL)
             owner.wait()
             assert all(wait_process_gone(pid) for pid in pids)

@@ -8,9 +8,12 @@
         cloud.fail_calls("CreateJob", status=503, count=2)  # fault injection
         print(cloud.stats())                                # API calls answered, by method
 
-With ``LocalCloud(gcs_faults=True)`` a fault-injecting proxy (:mod:`.gcs_proxy`) stands in
-front of fake-gcs-server, and everything (the executor through :meth:`executor_config`, the
-tasks through ``STORAGE_EMULATOR_HOST``) reaches storage through it::
+Cloud Storage is fake-gcs-server behind our proxy (:mod:`.gcs_proxy`), which answers batch
+requests (``/batch/storage/v1``, which fake-gcs-server lacks): the executor (through
+:meth:`executor_config`) and any client of :meth:`environment` reach storage through it. The
+Batch emulator's tasks, which send no batch requests, reach fake-gcs-server directly, one hop
+less, unless ``LocalCloud(gcs_faults=True)``: then they go through the proxy too, which fails
+chosen requests of both::
 
         cloud.fail_storage("PUT", status=503, count=2)      # or drop=True, path="result.pkl"
         print(cloud.storage_stats())                        # requests seen, faults injected
@@ -104,13 +107,16 @@ class LocalCloud:
     :param batch_port: the Batch emulator's port (``0``: a free one)
     :param storage_port: fake-gcs-server's port (``None``: a free one)
     :param startup_timeout: seconds each server gets to become ready
-    :param gcs_faults: put the fault-injecting proxy in front of fake-gcs-server, so that
-        :meth:`fail_storage` can fail chosen storage requests of the executor and the tasks
+    :param gcs_proxy: put our proxy in front of fake-gcs-server (the default): it answers
+        Cloud Storage batch requests as Google does; ``False`` lets clients talk to
+        fake-gcs-server directly (one hop less, no batch API)
+    :param gcs_faults: let :meth:`fail_storage` fail chosen storage requests of the executor
+        and the tasks: the tasks then reach storage through the proxy too (needs ``gcs_proxy``)
     :param jobs_per_window: job-creation quota per ``quota_window_seconds`` (``None``: none)
     :param quota_window_seconds: the quota's sliding window; shorter than Google's minute lets
         a test meet the quota and see it pass in seconds
     :raises ValueError: ``jobs_per_minute`` given with ``jobs_per_window`` or a window other
-        than 60 s
+        than 60 s; ``gcs_faults`` without ``gcs_proxy``
     """
 
     def __init__(
@@ -133,7 +139,10 @@ class LocalCloud:
         gcs_faults: bool = False,
         jobs_per_window: int | None = None,
         quota_window_seconds: float = DEFAULT_QUOTA_WINDOW_SECONDS,
+        gcs_proxy: bool = True,
     ) -> None:
+        if gcs_faults and not gcs_proxy:
+            raise ValueError("gcs_faults needs the proxy: leave gcs_proxy=True")
         if jobs_per_minute is not None and (
             jobs_per_window is not None or quota_window_seconds != DEFAULT_QUOTA_WINDOW_SECONDS
         ):
@@ -158,12 +167,13 @@ class LocalCloud:
         self.storage_port = storage_port
         self.startup_timeout = startup_timeout
         self.gcs_faults = gcs_faults
+        self.gcs_proxy = gcs_proxy
         self._given_workdir = Path(workdir) if workdir is not None else None
         self._workdir: Path | None = None  # the folder in use while running
         self._gcs: GcsEmulator | None = None
         self._batch_process: subprocess.Popen[bytes] | None = None
         self._batch_endpoint: str | None = None
-        self._proxy_process: subprocess.Popen[bytes] | None = None  # with gcs_faults only
+        self._proxy_process: subprocess.Popen[bytes] | None = None  # with gcs_proxy only
         self._proxy_endpoint: str | None = None
         self.state = CloudState.NEW
 
@@ -245,10 +255,11 @@ class LocalCloud:
                 spawn=spawn,
             )
             self._gcs.create_bucket(self.bucket_name, self.project_id)
-            if self.gcs_faults:
+            if self.gcs_proxy:
                 self._start_gcs_proxy(spawn, self._gcs.endpoint, self._workdir)
-            storage_endpoint = self._proxy_endpoint or self._gcs.endpoint
-            self._start_batch_server(spawn, storage_endpoint, self._workdir)
+            # Tasks send no batch requests: they need the proxy's hop only to meet faults.
+            task_storage = self._proxy_endpoint if self.gcs_faults else self._gcs.endpoint
+            self._start_batch_server(spawn, task_storage or self._gcs.endpoint, self._workdir)
         except BaseException:
             self.stop()
             raise
@@ -282,7 +293,7 @@ class LocalCloud:
             *("--upstream", upstream, "--host", self.host, "--port", "0"),
         ]
         self._proxy_process, self._proxy_endpoint = self._start_server(
-            spawn, argv, what="the GCS fault proxy", log_path=workdir / "gcs-proxy.log"
+            spawn, argv, what="the GCS proxy", log_path=workdir / "gcs-proxy.log"
         )
 
     def _start_server(
@@ -322,14 +333,14 @@ class LocalCloud:
     def storage_endpoint(self) -> str:
         """Cloud Storage's base URL for clients, also the ``STORAGE_EMULATOR_HOST`` value.
 
-        With ``gcs_faults`` it is the fault proxy's; :attr:`gcs_endpoint` bypasses it.
+        With ``gcs_proxy`` (the default) it is the proxy's; :attr:`gcs_endpoint` bypasses it.
         """
         gcs = self._running()[1]
         return self._proxy_endpoint or gcs.endpoint
 
     @property
     def gcs_endpoint(self) -> str:
-        """fake-gcs-server's own base URL (no injected faults on this path)."""
+        """fake-gcs-server's own base URL (no injected faults, no batch API on this path)."""
         return self._running()[1].endpoint
 
     @property
@@ -353,12 +364,12 @@ class LocalCloud:
 
     @property
     def gcs_proxy_pid(self) -> int | None:
-        """The GCS fault proxy's process id (``None`` without ``gcs_faults``)."""
+        """The GCS proxy's process id (``None`` with ``gcs_proxy=False``)."""
         self._running()
         return None if self._proxy_process is None else self._proxy_process.pid
 
     def is_running(self) -> bool:
-        """Whether every server process (both servers, and the fault proxy if any) is alive."""
+        """Whether every server process (both servers, and the proxy if any) is alive."""
         return (
             self.state is CloudState.RUNNING
             and self._batch_process is not None
@@ -398,8 +409,8 @@ class LocalCloud:
     def storage_client(self, *, direct: bool = False) -> storage.Client:
         """A real ``google.cloud.storage.Client`` (anonymous) talking to fake-gcs-server.
 
-        :param direct: bypass the fault proxy (when ``gcs_faults`` is on), e.g. to inspect the
-            bucket without meeting the faults planned for the executor
+        :param direct: bypass the proxy, e.g. to inspect the bucket without meeting the faults
+            planned for the executor
         """
         endpoint = self.gcs_endpoint if direct else self.storage_endpoint
         return make_storage_client(endpoint, self.project_id)
@@ -492,15 +503,17 @@ class LocalCloud:
 
     def clear_storage_faults(self) -> int:
         """Forget the storage faults still planned; returns how many there were."""
-        return int(self._proxy_admin("DELETE", "faults")["cleared"])
+        return int(self._proxy_admin("DELETE", "faults", faults=False)["cleared"])
 
     def storage_stats(self) -> dict[str, Any]:
-        """What the fault proxy saw since start (needs ``gcs_faults``).
+        """What the proxy saw since start (needs ``gcs_proxy``, the default).
 
         ``{"requests": {"GET": n, "POST": n, ...}, "forwarded": n, "failed": n, "dropped": n,
-        "answers_lost": n, "corrupted": n, "pending": n, "faulted": ["METHOD /path?query", ...]}``
+        "answers_lost": n, "corrupted": n, "batches": n, "pending": n,
+        "faulted": ["METHOD /path?query", ...]}``; each call inside a batch request counts as a
+        request of its own too.
         """
-        result: dict[str, Any] = self._proxy_admin("GET", "stats")
+        result: dict[str, Any] = self._proxy_admin("GET", "stats", faults=False)
         return result
 
     def configure(
@@ -553,12 +566,24 @@ class LocalCloud:
             )
         return self._batch_endpoint, self._gcs
 
-    def _proxy_admin(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+    def _proxy_admin(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        faults: bool = True,
+    ) -> Any:
         self._running()
-        if self._proxy_endpoint is None:
+        if faults and not self.gcs_faults:
             raise LocalCloudError(
                 "storage faults need the fault proxy: start the cloud with "
                 "LocalCloud(gcs_faults=True)"
+            )
+        if self._proxy_endpoint is None:
+            raise LocalCloudError(
+                "this LocalCloud runs without its storage proxy: start it with "
+                "LocalCloud(gcs_proxy=True), the default"
             )
         return self._admin(method, path, body, base=f"{self._proxy_endpoint}/_proxy")
 
@@ -584,7 +609,7 @@ class LocalCloud:
             detail = exc.read().decode(errors="replace")
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 detail = json.loads(detail)["error"]["message"]
-            server = "the Batch emulator" if base.endswith("/_emulator") else "the GCS fault proxy"
+            server = "the Batch emulator" if base.endswith("/_emulator") else "the GCS proxy"
             where = url.split("/", 3)[3]
             raise LocalCloudError(
                 f"{server} refused {method} /{where}: {exc.code} {detail}"
