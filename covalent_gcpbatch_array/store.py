@@ -14,6 +14,9 @@ The I/O here is synchronous on purpose: the runner calls it directly and the exe
 call in ``anyio.to_thread.run_sync``. Every request is retried by the client's ``DEFAULT_RETRY``
 (429, 5xx, dropped connections), and every failure that remains is translated to
 :class:`~covalent_gcpbatch_array.exceptions.StorageError` in one place, :func:`_storage_errors`.
+Deleting a folder is the exception to the retry: it sends batch requests of 100 deletes, which
+the client never retries, and sends again one by one what failed transiently
+(:meth:`TaskStore._delete_batch`).
 """
 
 from __future__ import annotations
