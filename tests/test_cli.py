@@ -165,7 +165,7 @@ class TestLocalUp:
             assert json.load(response)["max_running_tasks"] == 3
         assert answers(f"{storage}/storage/v1/b/covalent-local")
         servers = children_of(process.pid)
-        assert len(servers) == 2
+        assert len(servers) == 3  # the Batch emulator, fake-gcs-server and the GCS proxy
 
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
@@ -216,11 +216,11 @@ class TestLocalUp:
         ready = json.loads(read_until(process, "\n"))
         assert ready["covalent_config"] is None
         assert not covalent_config_dir.exists()
-        storage_port = ready["storage_endpoint"].rsplit(":", 1)[1]
+        # storage_endpoint is the GCS proxy's; fake-gcs-server is the child running its binary.
         gcs_pid = next(
             pid
             for pid in children_of(process.pid)
-            if f"-port\0{storage_port}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"fake-gcs-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
         )
         os.kill(gcs_pid, signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
