@@ -17,7 +17,6 @@ start fresh. :mod:`benchmarks.suite` starts the children.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import enum
@@ -176,15 +175,11 @@ async def _wait_executor_idle() -> None:
 
     The service ends once no electron waits and every job monitor has finished (jobs deleted,
     objects cleaned up); that clean-up is executor work, so the CPU count includes it, and the
-    cloud must not stop under it. BatchService has no public "wait until idle" yet: await its
-    root task.
+    cloud must not stop under it.
     """
     from covalent_gcpbatch_array.service import BatchService
 
-    service = BatchService._services.get(asyncio.get_running_loop())
-    root = None if service is None else service._root_task
-    if root is not None:
-        await root
+    await BatchService.wait_idle()
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

@@ -121,7 +121,9 @@ def run_demo(
         server.write_executor_config(cloud.executor_config() | DEMO_EXECUTOR_SETTINGS)
         ready = time.monotonic()
         console.print(f"  Google Batch API  {cloud.batch_endpoint}  (emulator)")
-        console.print(f"  Cloud Storage     {cloud.storage_endpoint}  (fake-gcs-server)")
+        console.print(
+            f"  Cloud Storage     {cloud.storage_endpoint}  (fake-gcs-server, behind its batch-API proxy)"
+        )
         console.print(f"  Covalent UI       {server.address}  (HOME {server.home})")
         console.print(f"  ready in {ready - started:.1f} s")
 

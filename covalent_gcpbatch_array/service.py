@@ -71,6 +71,7 @@ class BatchService:
         self._batch_apis: dict[tuple[str, str, str], BatchJobs] = {}
         self._stores: dict[tuple[str, str, str, str], TaskStore] = {}
         self._root_task: Any = None  # keeps the asyncio root task referenced
+        self._stopped = anyio.Event()  # set when the service has nothing left to do
 
     # -- finding the service of the running loop --
 
@@ -85,6 +86,18 @@ class BatchService:
             service._spawn()
         await service._started.wait()
         return service
+
+    @classmethod
+    async def wait_idle(cls) -> None:
+        """Wait until the running loop's service has stopped, if one runs.
+
+        It stops once no electron waits and every job monitor has ended: jobs nobody waits for
+        deleted, task objects cleaned up. A server (or a test) that stops the clouds or the
+        loop should wait for this first.
+        """
+        service = cls._services.get(_loop_token())
+        if service is not None:
+            await service._stopped.wait()
 
     @classmethod
     def find_member(cls, job_id: str, index: int) -> Member[ElectronOutcome] | None:
@@ -114,6 +127,7 @@ class BatchService:
                 if not self._active and not self._launches:
                     self._closing = True
                     break
+        self._stopped.set()
         logger.debug("batch service idle: stopped")
 
     def _notify(self) -> None:

@@ -34,6 +34,7 @@ from covalent_gcpbatch_array.exceptions import (
 )
 from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.service import BatchService
 from covalent_gcpbatch_array.store import TaskRef, TaskStore, make_storage_client
 
 pytestmark = pytest.mark.slow
@@ -477,13 +478,13 @@ class TestBadInput:
         def names(prefix: str) -> list[str]:
             return [blob.name for blob in client.list_blobs(cloud.bucket_name, prefix=prefix)]
 
+        await BatchService.wait_idle()  # no service in this loop yet: returns at once
         await fan_out(cloud, square, [1, 2], bucket_prefix="cleanup-test")
         # Cleanup runs after the results are handed back, as the job's monitor ends; the
         # manifest stays so that `gcpbatch-array tasks` can still name the electrons.
-        await wait_until(
-            lambda: all(name.endswith("manifest.json") for name in names("cleanup-test/"))
-        )
-        assert len(names("cleanup-test/")) == 1
+        await BatchService.wait_idle()
+        (left,) = names("cleanup-test/")
+        assert left.endswith("manifest.json")
         await fan_out(cloud, square, [1, 2], bucket_prefix="kept-test", keep_objects=True)
         kept = names("kept-test/")
         assert sum(name.endswith("result.pkl") for name in kept) == 2

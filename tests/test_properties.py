@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.service import BatchService
 
 pytestmark = [
     pytest.mark.slow,
@@ -116,7 +117,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         st.lists(
             st.tuples(
                 st.sampled_from(["GET", "POST"]),
-                st.sampled_from(["input.pkl", "result.pkl", "stdout", "manifest.json"]),
+                st.sampled_from(["input.pkl", "result.pkl", "error.pkl", "manifest.json"]),
                 st.booleans(),
             ),
             max_size=4,
@@ -204,6 +205,8 @@ async def test_every_electron_ends_once_with_the_right_outcome(
     async with anyio.create_task_group() as tg:
         for memory, members in by_memory.items():
             tg.start_soon(run_shape, memory, members)
+    # The jobs' clean-up (its retries draw jitter from `random`) ends before the next draw.
+    await BatchService.wait_idle()
     cloud.clear_storage_faults()  # those whose object no electron of this draw touched
 
     assert sorted(results) == list(range(len(specs)))
