@@ -351,8 +351,10 @@ class TestCancel:
         ct.cancel(dispatch_id, dispatcher_addr=covalent_server.address)
         result = wait_result(covalent_server, dispatch_id)
 
-        assert str(result.status) == "CANCELLED"
-        assert [n["status"] for n in nodes_named(result, "sleep_forever")] == ["CANCELLED"] * 6
+        nodes = nodes_named(result, "sleep_forever")
+        why = [(n["status"], n["error"], n["stderr"][-500:]) for n in nodes]
+        assert str(result.status) == "CANCELLED", why
+        assert [n["status"] for n in nodes] == ["CANCELLED"] * 6, why
 
 
 def parent_of(cloud: LocalCloud) -> str:

@@ -126,10 +126,14 @@ async def reports(anyio_backend: str) -> AsyncIterator[Reports]:
             await send.send(json.loads(data))
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    async with send, receive, listener, anyio.create_task_group() as group:
-        group.start_soon(listener.serve, handle)
-        yield Reports(listener.extra(SocketAttribute.local_port), receive)
-        group.cancel_scope.cancel()
+    async with send, receive, anyio.create_task_group() as handlers:
+        async with listener, anyio.create_task_group() as accepting:
+            accepting.start_soon(listener.serve, handle, handlers)
+            yield Reports(listener.extra(SocketAttribute.local_port), receive)
+            accepting.cancel_scope.cancel()
+        # Handlers of connections already accepted still start (a handler cancelled before it
+        # starts would never close its socket) and end when their probe closes, or time out.
+        handlers.cancel_scope.deadline = anyio.current_time() + TIMEOUT
 
 
 @pytest.fixture
