@@ -251,6 +251,12 @@ class GcsProxy:
         self.stats = ProxyStats()
         self._idle: list[_Peer] = []  # kept-alive connections to fake-gcs-server, not in use
 
+    async def aclose(self) -> None:
+        """Close the kept-alive connections to fake-gcs-server."""
+        idle, self._idle = self._idle, []
+        for upstream in idle:
+            await upstream.stream.aclose()
+
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
         """Serve one client connection until it closes (keep-alive)."""
         client = _Peer(stream, h11.SERVER)
@@ -656,7 +662,11 @@ async def serve(
         bound_port = listener.extra(anyio.abc.SocketAttribute.local_port)
         proxy.endpoint = f"http://{host}:{bound_port}"
         task_status.started(proxy.endpoint)
-        await listener.serve(proxy.handle)
+        try:
+            await listener.serve(proxy.handle)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await proxy.aclose()
 
 
 async def _serve_until_signal(options: argparse.Namespace) -> None:
