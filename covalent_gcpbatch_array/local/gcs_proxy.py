@@ -13,9 +13,9 @@ matches it. A fault is "the next ``count`` requests whose method is M and whose 
 
 Batch requests (``POST /batch/storage/v1``, up to 100 calls in one multipart/mixed request),
 which fake-gcs-server lacks, are answered here (:mod:`.gcs_batch`): each call goes to
-fake-gcs-server as a request of its own, over one keep-alive connection, and meets the planned
-faults as one (a ``drop`` loses the whole batch's answer); a fault can also hit the batch
-request itself (``method="POST", path="/batch/"``).
+fake-gcs-server as a request of its own, on the same kept-alive connections as every
+forwarded request, and meets the planned faults as one (a ``drop`` loses the whole batch's
+answer); a fault can also hit the batch request itself (``method="POST", path="/batch/"``).
 
 Process contract (like the Batch emulator's)::
 
@@ -48,7 +48,7 @@ import signal
 import sys
 import urllib.parse
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,12 +318,11 @@ class GcsProxy:
             return True
         self.stats.batches += 1
         answers: list[tuple[InnerRequest, InnerResponse]] = []
-        async with _Upstream(self._upstream_host, self._upstream_port) as upstream:
-            for call in calls:
-                answer = await self._batch_call(upstream, request, call)
-                if answer is None:
-                    return False  # an injected drop: the whole batch's answer is lost
-                answers.append((call, answer))
+        for call in calls:
+            answer = await self._batch_call(request, call)
+            if answer is None:
+                return False  # an injected drop: the whole batch's answer is lost
+            answers.append((call, answer))
         answer_type, answer_body = compose_batch_response(answers)
         head = h11.Response(status_code=200, headers=[(b"content-type", answer_type)])
         if fault is not None and fault.corrupt:
@@ -336,9 +335,7 @@ class GcsProxy:
         )
         return True
 
-    async def _batch_call(
-        self, upstream: _Upstream, request: h11.Request, call: InnerRequest
-    ) -> InnerResponse | None:
+    async def _batch_call(self, request: h11.Request, call: InnerRequest) -> InnerResponse | None:
         """One call of a batch, through the faults like a request of its own; None: drop all."""
         self.stats.requests[call.method] += 1
         described = urllib.parse.unquote(call.target)
@@ -352,13 +349,24 @@ class GcsProxy:
                     return None
                 self.stats.failed += 1
                 return _error_answer(fault.status, f"Injected fault: {call.method} {described}")
+        headers = inner_headers(request.headers, call)
         try:
-            status, headers, body = await upstream.call(
-                call.method, call.target, inner_headers(request.headers, call), call.body
+            upstream, response = await self._send_upstream(
+                call.method.encode("ascii"), call.target.encode("latin-1"), headers, call.body
             )
+            try:
+                body = await _read_body(upstream)
+            finally:
+                await self._release(upstream, reusable=True)
         except (OSError, _Closed) as exc:
             return _error_answer(502, f"the proxy could not reach {self.upstream}: {exc}")
         self.stats.forwarded += 1
+        status = response.status_code
+        kept = tuple(
+            (name.lower(), value)
+            for name, value in response.headers
+            if name.lower() not in (b"connection", b"keep-alive")
+        )
         body = self._rewrite_links(body)
         if fault is not None and fault.corrupt:
             self.stats.corrupted += 1
@@ -370,7 +378,7 @@ class GcsProxy:
                 return None
             self.stats.failed += 1
             return _error_answer(fault.status, "Injected fault after the request was applied")
-        return InnerResponse(status, headers, body)
+        return InnerResponse(status, kept, body)
 
     async def _forward(
         self, client: _Peer, request: h11.Request, body: bytes | None, fault: StorageFault | None
@@ -378,7 +386,9 @@ class GcsProxy:
         if body is None and not _declares_body(request):
             body = await _read_body(client)  # only the end of the message: nothing to stream
         try:
-            upstream, response = await self._send_upstream(client, request, body)
+            upstream, response = await self._send_upstream(
+                request.method, request.target, request.headers, client if body is None else body
+            )
         except OSError as exc:
             if client.conn.their_state is not h11.DONE:
                 await _read_body(client)
@@ -415,35 +425,41 @@ class GcsProxy:
             await self._release(upstream, reusable=fault is None)
 
     async def _send_upstream(
-        self, client: _Peer, request: h11.Request, body: bytes | None
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes | _Peer,
     ) -> tuple[_Peer, h11.Response]:
-        """Send the request to fake-gcs-server; the connection and the answer's head.
+        """Send a request to fake-gcs-server; the connection and the answer's head.
 
-        A request whose body is in hand (``body`` not None) may take an idle kept-alive
-        connection; if the server had closed that one meanwhile, it is sent once more on a
-        new connection. A body still to stream from the client always gets a new one.
+        :param headers: the request's headers; ``Host`` is set to fake-gcs-server's
+        :param body: the request's body, or the client to stream it from. A request whose body
+            is in hand may take an idle kept-alive connection (:meth:`_release` keeps them); if
+            the server had closed that one meanwhile, it is sent once more on a new connection.
+            A body still to stream from the client always gets a new one.
 
         :raises OSError: fake-gcs-server cannot be reached
         :raises _Closed: the client or a new upstream connection went away mid-request
         """
-        headers = [
+        sent = [
             (name, value)
-            for name, value in request.headers
+            for name, value in headers
             if name.lower() not in (b"host", b"connection", b"keep-alive")
         ]
-        headers.append((b"host", f"{self._upstream_host}:{self._upstream_port}".encode()))
-        head = h11.Request(method=request.method, target=request.target, headers=headers)
+        sent.append((b"host", f"{self._upstream_host}:{self._upstream_port}".encode()))
+        head = h11.Request(method=method, target=target, headers=sent)
         while True:
-            reused = body is not None and bool(self._idle)
+            reused = isinstance(body, bytes) and bool(self._idle)
             if reused:
                 upstream = self._idle.pop()
             else:
                 stream = await anyio.connect_tcp(self._upstream_host, self._upstream_port)
                 upstream = _Peer(stream, h11.CLIENT)
             try:
-                if body is None:
+                if isinstance(body, _Peer):
                     await upstream.send(head)
-                    while not isinstance(event := await client.next_event(), h11.EndOfMessage):
+                    while not isinstance(event := await body.next_event(), h11.EndOfMessage):
                         await upstream.send(event)
                     await upstream.send(h11.EndOfMessage())
                 else:
@@ -539,57 +555,6 @@ class GcsProxy:
             await _send_error(client, 400, str(exc))
             return
         await _send_json(client, 200, answer)
-
-
-class _Upstream:
-    """One keep-alive connection to fake-gcs-server for the calls of a batch, in turn."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._host = host
-        self._port = port
-        self._peer: _Peer | None = None  # None until the first call, or after a close
-
-    async def __aenter__(self) -> _Upstream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        if self._peer is not None:
-            await self._peer.stream.aclose()
-            self._peer = None
-
-    async def call(
-        self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
-        """Send one request and read its whole answer: status, headers, body.
-
-        :raises OSError: fake-gcs-server cannot be reached
-        :raises _Closed: it closed the connection mid-answer
-        """
-        if self._peer is not None and (
-            self._peer.conn.our_state is not h11.DONE or self._peer.conn.their_state is not h11.DONE
-        ):
-            await self._close()  # the server will not take another request on it
-        if self._peer is not None:
-            self._peer.conn.start_next_cycle()
-        else:
-            self._peer = _Peer(await anyio.connect_tcp(self._host, self._port), h11.CLIENT)
-        host = f"{self._host}:{self._port}".encode()
-        head = h11.Request(method=method, target=target, headers=[*headers, (b"host", host)])
-        body_events = [h11.Data(data=body)] if body else []
-        await self._peer.send(head, *body_events, h11.EndOfMessage())
-        response = await self._peer.next_event()
-        while isinstance(response, h11.InformationalResponse):
-            response = await self._peer.next_event()
-        answer = await _read_body(self._peer)
-        kept = tuple(
-            (name.lower(), value)
-            for name, value in response.headers
-            if name.lower() not in (b"connection", b"keep-alive")
-        )
-        return response.status_code, kept, answer
 
 
 def _header(message: h11.Request | h11.Response, name: bytes) -> bytes:
