@@ -60,8 +60,6 @@ _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._/-]*$")
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_FORMAT = 1
 _BATCH_CALLS = 100  # calls per batch request: the most Cloud Storage takes in one
-# What the client's DEFAULT_RETRY retries, by status (408 and 429 throttle, 5xx are transient).
-_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class TaskObject(str, enum.Enum):
@@ -484,8 +482,9 @@ class TaskStore:
         """Delete up to 100 objects in one batch request; returns how many this call deleted.
 
         google-cloud-storage's Batch retries nothing: neither the batch request nor its inner
-        calls. Calls answered 429/5xx, or all of them when the batch request itself failed that
-        way, are deleted again one by one with the store's retry policy (a delete is
+        calls. Calls that failed as the store's retry policy retries (429, 5xx, ...), or all of
+        them when the batch request itself failed that way, are deleted again one by one with
+        that policy (a delete is
         idempotent: a second try that meets 404 is a success). A 404 means someone else
         (another cleanup) deleted it first; any other failure raises, translated by
         :func:`_storage_errors`. An endpoint without the batch API (fake-gcs-server alone)
@@ -507,7 +506,7 @@ class TaskStore:
             requests.RequestException,
             ConnectionError,
         ) as exc:
-            if not _is_transient(exc):
+            if not self._retried(exc):
                 raise
             return self._delete_each(names)
         deleted = 0
@@ -516,11 +515,20 @@ class TaskStore:
         for name, response in zip(names, batch._responses, strict=True):
             if 200 <= response.status_code < 300:
                 deleted += 1
-            elif response.status_code in _TRANSIENT_STATUSES:
-                again.append(name)
             elif response.status_code != 404:
-                raise google.cloud.exceptions.from_http_response(response)
+                error = google.cloud.exceptions.from_http_response(response)
+                if not self._retried(error):
+                    raise error
+                again.append(name)
         return deleted + self._delete_each(again)
+
+    def _retried(self, exc: Exception) -> bool:
+        """Whether the store's retry policy sends a request that failed with ``exc`` again.
+
+        The policy's own predicate (``DEFAULT_RETRY``'s: 408, 429, 5xx, dropped connections),
+        so that a batch's calls are judged as the client judges a request of their own.
+        """
+        return bool(self._retry._predicate(exc))
 
     def _delete_each(self, names: list[str]) -> int:
         deleted = 0
@@ -529,14 +537,3 @@ class TaskStore:
                 self._bucket.blob(name).delete(retry=self._retry)
                 deleted += 1
         return deleted
-
-
-def _is_transient(exc: Exception) -> bool:
-    """Whether a failed batch request is worth sending again (as the client's retry judges)."""
-    if isinstance(exc, ConnectionError):
-        return True
-    if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return exc.code in _TRANSIENT_STATUSES
-    return isinstance(
-        exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-    )
