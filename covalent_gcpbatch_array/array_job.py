@@ -333,7 +333,7 @@ class _JobMonitor:
         that Batch then counted as failed is still the electron's result).
         """
         store, key = self.ctx.store, self.extras.key
-        succeeded = batch_v1.TaskStatus.State(task.status.state).name == "SUCCEEDED"
+        succeeded = task.status.state == batch_v1.TaskStatus.State.SUCCEEDED
         reads = (TaskObject.RESULT, TaskObject.ERROR)
         for obj in reads if succeeded else reversed(reads):
             data = await self.ctx.run_blocking(store.download, ref, obj)
