@@ -86,8 +86,8 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
     import cloudpickle
     import psutil
 
+    from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
     from covalent_gcpbatch_array.local import LocalCloud
-    from covalent_gcpbatch_array.local.covalent_server import CovalentServer
 
     from .storage_log import StorageLog, logging_every_request
 

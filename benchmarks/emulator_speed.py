@@ -37,7 +37,7 @@ def start_emulator(workdir: Path, preload: str) -> tuple[subprocess.Popen[bytes]
     command = [
         sys.executable,
         "-m",
-        "covalent_gcpbatch_array.local.batch_server",
+        "covalent_gcpbatch_array.local.batch.server",
         "--port",
         "0",
         "--storage-endpoint",

@@ -177,7 +177,7 @@ async def _wait_executor_idle() -> None:
     objects cleaned up); that clean-up is executor work, so the CPU count includes it, and the
     cloud must not stop under it.
     """
-    from covalent_gcpbatch_array.service import BatchService
+    from covalent_gcpbatch_array._core.runtime import BatchService
 
     await BatchService.wait_idle()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from covalent_gcpbatch_array.local import cloud as cloud_module
-from covalent_gcpbatch_array.local.gcs import GcsEmulator
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
 
 __all__ = ["StorageLog", "classify", "logging_every_request"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from .config import ExecutorConfig, JobShape
-from .exceptions import (
+from covalent_gcpbatch_array.config import ExecutorConfig, JobShape
+from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
     BatchLaunchError,
     CloudApiError,
@@ -29,7 +29,7 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
-    from .gcpbatch_array import GCPBatchArrayExecutor
+    from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 
 __version__ = metadata.version("covalent-gcpbatch-array")
 
@@ -58,7 +58,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "GCPBatchArrayExecutor":
-        from .gcpbatch_array import GCPBatchArrayExecutor
+        from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 
         return GCPBatchArrayExecutor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

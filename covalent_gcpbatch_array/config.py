@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .exceptions import ConfigError
+from covalent_gcpbatch_array.exceptions import ConfigError
 
 __all__ = ["DEFAULTS", "REQUIRED_KEYS", "ExecutorConfig", "JobShape", "resolve_config"]
 

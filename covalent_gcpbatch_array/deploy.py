@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import __version__
-from .config import DEFAULTS, ExecutorConfig
-from .exceptions import ConfigError
+from covalent_gcpbatch_array import __version__
+from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig
+from covalent_gcpbatch_array.exceptions import ConfigError
 
 __all__ = ["DEPLOYED_KEYS", "ExecutorInfraDefaults", "ExecutorPluginDefaults"]
 

@@ -18,15 +18,19 @@ from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 
-from .config import DEFAULTS, ExecutorConfig, resolve_config
+from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, encode_input
+from covalent_gcpbatch_array._core.outcome import ElectronOutcome
+from covalent_gcpbatch_array._core.runtime import BatchService
+from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 
 # `covalent deploy up gcpbatch_array` looks these two models up on the plugin module.
-from .deploy import ExecutorInfraDefaults, ExecutorPluginDefaults
-from .exceptions import ElectronCancelledError, ElectronInputError, GCPBatchArrayError
-from .outcome import ElectronOutcome
-from .payload import ElectronOrigin, encode_input
-from .service import BatchService
-from .store import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array.deploy import ExecutorInfraDefaults, ExecutorPluginDefaults
+from covalent_gcpbatch_array.exceptions import (
+    ElectronCancelledError,
+    ElectronInputError,
+    GCPBatchArrayError,
+)
 
 __all__ = [
     "EXECUTOR_PLUGIN_NAME",

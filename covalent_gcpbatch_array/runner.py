@@ -45,10 +45,28 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
-from .exceptions import ElectronInputError, ResultIntegrityError, StorageError, TaskEnvironmentError
-from .payload import TaskInput, decode_input, encode_error, encode_result, parse_job_key
-from .runner_capture import OutputCapture
-from .store import JobLayout, TaskObject, TaskOutcome, TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array._core.envelopes import (
+    TaskInput,
+    decode_input,
+    encode_error,
+    encode_result,
+    parse_job_key,
+)
+from covalent_gcpbatch_array._core.output_capture import OutputCapture
+from covalent_gcpbatch_array._core.storage import (
+    JobLayout,
+    TaskObject,
+    TaskOutcome,
+    TaskRef,
+    TaskStore,
+    make_storage_client,
+)
+from covalent_gcpbatch_array.exceptions import (
+    ElectronInputError,
+    ResultIntegrityError,
+    StorageError,
+    TaskEnvironmentError,
+)
 
 __all__ = [
     "ENV_BUCKET",

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.covalent_server import CovalentServer
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage

@@ -11,8 +11,8 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_array import batch
-from covalent_gcpbatch_array.batch import (
+from covalent_gcpbatch_array._core import jobs as batch
+from covalent_gcpbatch_array._core.jobs import (
     CANCEL_CHECKS_PER_SECOND,
     CREATED_BY_LABEL,
     TASK_STATE_FIELDS,

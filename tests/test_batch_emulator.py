@@ -95,7 +95,7 @@ def run_emulator(
     command = [
         sys.executable,
         "-m",
-        "covalent_gcpbatch_array.local.batch_server",
+        "covalent_gcpbatch_array.local.batch.server",
         "--host",
         "127.0.0.1",
         "--port",
@@ -1011,7 +1011,7 @@ class TestServerProcess:
 
     def test_jobs_per_minute_goes_without_a_window(self, tmp_path: Path) -> None:
         command = [
-            sys.executable, "-m", "covalent_gcpbatch_array.local.batch_server",
+            sys.executable, "-m", "covalent_gcpbatch_array.local.batch.server",
             "--storage-endpoint", STORAGE_ENDPOINT, "--workdir", str(tmp_path),
             "--jobs-per-minute", "2", "--quota-window-seconds", "5",
         ]  # fmt: skip
@@ -1029,7 +1029,7 @@ class TestServerProcess:
         )
         command = [
             sys.executable, "-c", parent_code,
-            sys.executable, "-m", "covalent_gcpbatch_array.local.batch_server",
+            sys.executable, "-m", "covalent_gcpbatch_array.local.batch.server",
             "--port", "0", "--storage-endpoint", STORAGE_ENDPOINT, "--preload", "",
             "--workdir", str(tmp_path / "work"),
         ]  # fmt: skip

@@ -18,8 +18,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from trio.testing import MockClock
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
-from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler, EmulatorSettings
-from covalent_gcpbatch_array.local.batch_state import JobRecord, JobState, TaskState
+from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler, EmulatorSettings
+from covalent_gcpbatch_array.local.batch.state import JobRecord, JobState, TaskState
 
 PARENT = "projects/p/locations/us-east1"
 _pids = itertools.count(1000)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
-from covalent_gcpbatch_array.local.batch_spec import (
+from covalent_gcpbatch_array.local.batch.spec import (
     JobSpec,
     LifecycleAction,
     LifecycleRule,

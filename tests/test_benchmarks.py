@@ -233,9 +233,9 @@ class TestProfiling:
     def test_summarise_counts_self_and_inclusive_shares(self) -> None:
         raw = "\n".join(
             [
-                "main (/x/benchmarks/harness.py:10);run (/x/covalent_gcpbatch_array/store.py:5);"
+                "main (/x/benchmarks/harness.py:10);run (/x/covalent_gcpbatch_array/_core/storage.py:5);"
                 "send (/v/lib/python3.11/site-packages/requests/sessions.py:1) 3",
-                "main (/x/benchmarks/harness.py:10);encode (/x/covalent_gcpbatch_array/payload.py:7) 1",
+                "main (/x/benchmarks/harness.py:10);encode (/x/covalent_gcpbatch_array/_core/envelopes.py:7) 1",
             ]
         )
         summary = summarise(raw)
@@ -243,7 +243,7 @@ class TestProfiling:
         assert summary["self"][0] == ["send (requests/sessions.py)", 0.75]
         inclusive = dict(summary["inclusive"])
         assert inclusive["main (benchmarks/harness.py)"] == 1.0
-        assert inclusive["run (covalent_gcpbatch_array/store.py)"] == 0.75
+        assert inclusive["run (covalent_gcpbatch_array/_core/storage.py)"] == 0.75
         own = dict(summary["own_inclusive"])
         assert "send (requests/sessions.py)" not in own
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from covalent_gcpbatch_array.cli import build_parser, main
+from covalent_gcpbatch_array.cli.main import build_parser, main
 
-CLI = [sys.executable, "-m", "covalent_gcpbatch_array.cli"]
+CLI = [sys.executable, "-m", "covalent_gcpbatch_array.cli.main"]
 
 
 def read_until(process: subprocess.Popen[bytes], marker: str, timeout: float = 120.0) -> str:

@@ -21,7 +21,7 @@ from anyio.abc import TaskGroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from covalent_gcpbatch_array.coalescer import (
+from covalent_gcpbatch_array._core.coalescer import (
     Batch,
     BatchPhase,
     BatchPolicy,

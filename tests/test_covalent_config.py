@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import toml
 
-from covalent_gcpbatch_array.config import DEFAULTS
-from covalent_gcpbatch_array.exceptions import LocalCloudError
-from covalent_gcpbatch_array.local.covalent_config import (
+from covalent_gcpbatch_array.cli.covalent_config import (
     default_config_file,
     read_executor_config,
     restore_executor_config,
     write_executor_config,
 )
+from covalent_gcpbatch_array.config import DEFAULTS
+from covalent_gcpbatch_array.exceptions import LocalCloudError
 
 LOCAL = {
     "project_id": "local-project",

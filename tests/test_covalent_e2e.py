@@ -21,9 +21,9 @@ import pytest
 from covalent._results_manager.result import Result
 from google.api_core.exceptions import NotFound
 
+from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.config import DEFAULTS
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.covalent_server import CovalentServer
 from tests.conftest import COVALENT_SERVER_SETTINGS, wait_until
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from covalent_gcpbatch_array.cli.covalent_server import CovalentServer, ServerState
 from covalent_gcpbatch_array.exceptions import LocalCloudError
-from covalent_gcpbatch_array.local.covalent_server import CovalentServer, ServerState
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ class TestCleanup:
     ) -> None:
         owner_code = (
             "import threading\n"
-            "from covalent_gcpbatch_array.local.covalent_server import CovalentServer\n"
+            "from covalent_gcpbatch_array.cli.covalent_server import CovalentServer\n"
             "server = CovalentServer().start()\n"
             "print(server.pid, server.home, flush=True)\n"
             "threading.Event().wait()\n"

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from covalent_gcpbatch_array import demo_workflow
-from covalent_gcpbatch_array.cli import build_parser, main
+from covalent_gcpbatch_array.cli import demo_workflow
+from covalent_gcpbatch_array.cli.main import build_parser, main
 from tests.test_cli import read_until
 from tests.test_covalent_server import processes_with_home
 
-CLI = [sys.executable, "-m", "covalent_gcpbatch_array.cli"]
+CLI = [sys.executable, "-m", "covalent_gcpbatch_array.cli.main"]
 
 
 class TestWorkflow:

@@ -23,6 +23,8 @@ from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeErr
 from google.api_core.exceptions import NotFound
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array._core.runtime import BatchService
+from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
 from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
     ConfigError,
@@ -34,8 +36,6 @@ from covalent_gcpbatch_array.exceptions import (
 )
 from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.service import BatchService
-from covalent_gcpbatch_array.store import TaskRef, TaskStore, make_storage_client
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
-from covalent_gcpbatch_array.local.faults import CallFaults, CreationQuota, TaskFault, TaskFaults
+from covalent_gcpbatch_array.local.batch.faults import (
+    CallFaults,
+    CreationQuota,
+    TaskFault,
+    TaskFaults,
+)
 
 
 class FakeClock:

@@ -16,8 +16,9 @@ import google.cloud.storage as storage
 import pytest
 from google.api_core import exceptions as api_exceptions
 
-from covalent_gcpbatch_array.local import LocalCloudError, gcs
-from covalent_gcpbatch_array.local.gcs import GcsEmulator, fake_gcs_binary
+from covalent_gcpbatch_array.local import LocalCloudError
+from covalent_gcpbatch_array.local.gcs import fake_gcs as gcs
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator, fake_gcs_binary
 
 PROJECT = "test-project"
 
@@ -128,7 +129,7 @@ class TestNoOrphans:
             """
             import sys, threading
             from pathlib import Path
-            from covalent_gcpbatch_array.local.gcs import GcsEmulator
+            from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
             server = GcsEmulator.start(log_dir=Path(sys.argv[1]))
             print(server.pid, server.endpoint, flush=True)
             threading.Event().wait()

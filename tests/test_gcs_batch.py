@@ -9,7 +9,7 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud.storage.batch import Batch, _unpack_batch_response
 
-from covalent_gcpbatch_array.local.gcs_batch import (
+from covalent_gcpbatch_array.local.gcs.batch_requests import (
     MAX_BATCH_CALLS,
     BatchFormatError,
     InnerRequest,

@@ -23,8 +23,8 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from benchmarks.storage_log import StorageLog
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.gcs import GcsEmulator, make_storage_client
-from covalent_gcpbatch_array.local.gcs_proxy import StorageFault, StorageFaults, serve
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator, make_storage_client
+from covalent_gcpbatch_array.local.gcs.proxy import StorageFault, StorageFaults, serve
 from tests.conftest import wait_until
 
 # google-cloud-storage does not close the streamed response of a failed download (see

@@ -23,12 +23,12 @@ import covalent  # noqa: F401  (import covalent before the plugin module, as the
 import pytest
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array._core.storage import TaskStore
+from covalent_gcpbatch_array.cli.covalent_config import write_executor_config
+from covalent_gcpbatch_array.cli.jobs import InspectSettings, add_inspect_commands
 from covalent_gcpbatch_array.exceptions import BatchApiError, ConfigError, GCPBatchArrayError
 from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
-from covalent_gcpbatch_array.inspect_cli import InspectSettings, add_inspect_commands
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.covalent_config import write_executor_config
-from covalent_gcpbatch_array.store import TaskStore
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def test_registering_the_commands_imports_no_google_client() -> None:
     # `gcpbatch-array --help` must stay fast: the clients load when a command runs.
     script = (
         "import argparse, sys\n"
-        "from covalent_gcpbatch_array.inspect_cli import add_inspect_commands\n"
+        "from covalent_gcpbatch_array.cli.jobs import add_inspect_commands\n"
         "add_inspect_commands(argparse.ArgumentParser().add_subparsers())\n"
         "print(sorted(m for m in sys.modules if m.startswith(('google', 'covalent.'))))\n"
     )
@@ -194,7 +194,7 @@ class TestCovalentConfig:
         write_executor_config(tmp_path / "covalent.conf", cloud.executor_config())
         script = (
             "import argparse, sys\n"
-            "from covalent_gcpbatch_array.inspect_cli import add_inspect_commands\n"
+            "from covalent_gcpbatch_array.cli.jobs import add_inspect_commands\n"
             "parser = argparse.ArgumentParser()\n"
             "add_inspect_commands(parser.add_subparsers(required=True))\n"
             "args = parser.parse_args(['jobs', '--json'])\n"

@@ -14,8 +14,8 @@ import os
 import pytest
 
 from benchmarks.load import run_load
+from covalent_gcpbatch_array._core.runtime import BATCH_API_THREADS, STORAGE_THREADS
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.service import BATCH_API_THREADS, STORAGE_THREADS
 
 ELECTRONS = int(os.environ.get("CGA_LOAD_ELECTRONS", "200"))
 MAX_TASKS_PER_JOB = 1000

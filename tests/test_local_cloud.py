@@ -25,7 +25,7 @@ from google.protobuf import duration_pb2
 from covalent_gcpbatch_array.config import ExecutorConfig
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
 from covalent_gcpbatch_array.local import LocalCloud, LocalCloudError
-from covalent_gcpbatch_array.local._process import free_port
+from covalent_gcpbatch_array.local.process import free_port
 
 TERMINAL = (batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED)
 

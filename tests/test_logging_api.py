@@ -14,7 +14,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1, logging_v2
 
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.logging_filter import FilterError, parse_filter
+from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
 from tests.conftest import wait_until
 
 FINAL = ("SUCCEEDED", "FAILED")

@@ -9,11 +9,11 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_array.batch import BatchJobs
+from covalent_gcpbatch_array._core.jobs import BatchJobs
+from covalent_gcpbatch_array._core.storage import TaskStore
+from covalent_gcpbatch_array.cli.ops import Inspector, make_logging_client, parse_duration
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.ops import Inspector, make_logging_client, parse_duration
-from covalent_gcpbatch_array.store import TaskStore
 from tests.conftest import wait_until
 
 

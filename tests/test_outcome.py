@@ -7,8 +7,8 @@ import pickle
 import pytest
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array._core.outcome import infrastructure_error, task_exit_code, task_index
 from covalent_gcpbatch_array.exceptions import TaskInfrastructureError, TimeLimitExceeded
-from covalent_gcpbatch_array.outcome import infrastructure_error, task_exit_code, task_index
 
 
 def task(*exit_codes: int, name: str = "projects/p/locations/l/jobs/j/taskGroups/group0/tasks/7"):
@@ -61,7 +61,7 @@ class TestInfrastructureError:
         )
 
     def test_the_runners_exit_code_is_the_one_the_runner_uses(self) -> None:
-        from covalent_gcpbatch_array.outcome import RUNNER_FAILED_EXIT_CODE
+        from covalent_gcpbatch_array._core.outcome import RUNNER_FAILED_EXIT_CODE
         from covalent_gcpbatch_array.runner import EXIT_INFRA_ERROR
 
         assert RUNNER_FAILED_EXIT_CODE == EXIT_INFRA_ERROR

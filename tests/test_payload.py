@@ -14,14 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from covalent_gcpbatch_array import payload
-from covalent_gcpbatch_array.exceptions import (
-    ElectronInputError,
-    RemoteTaskError,
-    ResultIntegrityError,
-    TaskEnvironmentError,
-)
-from covalent_gcpbatch_array.payload import (
+from covalent_gcpbatch_array._core import envelopes as payload
+from covalent_gcpbatch_array._core.envelopes import (
     ElectronOrigin,
     RuntimeVersions,
     TaskResult,
@@ -34,7 +28,13 @@ from covalent_gcpbatch_array.payload import (
     new_job_key,
     parse_job_key,
 )
-from covalent_gcpbatch_array.store import TaskRef
+from covalent_gcpbatch_array._core.storage import TaskRef
+from covalent_gcpbatch_array.exceptions import (
+    ElectronInputError,
+    RemoteTaskError,
+    ResultIntegrityError,
+    TaskEnvironmentError,
+)
 
 TASK = TaskRef("job-payload", 7)
 ORIGIN = ElectronOrigin("dispatch-1", 12)

@@ -37,8 +37,8 @@ from electrons import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from covalent_gcpbatch_array._core.runtime import BatchService
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.service import BatchService
 
 pytestmark = [
     pytest.mark.slow,

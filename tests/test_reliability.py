@@ -41,7 +41,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_array.exceptions import StorageError, TimeLimitExceeded
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.gcs_proxy import serve
+from covalent_gcpbatch_array.local.gcs.proxy import serve
 
 pytestmark = [
     pytest.mark.slow,

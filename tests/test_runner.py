@@ -19,18 +19,7 @@ from google.cloud import batch_v1, storage
 from test_store import ScriptedProxy  # a sibling test module (pytest puts tests/ on sys.path)
 
 from covalent_gcpbatch_array import runner
-from covalent_gcpbatch_array.batch import build_job, new_job_id
-from covalent_gcpbatch_array.config import ExecutorConfig
-from covalent_gcpbatch_array.exceptions import (
-    ElectronInputError,
-    LocalCloudError,
-    RemoteTaskError,
-    ResultIntegrityError,
-    TaskEnvironmentError,
-)
-from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.gcs import GcsEmulator
-from covalent_gcpbatch_array.payload import (
+from covalent_gcpbatch_array._core.envelopes import (
     ElectronOrigin,
     RuntimeVersions,
     TaskFailure,
@@ -42,14 +31,25 @@ from covalent_gcpbatch_array.payload import (
     encode_result,
     new_job_key,
 )
-from covalent_gcpbatch_array.runner import EXIT_INFRA_ERROR, EXIT_OK, EXIT_USER_ERROR
-from covalent_gcpbatch_array.store import (
+from covalent_gcpbatch_array._core.jobs import build_job, new_job_id
+from covalent_gcpbatch_array._core.storage import (
     JobLayout,
     TaskObject,
     TaskRef,
     TaskStore,
     make_storage_client,
 )
+from covalent_gcpbatch_array.config import ExecutorConfig
+from covalent_gcpbatch_array.exceptions import (
+    ElectronInputError,
+    LocalCloudError,
+    RemoteTaskError,
+    ResultIntegrityError,
+    TaskEnvironmentError,
+)
+from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
+from covalent_gcpbatch_array.runner import EXIT_INFRA_ERROR, EXIT_OK, EXIT_USER_ERROR
 
 # The functions below run in the runner's process, where this module cannot be imported.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

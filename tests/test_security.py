@@ -35,10 +35,10 @@ from electrons import (
     new_token,
 )
 
+from covalent_gcpbatch_array._core.envelopes import encode_error, encode_result
+from covalent_gcpbatch_array._core.storage import TaskRef
 from covalent_gcpbatch_array.exceptions import ResultIntegrityError
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.payload import encode_error, encode_result
-from covalent_gcpbatch_array.store import TaskRef
 
 pytestmark = pytest.mark.slow
 

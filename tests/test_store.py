@@ -24,11 +24,8 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from hypothesis import given
 from hypothesis import strategies as st
 
-from covalent_gcpbatch_array import store as store_module
-from covalent_gcpbatch_array.exceptions import StorageError
-from covalent_gcpbatch_array.local.gcs import GcsEmulator
-from covalent_gcpbatch_array.local.gcs_proxy import serve
-from covalent_gcpbatch_array.store import (
+from covalent_gcpbatch_array._core import storage as store_module
+from covalent_gcpbatch_array._core.storage import (
     JOB_ID_PATTERN,
     JobLayout,
     ManifestEntry,
@@ -40,6 +37,9 @@ from covalent_gcpbatch_array.store import (
     validate_job_id,
     validate_prefix,
 )
+from covalent_gcpbatch_array.exceptions import StorageError
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
+from covalent_gcpbatch_array.local.gcs.proxy import serve
 
 
 def _free_port() -> int:

@@ -25,7 +25,7 @@ import pytest
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from covalent_gcpbatch_array.local.task_launcher import (
+from covalent_gcpbatch_array.local.batch.launcher import (
     DEFAULT_PRELOAD,
     RUNNER_MODULE,
     TaskLauncher,
@@ -636,7 +636,7 @@ class TestLifecycle:
 HOLDER_SCRIPT = """
 import sys, anyio
 from pathlib import Path
-from covalent_gcpbatch_array.local.task_launcher import TaskLauncher
+from covalent_gcpbatch_array.local.batch.launcher import TaskLauncher
 
 async def main(folder, env):
     async with TaskLauncher(preload=("probe_preload",)) as launcher:

@@ -46,15 +46,15 @@ import anyio.from_thread
 import anyio.to_thread
 
 from covalent_gcpbatch_array.exceptions import LocalCloudError
-from covalent_gcpbatch_array.local._process import (
+from covalent_gcpbatch_array.local.batch.faults import DEFAULT_QUOTA_WINDOW_SECONDS
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator, make_storage_client
+from covalent_gcpbatch_array.local.process import (
     Spawner,
     read_ready_line,
     read_tail,
     spawn_process,
     stop_process,
 )
-from covalent_gcpbatch_array.local.faults import DEFAULT_QUOTA_WINDOW_SECONDS
-from covalent_gcpbatch_array.local.gcs import GcsEmulator, make_storage_client
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage
@@ -66,8 +66,8 @@ DEFAULT_PROJECT_ID: Final = "local-project"
 DEFAULT_REGION: Final = "us-east1"
 DEFAULT_BUCKET_NAME: Final = "covalent-local"
 DEFAULT_CONTAINER_IMAGE_URI: Final = "local/covalent-gcpbatch-array-runner:latest"
-_BATCH_SERVER_MODULE: Final = "covalent_gcpbatch_array.local.batch_server"
-_GCS_PROXY_MODULE: Final = "covalent_gcpbatch_array.local.gcs_proxy"
+_BATCH_SERVER_MODULE: Final = "covalent_gcpbatch_array.local.batch.server"
+_GCS_PROXY_MODULE: Final = "covalent_gcpbatch_array.local.gcs.proxy"
 _ADMIN_TIMEOUT: Final = 30.0  # seconds for one admin HTTP call
 
 

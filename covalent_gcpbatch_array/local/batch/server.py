@@ -1,8 +1,8 @@
-"""The Batch emulator process: ``python -m covalent_gcpbatch_array.local.batch_server``.
+"""The Batch emulator process: ``python -m covalent_gcpbatch_array.local.batch.server``.
 
 Process contract (LocalCloud and the CLI rely on it)::
 
-    python -m covalent_gcpbatch_array.local.batch_server --host 127.0.0.1 --port 0 \\
+    python -m covalent_gcpbatch_array.local.batch.server --host 127.0.0.1 --port 0 \\
         --storage-endpoint http://127.0.0.1:G [--provisioning-delay S] \\
         [--max-running-tasks N] [--jobs-per-minute N] [--image-map JSON] [--workdir DIR]
         [--preload MODULE,MODULE] [--jobs-per-window N] [--quota-window-seconds S]
@@ -37,14 +37,14 @@ from typing import Any
 import anyio
 import uvicorn
 
-from covalent_gcpbatch_array.local.batch_api import create_app
-from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler, EmulatorSettings
-from covalent_gcpbatch_array.local.faults import DEFAULT_QUOTA_WINDOW_SECONDS
-from covalent_gcpbatch_array.local.task_launcher import DEFAULT_PRELOAD, TaskLauncher
+from covalent_gcpbatch_array.local.batch.api import create_app
+from covalent_gcpbatch_array.local.batch.faults import DEFAULT_QUOTA_WINDOW_SECONDS
+from covalent_gcpbatch_array.local.batch.launcher import DEFAULT_PRELOAD, TaskLauncher
+from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler, EmulatorSettings
 
 __all__ = ["main"]
 
-logger = logging.getLogger("covalent_gcpbatch_array.local.batch_server")
+logger = logging.getLogger("covalent_gcpbatch_array.local.batch.server")
 
 _PR_SET_PDEATHSIG = 1
 # How long in-flight HTTP requests get to finish on shutdown.
@@ -110,7 +110,7 @@ def _module_list(text: str) -> tuple[str, ...]:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m covalent_gcpbatch_array.local.batch_server",
+        prog="python -m covalent_gcpbatch_array.local.batch.server",
         description="Google Batch API emulator: runs jobs' tasks as local processes.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -39,7 +39,7 @@ from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from .exceptions import StorageError
+from covalent_gcpbatch_array.exceptions import StorageError
 
 __all__ = [
     "JOB_ID_PATTERN",

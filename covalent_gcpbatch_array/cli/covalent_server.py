@@ -40,12 +40,12 @@ from typing import Any, Final
 
 import toml
 
-from covalent_gcpbatch_array.exceptions import LocalCloudError
-from covalent_gcpbatch_array.local._process import free_port, read_tail
-from covalent_gcpbatch_array.local.covalent_config import (
+from covalent_gcpbatch_array.cli.covalent_config import (
     read_executor_config,
     write_executor_config,
 )
+from covalent_gcpbatch_array.exceptions import LocalCloudError
+from covalent_gcpbatch_array.local.process import free_port, read_tail
 
 __all__ = ["CovalentServer"]
 

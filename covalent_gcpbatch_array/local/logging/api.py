@@ -38,8 +38,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
-from covalent_gcpbatch_array.local.batch_state import JobRecord, rfc3339
-from covalent_gcpbatch_array.local.logging_filter import FilterError, parse_filter
+from covalent_gcpbatch_array.local.batch.state import JobRecord, rfc3339
+from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
 
 __all__ = ["BATCH_TASK_LOG", "TaskLogIndex", "logging_routes"]
 

@@ -19,7 +19,7 @@ answer); a fault can also hit the batch request itself (``method="POST", path="/
 
 Process contract (like the Batch emulator's)::
 
-    python -m covalent_gcpbatch_array.local.gcs_proxy --upstream http://127.0.0.1:G \\
+    python -m covalent_gcpbatch_array.local.gcs.proxy --upstream http://127.0.0.1:G \\
         [--host 127.0.0.1] [--port 0]
 
 prints one JSON line ``{"endpoint": "http://127.0.0.1:PORT", "pid": PID}`` once it serves;
@@ -56,7 +56,7 @@ import anyio
 import anyio.abc
 import h11
 
-from covalent_gcpbatch_array.local.gcs_batch import (
+from covalent_gcpbatch_array.local.gcs.batch_requests import (
     BATCH_PATH,
     BatchFormatError,
     InnerRequest,
@@ -68,7 +68,7 @@ from covalent_gcpbatch_array.local.gcs_batch import (
 
 __all__ = ["ProxyStats", "StorageFault", "StorageFaults", "main", "serve"]
 
-logger = logging.getLogger("covalent_gcpbatch_array.local.gcs_proxy")
+logger = logging.getLogger("covalent_gcpbatch_array.local.gcs.proxy")
 
 #: Methods a fault can name; ``*`` matches any.
 FAULT_METHODS = ("*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -651,7 +651,7 @@ async def _serve_until_signal(options: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the proxy until SIGTERM/SIGINT (see the module docstring for the contract)."""
     parser = argparse.ArgumentParser(
-        prog="python -m covalent_gcpbatch_array.local.gcs_proxy",
+        prog="python -m covalent_gcpbatch_array.local.gcs.proxy",
         description="A fault-injecting HTTP proxy in front of fake-gcs-server.",
     )
     parser.add_argument("--upstream", required=True, help="fake-gcs-server's URL")

@@ -36,7 +36,11 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from .exceptions import BatchLaunchError, CoalescerClosedError, ElectronCancelledError
+from covalent_gcpbatch_array.exceptions import (
+    BatchLaunchError,
+    CoalescerClosedError,
+    ElectronCancelledError,
+)
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup

@@ -35,11 +35,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
-from covalent_gcpbatch_array.local.batch_scheduler import BatchScheduler
-from covalent_gcpbatch_array.local.batch_state import JobState, TaskState, rfc3339
+from covalent_gcpbatch_array.local.batch.attempt import attempt_output
+from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler
+from covalent_gcpbatch_array.local.batch.state import JobState, TaskState, rfc3339
 from covalent_gcpbatch_array.local.field_mask import FieldMask, field_mask_text
-from covalent_gcpbatch_array.local.logging_api import TaskLogIndex, logging_routes
-from covalent_gcpbatch_array.local.task_attempt import attempt_output
+from covalent_gcpbatch_array.local.logging.api import TaskLogIndex, logging_routes
 
 __all__ = ["create_app"]
 
@@ -70,7 +70,7 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
     """The ASGI application serving ``scheduler`` over Google's REST API.
 
     It also answers Cloud Logging's ``entries:list`` with the jobs' task output (see
-    :mod:`covalent_gcpbatch_array.local.logging_api`).
+    :mod:`covalent_gcpbatch_array.local.logging.api`).
     """
     task_logs = TaskLogIndex()
 

@@ -36,13 +36,13 @@ from typing import Any
 
 import cloudpickle
 
-from .exceptions import (
+from covalent_gcpbatch_array._core.storage import TaskRef
+from covalent_gcpbatch_array.exceptions import (
     ElectronInputError,
     RemoteTaskError,
     ResultIntegrityError,
     TaskEnvironmentError,
 )
-from .store import TaskRef
 
 __all__ = [
     "JOB_KEY_BYTES",

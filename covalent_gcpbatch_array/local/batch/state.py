@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from covalent_gcpbatch_array.local.batch_spec import JobSpec
+from covalent_gcpbatch_array.local.batch.spec import JobSpec
 
 __all__ = [
     "FINAL_TASK_STATES",

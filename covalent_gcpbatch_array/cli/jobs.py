@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .config import DEFAULTS, ExecutorConfig, resolve_config
-from .exceptions import ConfigError
+from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
+from covalent_gcpbatch_array.exceptions import ConfigError
 
 if TYPE_CHECKING:
     # The Google clients take about a second to import: only a command that runs needs them,
     # so `gcpbatch-array --help` stays fast.
-    from .ops import GcReport, Inspector, JobSummary, TaskSummary
+    from covalent_gcpbatch_array.cli.ops import GcReport, Inspector, JobSummary, TaskSummary
 
 __all__ = ["InspectSettings", "add_inspect_commands", "read_covalent_config"]
 
@@ -98,9 +98,9 @@ class InspectSettings:
 
     def inspector(self) -> Inspector:
         """An Inspector over the real clients for these settings."""
-        from .batch import BatchJobs, make_batch_client
-        from .ops import Inspector, make_logging_client
-        from .store import TaskStore, make_storage_client
+        from covalent_gcpbatch_array._core.jobs import BatchJobs, make_batch_client
+        from covalent_gcpbatch_array._core.storage import TaskStore, make_storage_client
+        from covalent_gcpbatch_array.cli.ops import Inspector, make_logging_client
 
         storage_client = make_storage_client(self.project_id, self.storage_api_endpoint)
         return Inspector(
@@ -227,7 +227,7 @@ def _task_index(text: str) -> int:
 
 
 def _duration(text: str) -> timedelta:
-    from .ops import parse_duration
+    from covalent_gcpbatch_array.cli.ops import parse_duration
 
     try:
         return parse_duration(text)

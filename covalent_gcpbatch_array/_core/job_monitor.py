@@ -21,19 +21,19 @@ import anyio
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
-from .batch import TASK_STATE_FIELDS, BatchJobs, build_job
-from .coalescer import Batch, Member
-from .config import ExecutorConfig, JobShape
-from .exceptions import (
+from covalent_gcpbatch_array._core.coalescer import Batch, Member
+from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, decode_error, decode_result
+from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, BatchJobs, build_job
+from covalent_gcpbatch_array._core.outcome import ElectronOutcome, infrastructure_error, task_index
+from covalent_gcpbatch_array._core.storage import ManifestEntry, TaskObject, TaskRef, TaskStore
+from covalent_gcpbatch_array.config import ExecutorConfig, JobShape
+from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
     GCPBatchArrayError,
     ResultIntegrityError,
     StorageError,
     TaskInfrastructureError,
 )
-from .outcome import ElectronOutcome, infrastructure_error, task_index
-from .payload import ElectronOrigin, decode_error, decode_result
-from .store import ManifestEntry, TaskObject, TaskRef, TaskStore
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup

@@ -2,11 +2,11 @@
 
 A real task VM pulls an image in which covalent, cloudpickle and google-cloud-storage are
 installed; starting Python there and importing them takes seconds. Here every task would pay
-that again, so :class:`~covalent_gcpbatch_array.local.task_launcher.TaskLauncher` runs this
+that again, so :class:`~covalent_gcpbatch_array.local.batch.launcher.TaskLauncher` runs this
 server once: it imports the preload modules, then forks one child per task. A child that runs
 ``python -m MODULE`` finds those modules already imported and starts in milliseconds.
 
-Run as ``python -m covalent_gcpbatch_array.local.fork_server --fd N --parent-pid P
+Run as ``python -m covalent_gcpbatch_array.local.batch.fork_server --fd N --parent-pid P
 [--preload MODULE ...]``; ``N`` is a connected Unix stream socket (the launcher keeps the other
 end). Protocol, one JSON object per line::
 
@@ -405,7 +405,9 @@ def preload(modules: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m covalent_gcpbatch_array.local.fork_server")
+    parser = argparse.ArgumentParser(
+        prog="python -m covalent_gcpbatch_array.local.batch.fork_server"
+    )
     parser.add_argument("--fd", type=int, required=True, help="connected Unix socket fd")
     parser.add_argument("--parent-pid", type=int, required=True, help="the launcher's pid")
     parser.add_argument("--preload", action="append", default=[], help="module to import")

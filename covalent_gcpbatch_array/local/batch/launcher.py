@@ -2,7 +2,7 @@
 
 :class:`TaskLauncher` maps a container runnable to a local command line (:meth:`container_argv`)
 and starts task processes (:meth:`~TaskLauncher.start`). Every task is started by a pre-warmed
-fork server (:mod:`covalent_gcpbatch_array.local.fork_server`) that imported covalent,
+fork server (:mod:`covalent_gcpbatch_array.local.batch.fork_server`) that imported covalent,
 cloudpickle and google-cloud-storage once: a ``[sys.executable, "-m", MODULE, ...]`` task runs in
 a child forked from it and skips those imports (1 to 5 s), any other command line is exec'd
 from a forked child. Either way the task leads its own process group, and the fork server owns
@@ -189,7 +189,7 @@ class TaskLauncher:
             command = [
                 sys.executable,
                 "-m",
-                "covalent_gcpbatch_array.local.fork_server",
+                "covalent_gcpbatch_array.local.batch.fork_server",
                 "--fd",
                 str(theirs.fileno()),
                 "--parent-pid",

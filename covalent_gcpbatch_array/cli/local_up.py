@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from covalent_gcpbatch_array.local._process import read_tail
-from covalent_gcpbatch_array.local.cloud import LocalCloud
-from covalent_gcpbatch_array.local.covalent_config import (
+from covalent_gcpbatch_array.cli.covalent_config import (
     restore_executor_config,
     write_executor_config,
 )
+from covalent_gcpbatch_array.local.cloud import LocalCloud
+from covalent_gcpbatch_array.local.process import read_tail
 
 __all__ = ["describe", "executor_toml", "serve", "stop_requested"]
 

@@ -23,10 +23,10 @@ from google.api_core import retry as api_retry
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
 
-from . import __version__
-from .config import JobShape
-from .exceptions import BatchApiError
-from .runner import ENV_CANCEL_POLL, EXIT_USER_ERROR
+from covalent_gcpbatch_array import __version__
+from covalent_gcpbatch_array.config import JobShape
+from covalent_gcpbatch_array.exceptions import BatchApiError
+from covalent_gcpbatch_array.runner import ENV_CANCEL_POLL, EXIT_USER_ERROR
 
 __all__ = ["TASK_STATE_FIELDS", "BatchJobs", "build_job", "make_batch_client", "new_job_id"]
 

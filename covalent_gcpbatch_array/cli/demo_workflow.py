@@ -11,7 +11,7 @@ Python must have this package installed (the local cloud's tasks use this very v
 Run it against a Covalent server whose config has ``[executors.gcpbatch_array]`` (for example
 after ``gcpbatch-array local up`` and ``covalent start``)::
 
-    python -m covalent_gcpbatch_array.demo_workflow
+    python -m covalent_gcpbatch_array.cli.demo_workflow
 """
 
 from __future__ import annotations

@@ -24,25 +24,25 @@ import anyio
 import anyio.abc
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
-from covalent_gcpbatch_array.local.batch_spec import parse_job, validate_job_id
-from covalent_gcpbatch_array.local.batch_state import (
-    JobRecord,
-    JobState,
-    TaskRecord,
-    TaskState,
+from covalent_gcpbatch_array.local.batch.attempt import (
+    EXIT_GENERIC_FAILURE,
+    Launcher,
+    run_attempt,
+    vm_environment,
 )
-from covalent_gcpbatch_array.local.faults import (
+from covalent_gcpbatch_array.local.batch.faults import (
     DEFAULT_QUOTA_WINDOW_SECONDS,
     RPC_METHODS,
     CallFaults,
     CreationQuota,
     TaskFaults,
 )
-from covalent_gcpbatch_array.local.task_attempt import (
-    EXIT_GENERIC_FAILURE,
-    Launcher,
-    run_attempt,
-    vm_environment,
+from covalent_gcpbatch_array.local.batch.spec import parse_job, validate_job_id
+from covalent_gcpbatch_array.local.batch.state import (
+    JobRecord,
+    JobState,
+    TaskRecord,
+    TaskState,
 )
 
 __all__ = ["BatchScheduler", "EmulatorSettings", "EmulatorStats"]

@@ -2,7 +2,7 @@
 
 Starts the local cloud and a private Covalent server (its own HOME and port; both stopped at
 the end, even on failure or Ctrl-C), writes the executor's settings into that server's config,
-and dispatches :func:`~covalent_gcpbatch_array.demo_workflow.grid_search`: the iris SVM
+and dispatches :func:`~covalent_gcpbatch_array.cli.demo_workflow.grid_search`: the iris SVM
 trained and scored for every (C, gamma) pair of a grid, every electron on ``gcpbatch_array``.
 While it runs, it shows each Batch job's tasks (pending, running, done), read through the real
 ``google-cloud-batch`` client; at the end it prints the score table, the best pair, and how the
@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
+from covalent_gcpbatch_array.cli.local_up import stop_requested
 from covalent_gcpbatch_array.local.cloud import LocalCloud
-from covalent_gcpbatch_array.local.covalent_server import CovalentServer
-from covalent_gcpbatch_array.local.up import stop_requested
 
 if TYPE_CHECKING:
     from covalent._results_manager.result import Result
@@ -129,7 +129,7 @@ def run_demo(
 
         import covalent as ct
 
-        from covalent_gcpbatch_array import demo_workflow
+        from covalent_gcpbatch_array.cli import demo_workflow
 
         c_grid = list(c_values or demo_workflow.DEFAULT_C_VALUES)
         gamma_grid = list(gamma_values or demo_workflow.DEFAULT_GAMMA_VALUES)

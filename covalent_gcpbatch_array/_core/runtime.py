@@ -20,13 +20,19 @@ from typing import Any, TypeVar
 import anyio
 import sniffio
 
-from .array_job import ArrayJobContext, BatchExtras, run_array_job
-from .batch import BatchJobs, make_batch_client, new_job_id
-from .coalescer import Batch, BatchPhase, BatchPolicy, Coalescer, Member
-from .config import MAX_TASKS_PER_JOB, ExecutorConfig, JobShape
-from .outcome import ElectronOutcome
-from .payload import ElectronOrigin, new_job_key
-from .store import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array._core.coalescer import (
+    Batch,
+    BatchPhase,
+    BatchPolicy,
+    Coalescer,
+    Member,
+)
+from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, new_job_key
+from covalent_gcpbatch_array._core.job_monitor import ArrayJobContext, BatchExtras, run_array_job
+from covalent_gcpbatch_array._core.jobs import BatchJobs, make_batch_client, new_job_id
+from covalent_gcpbatch_array._core.outcome import ElectronOutcome
+from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array.config import MAX_TASKS_PER_JOB, ExecutorConfig, JobShape
 
 __all__ = ["BatchService"]
 

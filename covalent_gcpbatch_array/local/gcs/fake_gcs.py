@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from covalent_gcpbatch_array.exceptions import LocalCloudError
-from covalent_gcpbatch_array.local._process import (
+from covalent_gcpbatch_array.local.process import (
     Spawner,
     free_port,
     read_tail,

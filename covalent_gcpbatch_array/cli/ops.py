@@ -3,7 +3,7 @@
 :class:`Inspector` answers the questions behind ``gcpbatch-array jobs | tasks | logs | gc``
 through the same clients the executor uses (google-cloud-batch, google-cloud-storage) plus
 google-cloud-logging, so it works against Google and the local cloud alike. It returns plain
-dataclasses; :mod:`covalent_gcpbatch_array.inspect_cli` renders them.
+dataclasses; :mod:`covalent_gcpbatch_array.cli.jobs` renders them.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import google.auth.exceptions
 from google.api_core import exceptions as api_exceptions
 from google.auth.credentials import AnonymousCredentials
 
-from .batch import BatchJobs
-from .exceptions import CloudApiError, GCPBatchArrayError
-from .outcome import task_exit_code, task_index
-from .store import JOB_ID_PATTERN, TaskObject, TaskRef, TaskStore
+from covalent_gcpbatch_array._core.jobs import BatchJobs
+from covalent_gcpbatch_array._core.outcome import task_exit_code, task_index
+from covalent_gcpbatch_array._core.storage import JOB_ID_PATTERN, TaskObject, TaskRef, TaskStore
+from covalent_gcpbatch_array.exceptions import CloudApiError, GCPBatchArrayError
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage

@@ -20,8 +20,8 @@ from typing import Literal, Protocol
 
 import anyio
 
-from covalent_gcpbatch_array.local.batch_spec import JobSpec, RunnableSpec
-from covalent_gcpbatch_array.local.faults import TaskFault
+from covalent_gcpbatch_array.local.batch.faults import TaskFault
+from covalent_gcpbatch_array.local.batch.spec import JobSpec, RunnableSpec
 
 __all__ = [
     "EXIT_GENERIC_FAILURE",

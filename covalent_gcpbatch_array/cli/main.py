@@ -15,8 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from covalent_gcpbatch_array.cli.jobs import add_inspect_commands
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
-from covalent_gcpbatch_array.inspect_cli import add_inspect_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -158,8 +158,8 @@ def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _local_up(args: argparse.Namespace) -> int:
+    from covalent_gcpbatch_array.cli.local_up import serve
     from covalent_gcpbatch_array.local import LocalCloud
-    from covalent_gcpbatch_array.local.up import serve
 
     cloud = LocalCloud(
         provisioning_delay=args.provisioning_delay,
@@ -172,7 +172,7 @@ def _local_up(args: argparse.Namespace) -> int:
     )
     covalent_config = None
     if not args.no_covalent_config:
-        from covalent_gcpbatch_array.local.covalent_config import default_config_file
+        from covalent_gcpbatch_array.cli.covalent_config import default_config_file
 
         covalent_config = args.covalent_config or default_config_file()
     return serve(
@@ -205,7 +205,7 @@ def _add_local_demo(actions: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _local_demo(args: argparse.Namespace) -> int:
-    from covalent_gcpbatch_array.local.array_demo import run_demo
+    from covalent_gcpbatch_array.cli.array_demo import run_demo
 
     if args.tasks < 2:
         print("gcpbatch-array local demo: error: --tasks must be at least 2", file=sys.stderr)
@@ -271,7 +271,7 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from covalent_gcpbatch_array.demo import run_demo
+    from covalent_gcpbatch_array.cli.demo import run_demo
 
     return run_demo(
         c_values=args.c_values,

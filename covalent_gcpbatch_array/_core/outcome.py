@@ -11,7 +11,7 @@ from typing import Any
 
 from google.cloud import batch_v1
 
-from .exceptions import TaskInfrastructureError, TimeLimitExceeded
+from covalent_gcpbatch_array.exceptions import TaskInfrastructureError, TimeLimitExceeded
 
 __all__ = [
     "ElectronOutcome",

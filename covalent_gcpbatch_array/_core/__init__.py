@@ -1,0 +1,1 @@
+"""The executor's internals: coalescing, jobs, storage, envelopes and the task contract."""

@@ -1,0 +1,1 @@
+"""The ``gcpbatch-array`` command and its tools."""

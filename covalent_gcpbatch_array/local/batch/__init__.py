@@ -1,0 +1,1 @@
+"""The Google Batch API emulator."""

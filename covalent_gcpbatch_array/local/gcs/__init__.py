@@ -1,0 +1,1 @@
+"""Cloud Storage for the local cloud: fake-gcs-server and the proxy in front of it."""

@@ -1,0 +1,1 @@
+"""Cloud Logging's ``entries:list``, as the Batch emulator serves it."""
