@@ -177,9 +177,9 @@ async def _wait_executor_idle() -> None:
     objects cleaned up); that clean-up is executor work, so the CPU count includes it, and the
     cloud must not stop under it.
     """
-    from covalent_gcpbatch_array._core.runtime import BatchService
+    from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 
-    await BatchService.wait_idle()
+    await ExecutorRuntime.wait_idle()
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

@@ -20,7 +20,7 @@ from covalent.executor.schemas import TaskUpdate
 
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, encode_input
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
-from covalent_gcpbatch_array._core.runtime import BatchService
+from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 
@@ -134,7 +134,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
             raise TaskRuntimeError(f"{origin} failed: {error}") from error
         if await self._cancel_requested():
             raise TaskCancelledError(f"{origin} was cancelled before it was submitted")
-        service = await BatchService.current()
+        service = await ExecutorRuntime.current()
         member = service.join(config, origin)
         try:
             with member:
@@ -198,7 +198,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
             config.bucket_prefix,
         )
         await anyio.to_thread.run_sync(store.write_cancelled, ref)
-        member = BatchService.find_member(ref.job_id, ref.index)
+        member = ExecutorRuntime.find_member(ref.job_id, ref.index)
         if member is not None:
             member.cancel()
         return True

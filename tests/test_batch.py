@@ -16,7 +16,7 @@ from covalent_gcpbatch_array._core.jobs import (
     CANCEL_CHECKS_PER_SECOND,
     CREATED_BY_LABEL,
     TASK_STATE_FIELDS,
-    BatchJobs,
+    JobsApi,
     build_job,
     make_batch_client,
     new_job_id,
@@ -151,8 +151,8 @@ def script_job(command: str = "true", task_count: int = 2) -> batch_v1.Job:
 
 
 class TestBatchJobs:
-    def jobs(self, cloud: LocalCloud) -> BatchJobs:
-        return BatchJobs(make_batch_client(cloud.batch_endpoint), cloud.project_id, cloud.region)
+    def jobs(self, cloud: LocalCloud) -> JobsApi:
+        return JobsApi(make_batch_client(cloud.batch_endpoint), cloud.project_id, cloud.region)
 
     @pytest.mark.anyio
     async def test_create_get_list_delete(self, cloud: LocalCloud) -> None:
@@ -233,15 +233,15 @@ class TestBatchJobs:
             await jobs.create(new_job_id(), job)
 
 
-async def wait_job_state(jobs: BatchJobs, job_id: str, state: int) -> None:
+async def wait_job_state(jobs: JobsApi, job_id: str, state: int) -> None:
     with anyio.fail_after(60):  # the emulator is another process: poll it
         while (await jobs.get(job_id)).status.state != state:  # noqa: ASYNC110
             await anyio.sleep(0.1)
 
 
 class TestTaskFieldMask:
-    def jobs(self, cloud: LocalCloud) -> BatchJobs:
-        return BatchJobs(make_batch_client(cloud.batch_endpoint), cloud.project_id, cloud.region)
+    def jobs(self, cloud: LocalCloud) -> JobsApi:
+        return JobsApi(make_batch_client(cloud.batch_endpoint), cloud.project_id, cloud.region)
 
     @pytest.mark.anyio
     async def test_state_fields_bring_names_and_states_only(self, cloud: LocalCloud) -> None:
@@ -300,7 +300,7 @@ class TestCreatesDoNotBlockReads:
     @pytest.mark.anyio
     async def test_reads_answer_while_a_create_retries_the_quota(self, cloud: LocalCloud) -> None:
         # One read thread: were creates run on it, the read below would wait for the create.
-        jobs = BatchJobs(
+        jobs = JobsApi(
             make_batch_client(cloud.batch_endpoint),
             cloud.project_id,
             cloud.region,

@@ -23,7 +23,7 @@ from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeErr
 from google.api_core.exceptions import NotFound
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_array._core.runtime import BatchService
+from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
 from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
@@ -478,11 +478,11 @@ class TestBadInput:
         def names(prefix: str) -> list[str]:
             return [blob.name for blob in client.list_blobs(cloud.bucket_name, prefix=prefix)]
 
-        await BatchService.wait_idle()  # no service in this loop yet: returns at once
+        await ExecutorRuntime.wait_idle()  # no service in this loop yet: returns at once
         await fan_out(cloud, square, [1, 2], bucket_prefix="cleanup-test")
         # Cleanup runs after the results are handed back, as the job's monitor ends; the
         # manifest stays so that `gcpbatch-array tasks` can still name the electrons.
-        await BatchService.wait_idle()
+        await ExecutorRuntime.wait_idle()
         (left,) = names("cleanup-test/")
         assert left.endswith("manifest.json")
         await fan_out(cloud, square, [1, 2], bucket_prefix="kept-test", keep_objects=True)

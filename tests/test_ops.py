@@ -9,7 +9,7 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_array._core.jobs import BatchJobs
+from covalent_gcpbatch_array._core.jobs import JobsApi
 from covalent_gcpbatch_array._core.storage import TaskStore
 from covalent_gcpbatch_array.cli.ops import Inspector, make_logging_client, parse_duration
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
@@ -52,7 +52,7 @@ class TestMakeLoggingClient:
 def _inspector(cloud: LocalCloud) -> Inspector:
     storage_client = cloud.storage_client()
     return Inspector(
-        BatchJobs(cloud.batch_client(), cloud.project_id, cloud.region),
+        JobsApi(cloud.batch_client(), cloud.project_id, cloud.region),
         TaskStore(storage_client, cloud.bucket_name, "covalent-gcpbatch-array"),
         storage_client,
         lambda: make_logging_client(cloud.project_id, cloud.batch_endpoint),

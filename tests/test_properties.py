@@ -37,7 +37,7 @@ from electrons import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from covalent_gcpbatch_array._core.runtime import BatchService
+from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array.local import LocalCloud
 
 pytestmark = [
@@ -206,7 +206,7 @@ async def test_every_electron_ends_once_with_the_right_outcome(
         for memory, members in by_memory.items():
             tg.start_soon(run_shape, memory, members)
     # The jobs' clean-up (its retries draw jitter from `random`) ends before the next draw.
-    await BatchService.wait_idle()
+    await ExecutorRuntime.wait_idle()
     cloud.clear_storage_faults()  # those whose object no electron of this draw touched
 
     assert sorted(results) == list(range(len(specs)))

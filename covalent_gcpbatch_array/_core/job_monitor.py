@@ -23,7 +23,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core.coalescer import Batch, Member
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, decode_error, decode_result
-from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, BatchJobs, build_job
+from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi, build_job
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome, infrastructure_error, task_index
 from covalent_gcpbatch_array._core.storage import ManifestEntry, TaskObject, TaskRef, TaskStore
 from covalent_gcpbatch_array.config import ExecutorConfig, JobShape
@@ -72,7 +72,7 @@ class BatchExtras:
 class ArrayJobContext:
     """The clients one batch's job runs with."""
 
-    jobs: BatchJobs  # the Batch API of the batch's project and region
+    jobs: JobsApi  # the Batch API of the batch's project and region
     store: TaskStore  # the batch's bucket and prefix
     run_blocking: Callable[..., Coroutine[Any, Any, Any]]  # runs a blocking store call in a thread
 

@@ -28,7 +28,7 @@ from covalent_gcpbatch_array.config import JobShape
 from covalent_gcpbatch_array.exceptions import BatchApiError
 from covalent_gcpbatch_array.runner import ENV_CANCEL_POLL, EXIT_USER_ERROR
 
-__all__ = ["TASK_STATE_FIELDS", "BatchJobs", "build_job", "make_batch_client", "new_job_id"]
+__all__ = ["TASK_STATE_FIELDS", "JobsApi", "build_job", "make_batch_client", "new_job_id"]
 
 #: Label every job carries, so `gcpbatch-array jobs` and `gc` find ours and only ours.
 CREATED_BY_LABEL = ("created-by", "covalent-gcpbatch-array")
@@ -253,7 +253,7 @@ def _advice(exc: api_exceptions.GoogleAPICallError, action: str) -> str:
     return ""
 
 
-class BatchJobs:
+class JobsApi:
     """Async access to the jobs of one project and region.
 
     :param client: a synchronous REST ``BatchServiceClient``

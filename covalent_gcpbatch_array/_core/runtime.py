@@ -2,7 +2,7 @@
 
 Covalent makes a fresh executor per electron and runs every electron's ``run()`` on the
 server's one event loop. The batches they share, and the monitors of their jobs, must outlive
-any one ``run()``: they live in a :class:`BatchService`, started on the loop by the first
+any one ``run()``: they live in a :class:`ExecutorRuntime`, started on the loop by the first
 electron as a task of its own (a root task, not a child of that electron), and stopped when no
 electron and no job is left. The service also caches the API clients and tracks which member
 is which ``(job_id, index)`` so that ``cancel()`` finds it.
@@ -29,12 +29,12 @@ from covalent_gcpbatch_array._core.coalescer import (
 )
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, new_job_key
 from covalent_gcpbatch_array._core.job_monitor import ArrayJobContext, BatchExtras, run_array_job
-from covalent_gcpbatch_array._core.jobs import BatchJobs, make_batch_client, new_job_id
+from covalent_gcpbatch_array._core.jobs import JobsApi, make_batch_client, new_job_id
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
 from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
 from covalent_gcpbatch_array.config import MAX_TASKS_PER_JOB, ExecutorConfig, JobShape
 
-__all__ = ["BatchService"]
+__all__ = ["ExecutorRuntime"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ def batch_policy(config: ExecutorConfig) -> BatchPolicy:
     )
 
 
-class BatchService:
+class ExecutorRuntime:
     """The coalescer, job monitors and clients of one event loop."""
 
-    _services: weakref.WeakKeyDictionary[object, BatchService] = weakref.WeakKeyDictionary()
+    _services: weakref.WeakKeyDictionary[object, ExecutorRuntime] = weakref.WeakKeyDictionary()
 
     def __init__(self) -> None:
         self._coalescer: Coalescer[JobShape, ElectronOutcome] | None = None
@@ -74,7 +74,7 @@ class BatchService:
         self._input_limiter = anyio.CapacityLimiter(INPUT_THREADS)
         self._storage_limiter = anyio.CapacityLimiter(STORAGE_THREADS - INPUT_THREADS)
         self._batch_limiter = anyio.CapacityLimiter(BATCH_API_THREADS)
-        self._batch_apis: dict[tuple[str, str, str], BatchJobs] = {}
+        self._batch_apis: dict[tuple[str, str, str], JobsApi] = {}
         self._stores: dict[tuple[str, str, str, str], TaskStore] = {}
         self._root_task: Any = None  # keeps the asyncio root task referenced
         self._stopped = anyio.Event()  # set when the service has nothing left to do
@@ -82,7 +82,7 @@ class BatchService:
     # -- finding the service of the running loop --
 
     @classmethod
-    async def current(cls) -> BatchService:
+    async def current(cls) -> ExecutorRuntime:
         """The running loop's service, started if needed."""
         token = _loop_token()
         service = cls._services.get(token)
@@ -181,12 +181,12 @@ class BatchService:
             self._stores[key] = TaskStore(client, config.bucket_name, config.bucket_prefix)
         return self._stores[key]
 
-    def batch_api(self, config: ExecutorConfig | JobShape) -> BatchJobs:
+    def batch_api(self, config: ExecutorConfig | JobShape) -> JobsApi:
         """The (cached) Batch API facade of a config's endpoint, project and region."""
         key = (config.batch_api_endpoint, config.project_id, config.region)
         if key not in self._batch_apis:
             client = make_batch_client(config.batch_api_endpoint)
-            self._batch_apis[key] = BatchJobs(
+            self._batch_apis[key] = JobsApi(
                 client, config.project_id, config.region, self._batch_limiter
             )
         return self._batch_apis[key]

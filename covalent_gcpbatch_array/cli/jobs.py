@@ -98,13 +98,13 @@ class InspectSettings:
 
     def inspector(self) -> Inspector:
         """An Inspector over the real clients for these settings."""
-        from covalent_gcpbatch_array._core.jobs import BatchJobs, make_batch_client
+        from covalent_gcpbatch_array._core.jobs import JobsApi, make_batch_client
         from covalent_gcpbatch_array._core.storage import TaskStore, make_storage_client
         from covalent_gcpbatch_array.cli.ops import Inspector, make_logging_client
 
         storage_client = make_storage_client(self.project_id, self.storage_api_endpoint)
         return Inspector(
-            BatchJobs(make_batch_client(self.batch_api_endpoint), self.project_id, self.region),
+            JobsApi(make_batch_client(self.batch_api_endpoint), self.project_id, self.region),
             TaskStore(storage_client, self.bucket_name, self.bucket_prefix),
             storage_client,
             lambda: make_logging_client(self.project_id, self.logging_api_endpoint),

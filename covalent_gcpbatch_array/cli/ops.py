@@ -19,7 +19,7 @@ import google.auth.exceptions
 from google.api_core import exceptions as api_exceptions
 from google.auth.credentials import AnonymousCredentials
 
-from covalent_gcpbatch_array._core.jobs import BatchJobs
+from covalent_gcpbatch_array._core.jobs import JobsApi
 from covalent_gcpbatch_array._core.outcome import task_exit_code, task_index
 from covalent_gcpbatch_array._core.storage import JOB_ID_PATTERN, TaskObject, TaskRef, TaskStore
 from covalent_gcpbatch_array.exceptions import CloudApiError, GCPBatchArrayError
@@ -179,7 +179,7 @@ class Inspector:
 
     def __init__(
         self,
-        jobs: BatchJobs,
+        jobs: JobsApi,
         store: TaskStore,
         storage_client: storage.Client,
         logging_client: Callable[[], logging_v2.Client],
