@@ -68,3 +68,46 @@ def test_the_changelog_has_an_unreleased_section() -> None:
     text = (ROOT / "CHANGELOG.md").read_text()
     assert "## [Unreleased]" in text
     assert "keepachangelog.com" in text
+
+
+class TestReadmeLayout:
+    """The README's layout section names every module of the package, and nothing else."""
+
+    @staticmethod
+    def _listed_paths() -> set[str]:
+        text = (ROOT / "README.md").read_text()
+        block = text.split("## Layout", 1)[1].split("```", 2)[1]
+        parents: list[tuple[int, str]] = []
+        paths = set()
+        for line in block.splitlines():
+            if not line.strip():
+                continue
+            indent = len(line) - len(line.lstrip())
+            name = line.split()[0]
+            while parents and parents[-1][0] >= indent:
+                parents.pop()
+            path = "".join(parent for _, parent in parents) + name
+            paths.add(path.rstrip("/"))
+            if name.endswith("/"):
+                parents.append((indent, name))
+        return paths
+
+    def test_every_module_and_package_is_listed(self) -> None:
+        package = ROOT / "covalent_gcpbatch_array"
+        actual = {
+            str(path.relative_to(ROOT))
+            for path in package.rglob("*.py")
+            if path.name != "__init__.py" and "__pycache__" not in path.parts
+        }
+        actual |= {
+            str(path.parent.relative_to(ROOT))
+            for path in package.rglob("__init__.py")
+            if path.parent != package
+        }
+        listed = {p for p in self._listed_paths() if p.startswith("covalent_gcpbatch_array/")}
+        assert sorted(actual - listed) == [], "modules missing from the README's layout"
+        assert sorted(p for p in listed - actual if p.endswith(".py")) == [], "listed, not there"
+
+    def test_every_listed_path_exists(self) -> None:
+        missing = sorted(p for p in self._listed_paths() if not (ROOT / p).exists())
+        assert missing == []
