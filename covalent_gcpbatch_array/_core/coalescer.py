@@ -5,7 +5,7 @@ Each electron's ``run()`` joins the :class:`Coalescer` with a key (its job shape
 its first member, and every member learns its ``(batch_id, index)`` the moment it joins, so it
 can upload its input while the batch is still open. The life of a batch::
 
-    OPEN ──window, full, idle gap or closing──▶ FLUSHED ──members ready or gone──▶ LAUNCHED ──▶ DONE
+    OPEN ──wave complete, window cap, full, idle gap or closing──▶ FLUSHED ──members ready or gone──▶ LAUNCHED ──▶ DONE
                                                    └──every member withdrew: never launched──▶ DONE
 
 and of a member::
@@ -24,6 +24,7 @@ it on trio's ``MockClock``. A join is O(1): no task per member, one timer task p
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import sys
 import uuid
@@ -55,6 +56,8 @@ __all__ = [
     "Member",
     "MemberState",
 ]
+
+logger = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -113,9 +116,10 @@ class BatchPhase(enum.Enum):
 class FlushReason(enum.Enum):
     """Why a batch stopped taking members."""
 
-    WINDOW = "window"  # policy.window elapsed since the first member joined (or window == 0)
+    WAVE_COMPLETE = "wave complete"  # every member it expected joined (Batch.flush_complete)
+    WINDOW = "window cap"  # policy.window elapsed since the first member joined (or window == 0)
     FULL = "full"  # policy.max_size members joined
-    IDLE = "idle"  # no member joined for policy.idle_gap seconds
+    IDLE = "idle gap"  # no member joined for policy.idle_gap seconds
     CLOSING = "closing"  # the coalescer is closing
 
 
@@ -318,6 +322,7 @@ class Batch(Generic[K, T]):
         self._cancelled: list[Member[T]] = []  # launched members cancelled, not yet reported
         self._change: anyio.Event | None = None  # set on progress; made when someone waits
         self._timer: anyio.CancelScope | None = None  # the flush timer's sleep, while OPEN
+        self._expecting = False  # more members are known to be coming: no idle-gap flush
 
     def launched_members(self) -> list[Member[T]]:
         """The members that were launched (in index order), whatever their state now."""
@@ -345,6 +350,21 @@ class Batch(Generic[K, T]):
             await self._wait_change()
         await anyio.lowlevel.checkpoint()
 
+    def set_expecting(self, expecting: bool) -> None:
+        """Say whether more members are known to be on their way.
+
+        While True the idle gap does not flush the batch; the window and ``max_size`` still do.
+        """
+        if expecting != self._expecting:
+            self._expecting = expecting
+            if self._timer is not None:
+                self._timer.cancel()  # the timer recomputes its deadline
+
+    def flush_complete(self) -> None:
+        """Flush now (reason WAVE_COMPLETE): every member it expected joined. No-op unless OPEN."""
+        if self.phase is BatchPhase.OPEN:
+            self._flush(FlushReason.WAVE_COMPLETE, anyio.current_time())
+
     def __repr__(self) -> str:
         return f"<Batch {self.batch_id} {self.phase.value} members={len(self.members)}>"
 
@@ -365,28 +385,41 @@ class Batch(Generic[K, T]):
         self.flushed_at = now
         if self._timer is not None:
             self._timer.cancel()
+        logger.debug(
+            "batch %s flushed (%s): %d members, %.2f s after it opened",
+            self.batch_id,
+            reason.value,
+            len(self.members),
+            now - self.opened_at,
+        )
 
     async def _wait_flushed(self) -> None:
         """Sleep until the window or idle deadline, unless a join or close flushes first.
 
         A join only records its time: when the timer wakes at an idle deadline that a later
         join pushed back, it sleeps again until the new one. Joins cost no timer operation,
-        and the timer wakes at most about ``2 * window / idle_gap`` times.
+        and the timer wakes at most about ``2 * window / idle_gap`` times (plus once per
+        :meth:`set_expecting` change). No idle deadline while the batch is expecting members.
         """
         policy = self.policy
         window_deadline = self.opened_at + policy.window
         while self.phase is BatchPhase.OPEN:
-            idle_deadline = self._last_join_at + policy.idle_gap if policy.idle_gap else math.inf
-            deadline = min(window_deadline, idle_deadline)
-            with anyio.CancelScope(deadline=deadline) as self._timer:
+            idle_deadline = self._idle_deadline()
+            with anyio.CancelScope(deadline=min(window_deadline, idle_deadline)) as self._timer:
                 await anyio.sleep_forever()
             self._timer = None
             if self.phase is not BatchPhase.OPEN:
-                return  # flushed by a join (full) or by closing
-            if deadline == window_deadline:
-                self._flush(FlushReason.WINDOW, anyio.current_time())
-            elif self._last_join_at + policy.idle_gap <= deadline:  # nobody joined since
-                self._flush(FlushReason.IDLE, anyio.current_time())
+                return  # flushed by a join (full or wave complete) or by closing
+            now = anyio.current_time()
+            if now >= window_deadline:
+                self._flush(FlushReason.WINDOW, now)
+            elif now >= self._idle_deadline():  # nobody joined since, and nobody is expected
+                self._flush(FlushReason.IDLE, now)
+
+    def _idle_deadline(self) -> float:
+        if self._expecting or not self.policy.idle_gap:
+            return math.inf
+        return self._last_join_at + self.policy.idle_gap
 
     async def _wait_settled(self) -> None:
         while self._unready:
