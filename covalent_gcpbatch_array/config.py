@@ -21,6 +21,13 @@ __all__ = ["DEFAULTS", "REQUIRED_KEYS", "ExecutorConfig", "JobShape", "resolve_c
 #: Batch's limits (cloud.google.com/batch/quotas, batch.proto).
 MAX_TASKS_PER_JOB = 100_000
 MAX_RETRY_COUNT = 10
+#: The longest protobuf Duration (10,000 years), the most ``maxRunDuration`` can say.
+MAX_TIME_LIMIT = 315_576_000_000
+#: An object name is at most 1,024 bytes; the rest of the longest one (``/{job id of up to 63}
+#: /tasks/{index}/{file name}``) takes at most 124, so the prefix may take 900.
+MAX_PREFIX_LENGTH = 900
+#: The shortest ``poll_freq``: one job's monitor makes at most ten GetJob calls a second.
+MIN_POLL_FREQ = 0.1
 
 #: Every key and its default. The first eleven are the original Google Batch plugin's.
 DEFAULTS: dict[str, Any] = {
@@ -58,17 +65,21 @@ DEFAULTS: dict[str, Any] = {
     "keep_objects": False,
     # Reliability: seconds a job may wait for its first task to start (0: no limit).
     "queue_timeout": 3600.0,
+    # Seconds a job's tasks keep running after its executor stopped renewing the job's lease
+    # (killed, or its machine lost); 0: they run to their end.
+    "orphan_timeout": 600.0,
 }
 
 REQUIRED_KEYS = ("project_id", "bucket_name", "container_image_uri")
 
-_PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
-_REGION_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+# Matched whole (fullmatch): a "$" would also match before a final newline.
+_PROJECT_RE = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]")
+_REGION_RE = re.compile(r"[a-z]+-[a-z]+[0-9]+")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_LABEL_VALUE_RE = re.compile(r"[a-z0-9_-]{0,63}")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 _PROVISIONING_MODELS = ("STANDARD", "SPOT", "PREEMPTIBLE")
 
 
@@ -94,6 +105,7 @@ class JobShape:
     labels: tuple[tuple[str, str], ...]  # sorted items, so the shape is hashable
     task_count_per_node: int
     parallelism: int
+    orphan_timeout: float  # the tasks stop once the job's lease is this old (0: never)
     # Where inputs and results live and which API runs the job: part of the job too.
     bucket_name: str
     bucket_prefix: str
@@ -134,6 +146,7 @@ class ExecutorConfig:
     bucket_prefix: str
     keep_objects: bool
     queue_timeout: float
+    orphan_timeout: float
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], *, require: bool = True) -> ExecutorConfig:
@@ -212,7 +225,7 @@ def _text(pattern: re.Pattern[str] | None = None, *, required: bool = False, wha
             if required:
                 raise ConfigError(key, "is required and was not set")
             return value
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise ConfigError(key, f"{value!r} is not a valid {what or key}")
         return value
 
@@ -261,13 +274,24 @@ def _labels(key: str, value: Any) -> dict[str, str]:
     if len(value) > 60:
         raise ConfigError(key, f"has {len(value)} labels; at most 60 (Batch adds its own)")
     for name, text in value.items():
-        if not isinstance(name, str) or not _LABEL_KEY_RE.match(name):
+        if not isinstance(name, str) or not _LABEL_KEY_RE.fullmatch(name):
             raise ConfigError(key, f"label name {name!r} must match {_LABEL_KEY_RE.pattern}")
-        if not isinstance(text, str) or not _LABEL_VALUE_RE.match(text):
+        if not isinstance(text, str) or not _LABEL_VALUE_RE.fullmatch(text):
             raise ConfigError(
                 key, f"label {name!r} value {text!r} must match {_LABEL_VALUE_RE.pattern}"
             )
     return dict(value)
+
+
+def _prefix(key: str, value: Any) -> str:
+    value = _text(_PREFIX_RE, required=True, what="object prefix")(key, value)
+    if len(value) > MAX_PREFIX_LENGTH:
+        raise ConfigError(
+            key,
+            f"is {len(value)} characters long; at most {MAX_PREFIX_LENGTH}, so that every object "
+            "name stays within Cloud Storage's 1,024 bytes",
+        )
+    return value
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -285,8 +309,8 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "vcpus": _number(float, minimum=0, exclusive_min=True, maximum=416),
     "memory": _number(int, minimum=1),
     "retries": _number(int, minimum=0, maximum=MAX_RETRY_COUNT),
-    "time_limit": _number(float, minimum=0, exclusive_min=True),
-    "poll_freq": _number(float, minimum=0, exclusive_min=True),
+    "time_limit": _number(float, minimum=0, exclusive_min=True, maximum=MAX_TIME_LIMIT),
+    "poll_freq": _number(float, minimum=MIN_POLL_FREQ),
     "cache_dir": _text(required=True),
     "batch_window": _number(float, minimum=0),
     "batch_idle_gap": _number(float, minimum=0),
@@ -303,7 +327,8 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "labels": _labels,
     "task_count_per_node": _number(int, minimum=0),
     "parallelism": _number(int, minimum=0, maximum=5000),
-    "bucket_prefix": _text(_PREFIX_RE, required=True, what="object prefix"),
+    "bucket_prefix": _prefix,
     "keep_objects": _flag,
     "queue_timeout": _number(float, minimum=0),
+    "orphan_timeout": _number(float, minimum=0),
 }

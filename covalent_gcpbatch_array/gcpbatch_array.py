@@ -92,6 +92,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         bucket_prefix: str | None = None,
         keep_objects: bool | None = None,
         queue_timeout: float | None = None,
+        orphan_timeout: float | None = None,
         log_stdout: str = "",
         log_stderr: str = "",
     ) -> None:
@@ -126,7 +127,9 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         :raises TaskCancelledError: the electron was cancelled
         """
         config = self.config
-        origin = ElectronOrigin(str(task_metadata["dispatch_id"]), int(task_metadata["node_id"]))
+        origin = ElectronOrigin(
+            str(task_metadata["dispatch_id"]), int(task_metadata["node_id"]), _name(function)
+        )
         if problem := _bad_call(function, args, kwargs):
             # Refused before it takes a slot in a job: a task could only fail the same way.
             error = ElectronInputError(f"{origin}: {problem}")
@@ -235,6 +238,15 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
     async def _set_job_handle(self, handle: dict[str, Any]) -> None:
         if self._in_covalent_runtime():
             await self.set_job_handle(handle)
+
+
+def _name(function: Any) -> str:
+    """The electron's function name: Covalent passes a partial over its TransportableObject."""
+    wrapped = getattr(function, "args", None)
+    attrs = getattr(wrapped[0], "attrs", None) if isinstance(wrapped, tuple) and wrapped else None
+    if isinstance(attrs, dict) and attrs.get("name"):
+        return str(attrs["name"])
+    return str(getattr(function, "__name__", ""))
 
 
 def _bad_call(function: Any, args: Any, kwargs: Any) -> str:

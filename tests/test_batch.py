@@ -335,3 +335,40 @@ class TestCreatesDoNotBlockReads:
         assert (await jobs.get(stuck)).name == jobs.job_name(stuck)
         assert cloud.stats()["quota_refusals"] > refusals
         await jobs.delete(other)
+
+
+class TestRunDuration:
+    """time_limit reaches maxRunDuration exactly (a ":g" string broke 1e6 s and up, issue 12)."""
+
+    @pytest.mark.parametrize(
+        ("time_limit", "seconds", "nanos"),
+        [
+            (1e-9, 0, 1),
+            (1e-5, 0, 10_000),
+            (0.1, 0, 100_000_000),
+            (300, 300, 0),
+            (1234567.891, 1234567, 891_000_000),
+            (14 * 86400, 1_209_600, 0),
+            (315_576_000_000, 315_576_000_000, 0),
+        ],
+    )
+    def test_exact_over_the_range_batch_accepts(
+        self, time_limit: float, seconds: int, nanos: int
+    ) -> None:
+        job = build_job(shape(time_limit=time_limit), task_count=1, job_prefix="p/j", hmac_key="")
+        duration = batch_v1.Job.pb(job).task_groups[0].task_spec.max_run_duration
+        assert (duration.seconds, duration.nanos) == (seconds, nanos)
+        # What the REST transport sends, parsed back as Batch would.
+        sent = batch_v1.Job.from_json(batch_v1.Job.to_json(job))
+        assert batch_v1.Job.pb(sent).task_groups[0].task_spec.max_run_duration == duration
+
+    @pytest.mark.anyio
+    async def test_a_two_week_limit_creates_a_job(self, cloud: LocalCloud) -> None:
+        jobs = JobsApi(make_batch_client(cloud.batch_endpoint), cloud.project_id, cloud.region)
+        job = build_job(shape(time_limit=14 * 86400), task_count=1, job_prefix="p/j", hmac_key="")
+        job.task_groups[0].task_spec.runnables[0] = batch_v1.Runnable(
+            script=batch_v1.Runnable.Script(text="true")
+        )
+        job_id = new_job_id()
+        await jobs.create(job_id, job)
+        await jobs.delete(job_id)

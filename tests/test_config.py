@@ -176,3 +176,46 @@ class TestJobShape:
             "batch_window",
             "queue_timeout",
         }
+
+
+class TestCrashSafetyBounds:
+    """Values that passed validation but failed later (issue 12)."""
+
+    @pytest.mark.parametrize(
+        "key",
+        ["project_id", "region", "bucket_name", "service_account_email", "bucket_prefix"],
+    )
+    def test_a_trailing_newline_is_refused(self, key: str) -> None:
+        good = {"region": "us-east1", "service_account_email": "a@b.iam", "bucket_prefix": "p"}
+        value = good.get(key, VALID.get(key, "")) + "\n"
+        with pytest.raises(ConfigError, match=key):
+            config(**{key: value})
+
+    @pytest.mark.parametrize("labels", [{"team\n": "a"}, {"team": "a\n"}])
+    def test_a_label_with_a_trailing_newline_is_refused(self, labels: dict[str, str]) -> None:
+        with pytest.raises(ConfigError, match="labels"):
+            config(labels=labels)
+
+    def test_the_prefix_leaves_room_for_the_object_names(self) -> None:
+        assert config(bucket_prefix="p" * 900).bucket_prefix == "p" * 900
+        with pytest.raises(ConfigError, match="at most 900"):
+            config(bucket_prefix="p" * 901)
+
+    def test_poll_freq_has_a_floor(self) -> None:
+        assert config(poll_freq=0.1).poll_freq == 0.1
+        for value in (0.01, 1e-6):
+            with pytest.raises(ConfigError, match=r"at least 0\.1"):
+                config(poll_freq=value)
+
+    def test_time_limit_stops_at_the_longest_duration(self) -> None:
+        assert config(time_limit=315_576_000_000).time_limit == 315_576_000_000
+        with pytest.raises(ConfigError, match="time_limit"):
+            config(time_limit=315_576_000_001)
+
+    def test_orphan_timeout_is_validated_and_shapes_the_job(self) -> None:
+        assert config().orphan_timeout == 600
+        assert config(orphan_timeout=0).orphan_timeout == 0
+        for value in (-1, float("nan"), "10"):
+            with pytest.raises(ConfigError, match="orphan_timeout"):
+                config(orphan_timeout=value)
+        assert config().shape != config(orphan_timeout=60).shape

@@ -8,6 +8,7 @@ errors to :class:`~covalent_gcpbatch_array.exceptions.BatchApiError` in one plac
 from __future__ import annotations
 
 import contextlib
+import decimal
 import functools
 import secrets
 import time
@@ -22,6 +23,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
+from google.protobuf import duration_pb2
 
 from covalent_gcpbatch_array import __version__
 from covalent_gcpbatch_array.config import JobShape
@@ -118,6 +120,17 @@ def cancel_poll_seconds(task_count: int, parallelism: int = 0) -> float:
     return min(longest, max(shortest, running / CANCEL_CHECKS_PER_SECOND))
 
 
+def exact_duration(seconds: float) -> duration_pb2.Duration:
+    """``seconds`` as a protobuf Duration, to the nanosecond, never rounded down to zero.
+
+    Built from the number's shortest decimal form, so 0.1 stays 100 ms and 14 days stays
+    1,209,600 s (a ``:g`` string gave "1.2096e+06s", which the Duration parser refuses).
+    """
+    nanos = decimal.Decimal(repr(float(seconds))).scaleb(9)
+    whole, part = divmod(int(nanos.to_integral_value(decimal.ROUND_CEILING)), 10**9)
+    return duration_pb2.Duration(seconds=whole, nanos=part)
+
+
 def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: str) -> batch_v1.Job:
     """The array job for one batch: ``task_count`` tasks sharing one task spec.
 
@@ -139,7 +152,7 @@ def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: st
             cpu_milli=round(shape.vcpus * 1000), memory_mib=shape.memory
         ),
         max_retry_count=shape.retries,
-        max_run_duration=f"{shape.time_limit:g}s",
+        max_run_duration=exact_duration(shape.time_limit),
         lifecycle_policies=[
             batch_v1.LifecyclePolicy(
                 action=batch_v1.LifecyclePolicy.Action.FAIL_TASK,
