@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import selectors
 import signal
@@ -29,6 +30,7 @@ __all__ = [
     "free_port",
     "read_ready_line",
     "read_tail",
+    "set_parent_death_signal",
     "spawn_process",
     "stop_process",
 ]
@@ -36,22 +38,35 @@ __all__ = [
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def set_parent_death_signal(sig: int, parent_pid: int) -> None:
+    """Ask Linux to send ``sig`` to this process when the thread that forked it exits.
+
+    Called in the child. If the parent is already gone (it may die before the request is made),
+    the process signals itself at once, as if the kernel had.
+
+    :param parent_pid: the pid the parent had when it forked us
+    :raises OSError: prctl refused (not Linux, or a seccomp policy): the child would outlive us
+    """
+    if _prctl()(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(errno)}")
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), int(sig))
+
+
 def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
-    """Return a ``preexec_fn`` that makes the child receive ``sig`` when its parent dies.
+    """Return a ``preexec_fn`` that calls :func:`set_parent_death_signal` in the child.
 
     :param sig: the signal the kernel sends to the child when the forking thread exits
     """
     parent_pid = os.getpid()
-    # Resolve prctl before forking: dlopen in a forked child of a threaded process can deadlock.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        # The parent may have died between fork and prctl: then nobody will signal us.
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), int(sig))
-
-    return preexec
+    _prctl()  # resolve it before forking: dlopen in a forked child of a threaded process can hang
+    return functools.partial(set_parent_death_signal, sig, parent_pid)
 
 
 class Spawner(Protocol):

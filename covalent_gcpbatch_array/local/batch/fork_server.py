@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
-import functools
 import gc
 import importlib
 import io
@@ -59,32 +57,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from covalent_gcpbatch_array.local.process import set_parent_death_signal
+
 __all__ = ["ForkServer", "ForkedTask", "main", "run_forked_task"]
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _MAX_LINE = 1 << 24  # a request larger than 16 MB is a protocol error, not a task
 _OUTPUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
 
 
 def _log(message: str) -> None:
     print(f"fork_server[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def set_parent_death_signal(signum: int, expected_parent: int) -> None:
-    """Ask Linux to send ``signum`` to this process when its parent exits.
-
-    Exits at once if the parent is already gone (it may die before the request is made).
-    """
-    if _libc().prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(errno)}")
-    if os.getppid() != expected_parent:
-        os._exit(128 + signum)
 
 
 def exit_code_of(wait_status: int) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import json
 import logging
@@ -41,12 +40,12 @@ from covalent_gcpbatch_array.local.batch.api import create_app
 from covalent_gcpbatch_array.local.batch.faults import DEFAULT_QUOTA_WINDOW_SECONDS
 from covalent_gcpbatch_array.local.batch.launcher import DEFAULT_PRELOAD, TaskLauncher
 from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler, EmulatorSettings
+from covalent_gcpbatch_array.local.process import set_parent_death_signal
 
 __all__ = ["main"]
 
 logger = logging.getLogger("covalent_gcpbatch_array.local.batch.server")
 
-_PR_SET_PDEATHSIG = 1
 # How long in-flight HTTP requests get to finish on shutdown.
 _HTTP_SHUTDOWN_TIMEOUT = 2
 
@@ -150,16 +149,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-def _die_with_parent() -> None:
-    """Get SIGTERM when the parent dies (Linux), and exit now if it already has."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        sys.exit("batch_server: the parent process died during start-up")
-
-
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -241,7 +230,8 @@ async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the emulator until SIGTERM/SIGINT (see the module docstring for the contract)."""
     options = _parse_args(argv)
-    _die_with_parent()
+    # Started by a plain Popen too (the CLI, tests): ask for it here, not only in LocalCloud.
+    set_parent_death_signal(signal.SIGTERM, os.getppid())
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
