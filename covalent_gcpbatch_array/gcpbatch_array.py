@@ -27,6 +27,7 @@ from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_con
 # `covalent deploy up gcpbatch_array` looks these two models up on the plugin module.
 from covalent_gcpbatch_array.deploy import ExecutorInfraDefaults, ExecutorPluginDefaults
 from covalent_gcpbatch_array.exceptions import (
+    ConfigError,
     ElectronCancelledError,
     ElectronInputError,
     GCPBatchArrayError,
@@ -126,10 +127,11 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
             exception, or a :class:`GCPBatchArrayError` that says what went wrong
         :raises TaskCancelledError: the electron was cancelled
         """
-        config = self.config
-        origin = ElectronOrigin(
-            str(task_metadata["dispatch_id"]), int(task_metadata["node_id"]), _name(function)
-        )
+        origin = _origin(task_metadata, _name(function))
+        try:
+            config = self.config
+        except ConfigError as exc:
+            raise TaskRuntimeError(f"{origin} failed: {exc}") from exc
         if problem := _bad_call(function, args, kwargs):
             # Refused before it takes a slot in a job: a task could only fail the same way.
             error = ElectronInputError(f"{origin}: {problem}")
@@ -161,9 +163,12 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
                 outcome = await member.wait()
         except ElectronCancelledError as exc:
             raise TaskCancelledError(str(exc)) from exc
-        except GCPBatchArrayError as exc:
-            self._print(f"{origin} failed: {exc}\n", stream="stderr")
-            raise TaskRuntimeError(f"{origin} failed: {exc}") from exc
+        except Exception as exc:
+            # Every error reaches Covalent as a TaskRuntimeError with its cause; ours say what
+            # went wrong, anything else is named by its type.
+            text = str(exc) if isinstance(exc, GCPBatchArrayError) else f"{exc!r}"
+            self._print(f"{origin} failed: {text}\n", stream="stderr")
+            raise TaskRuntimeError(f"{origin} failed: {text}") from exc
         finally:
             service.leave(member)
         return self._deliver(outcome)
@@ -247,6 +252,23 @@ def _name(function: Any) -> str:
     if isinstance(attrs, dict) and attrs.get("name"):
         return str(attrs["name"])
     return str(getattr(function, "__name__", ""))
+
+
+def _origin(task_metadata: Mapping[str, Any], name: str) -> ElectronOrigin:
+    """The electron named by Covalent's ``task_metadata``.
+
+    :raises TaskRuntimeError: the metadata is not what Covalent passes (e.g. a node id "1/2")
+    """
+    try:
+        node_id = task_metadata["node_id"]
+        if isinstance(node_id, bool) or not isinstance(node_id, int | str):
+            raise TypeError(f"node_id is a {type(node_id).__name__}")
+        return ElectronOrigin(str(task_metadata["dispatch_id"]), int(node_id), name)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaskRuntimeError(
+            "run() needs task_metadata with a dispatch_id and an integer node_id, as Covalent "
+            f"passes them; got {dict(task_metadata)!r} ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _bad_call(function: Any, args: Any, kwargs: Any) -> str:

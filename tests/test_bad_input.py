@@ -384,3 +384,25 @@ class TestLargeValues:
         fan = await fan_out(cloud, [spec])
         check_value(fan[0], spec.param)
         assert cloud.storage_stats()["pending"] == 0
+
+
+class TestBadTaskMetadata:
+    """Whatever run() is given, what comes out is a TaskRuntimeError with its cause (issue 12)."""
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("node_id", ["1/2", "..", None, True, 1.5])
+    async def test_a_node_id_that_is_not_an_integer(self, cloud: LocalCloud, node_id: Any) -> None:
+        delta = Delta(cloud)
+        executor = executor_for(cloud)
+        with pytest.raises(TaskRuntimeError, match="integer node_id") as info:
+            await executor.run(len, [[1]], {}, {"dispatch_id": "bad-input", "node_id": node_id})
+        assert isinstance(info.value.__cause__, TypeError | ValueError)
+        assert (delta["jobs_created"], delta["task_attempts"]) == (0, 0)
+
+    @pytest.mark.anyio
+    async def test_a_bad_value_set_after_construction(self, cloud: LocalCloud) -> None:
+        executor = executor_for(cloud)
+        executor.bucket_prefix = "p\n"
+        with pytest.raises(TaskRuntimeError, match="bucket_prefix") as info:
+            await executor.run(len, [[1]], {}, {"dispatch_id": "bad-input", "node_id": 1})
+        assert isinstance(info.value.__cause__, ConfigError)
