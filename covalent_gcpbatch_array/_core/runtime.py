@@ -10,15 +10,15 @@ is which ``(job_id, index)`` so that ``cancel()`` finds it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-import weakref
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import anyio
-import sniffio
+from anyio.lowlevel import RunVar
 
 from covalent_gcpbatch_array._core.coalescer import (
     Batch,
@@ -37,6 +37,9 @@ from covalent_gcpbatch_array.config import MAX_TASKS_PER_JOB, ExecutorConfig, Jo
 __all__ = ["ExecutorRuntime"]
 
 logger = logging.getLogger(__name__)
+
+#: The running event loop's runtime (anyio keeps one value per loop).
+_CURRENT: RunVar[ExecutorRuntime | None] = RunVar("gcpbatch_array_runtime", default=None)
 
 _T = TypeVar("_T")
 
@@ -60,8 +63,6 @@ def batch_policy(config: ExecutorConfig) -> BatchPolicy:
 class ExecutorRuntime:
     """The coalescer, job monitors and clients of one event loop."""
 
-    _services: weakref.WeakKeyDictionary[object, ExecutorRuntime] = weakref.WeakKeyDictionary()
-
     def __init__(self) -> None:
         self._coalescer: Coalescer[JobShape, ElectronOutcome] | None = None
         self._started = anyio.Event()  # set once the coalescer runs
@@ -84,11 +85,10 @@ class ExecutorRuntime:
     @classmethod
     async def current(cls) -> ExecutorRuntime:
         """The running loop's service, started if needed."""
-        token = _loop_token()
-        service = cls._services.get(token)
+        service = _CURRENT.get()
         if service is None or service._closing:
             service = cls()
-            cls._services[token] = service
+            _CURRENT.set(service)
             service._spawn()
         await service._started.wait()
         return service
@@ -101,25 +101,26 @@ class ExecutorRuntime:
         deleted, task objects cleaned up. A server (or a test) that stops the clouds or the
         loop should wait for this first.
         """
-        service = cls._services.get(_loop_token())
+        service = _CURRENT.get()
         if service is not None:
             await service._stopped.wait()
 
     @classmethod
     def find_member(cls, job_id: str, index: int) -> Member[ElectronOutcome] | None:
         """The member waiting on task ``index`` of ``job_id`` in the running loop, if any."""
-        service = cls._services.get(_loop_token())
+        service = _CURRENT.get()
         return None if service is None else service._members.get((job_id, index))
 
     def _spawn(self) -> None:
-        if sniffio.current_async_library() == "trio":
+        # A root task of the loop, not a child of the electron that happened to start it.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no asyncio loop: anyio runs on its other backend, trio
             import trio
 
             trio.lowlevel.spawn_system_task(self._serve)
         else:
-            import asyncio
-
-            self._root_task = asyncio.get_running_loop().create_task(self._serve())
+            self._root_task = loop.create_task(self._serve())
 
     async def _serve(self) -> None:
         async with Coalescer(self._launch, new_batch_id=lambda _key: new_job_id()) as coalescer:
@@ -218,14 +219,3 @@ class ExecutorRuntime:
         finally:
             self._launches -= 1
             self._notify()
-
-
-def _loop_token() -> object:
-    """An object that identifies the running event loop."""
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        return trio.lowlevel.current_root_task()
-    import asyncio
-
-    return asyncio.get_running_loop()

