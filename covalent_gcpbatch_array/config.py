@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "batch_window": 10.0,
     "batch_idle_gap": 2.0,
     "max_tasks_per_job": 1000,
+    # Inside a Covalent server: flush a batch once its wave has joined (see docs/coalescing.md).
+    "graph_aware": True,
     # Where the APIs are; empty means Google's own endpoints.
     "batch_api_endpoint": "",
     "storage_api_endpoint": "",
@@ -131,6 +133,7 @@ class ExecutorConfig:
     batch_window: float
     batch_idle_gap: float
     max_tasks_per_job: int
+    graph_aware: bool
     batch_api_endpoint: str
     storage_api_endpoint: str
     machine_type: str
@@ -315,6 +318,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "batch_window": _number(float, minimum=0),
     "batch_idle_gap": _number(float, minimum=0),
     "max_tasks_per_job": _number(int, minimum=1, maximum=MAX_TASKS_PER_JOB),
+    "graph_aware": _flag,
     "batch_api_endpoint": _endpoint,
     "storage_api_endpoint": _endpoint,
     "machine_type": _text(),

@@ -78,6 +78,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         batch_window: float | None = None,
         batch_idle_gap: float | None = None,
         max_tasks_per_job: int | None = None,
+        graph_aware: bool | None = None,
         batch_api_endpoint: str | None = None,
         storage_api_endpoint: str | None = None,
         machine_type: str | None = None,

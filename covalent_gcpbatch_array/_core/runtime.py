@@ -32,6 +32,7 @@ from covalent_gcpbatch_array._core.job_monitor import ArrayJobContext, BatchExtr
 from covalent_gcpbatch_array._core.jobs import JobsApi, make_batch_client, new_job_id
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
 from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array._core.waves import WaveTracker, node_keys, server_reader
 from covalent_gcpbatch_array.config import MAX_TASKS_PER_JOB, ExecutorConfig, JobShape
 
 __all__ = ["ExecutorRuntime"]
@@ -65,6 +66,7 @@ class ExecutorRuntime:
 
     def __init__(self) -> None:
         self._coalescer: Coalescer[JobShape, ElectronOutcome] | None = None
+        self._waves: WaveTracker  # tells open batches which electrons are still coming
         self._started = anyio.Event()  # set once the coalescer runs
         self._changed = anyio.Event()  # set when an electron or a job finished
         self._closing = False  # set when idle: new electrons go to a new service
@@ -123,7 +125,10 @@ class ExecutorRuntime:
             self._root_task = loop.create_task(self._serve())
 
     async def _serve(self) -> None:
-        async with Coalescer(self._launch, new_batch_id=lambda _key: new_job_id()) as coalescer:
+        async with (
+            WaveTracker(server_reader(), node_keys(batch_policy)) as self._waves,
+            Coalescer(self._launch, new_batch_id=lambda _key: new_job_id()) as coalescer,
+        ):
             self._coalescer = coalescer
             self._started.set()
             # The electron that started the service joins right after `_started`; from then
@@ -146,6 +151,8 @@ class ExecutorRuntime:
         """Give an electron its slot ``(job_id, index)`` in a batch of its shape."""
         assert self._coalescer is not None
         member = self._coalescer.join(config.shape, batch_policy(config))
+        if config.graph_aware:
+            self._waves.joined(member.batch, origin.dispatch_id, origin.node_id)
         extras = self._extras.get(member.batch_id)
         if extras is None:
             extras = self._extras[member.batch_id] = BatchExtras(key=new_job_key(), config=config)
