@@ -198,34 +198,44 @@ class TestSlots:
 
 
 class TestDeletion:
+    @mock_clock
     @pytest.mark.anyio
     async def test_deleting_kills_running_marks_the_rest_unexecuted_then_forgets_the_job(
-        self, running: tuple[BatchScheduler, FakeLauncher]
+        self, tmp_path: Path, launcher: FakeLauncher
     ) -> None:
-        scheduler, launcher = running
-        launcher.exit_on_kill = False  # the "process" takes its time to die
-        job = create(scheduler, "doomed", body(3, parallelism=1, maxRetryCount=2))
-        process = await launcher.next_started()
-
+        scheduler = BatchScheduler(
+            launcher,
+            workdir=tmp_path,
+            storage_endpoint="",
+            settings=EmulatorSettings(deletion_delay=3.0),
+        )
         async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.delete_job, job.name)
+            await tg.start(scheduler.run)
+            launcher.exit_on_kill = False  # the "process" takes its time to die
+            job = create(scheduler, "doomed", body(3, parallelism=1, maxRetryCount=2))
+            process = await launcher.next_started()
+
+            operation = scheduler.delete_job(job.name)
             await settle()
-            assert process.killed
+            assert process.killed and not operation.done
             assert job.state is JobState.DELETION_IN_PROGRESS
             assert [task.state for task in job.tasks] == [
                 TaskState.FAILED,
                 TaskState.UNEXECUTED,
                 TaskState.UNEXECUTED,
             ]
-            assert scheduler.get_job(job.name) is job  # still there while it drains
+            assert scheduler.delete_job(job.name) is operation  # a repeat: the same operation
             process.exit(137)
-
-        with pytest.raises(ApiError) as gone:
-            scheduler.get_job(job.name)
-        assert gone.value.code == 404
-        await settle()
-        assert launcher.nothing_started()  # no retry of the killed attempt
-        assert scheduler.stats.task_attempts == 1
+            await anyio.sleep(2.9)  # virtual time: within the deletion delay
+            assert scheduler.get_job(job.name) is job and not operation.done
+            await anyio.sleep(0.2)
+            with pytest.raises(ApiError) as gone:
+                scheduler.get_job(job.name)
+            assert gone.value.code == 404
+            assert scheduler.get_operation(operation.name).done
+            assert launcher.nothing_started()  # no retry of the killed attempt
+            assert scheduler.stats.task_attempts == 1
+            tg.cancel_scope.cancel()
 
     @mock_clock
     @pytest.mark.anyio
@@ -239,11 +249,69 @@ class TestDeletion:
         async with anyio.create_task_group() as tg:
             await tg.start(scheduler.run)
             job = create(scheduler, "early", body(2))
-            await scheduler.delete_job(job.name)
+            scheduler.delete_job(job.name)
             await anyio.sleep(10)  # virtual time: well past the provisioning delay
             assert launcher.nothing_started()
             assert [task.state for task in job.tasks] == [TaskState.UNEXECUTED] * 2
             tg.cancel_scope.cancel()
+
+    @pytest.mark.anyio
+    async def test_without_a_delay_an_idle_job_is_gone_at_once(
+        self, running: tuple[BatchScheduler, FakeLauncher]
+    ) -> None:
+        scheduler, _ = running
+        scheduler.configure({"deletion_delay": 0, "provisioning_delay": 60})
+        job = create(scheduler, "quick", body(1))
+        assert scheduler.delete_job(job.name).done
+        with pytest.raises(ApiError):
+            scheduler.get_job(job.name)
+
+
+class TestCancellation:
+    @mock_clock
+    @pytest.mark.anyio
+    async def test_cancelling_stops_the_tasks_and_keeps_the_job_cancelled(
+        self, tmp_path: Path, launcher: FakeLauncher
+    ) -> None:
+        settings = EmulatorSettings(cancellation_delay=4.0)
+        scheduler = BatchScheduler(
+            launcher, workdir=tmp_path, storage_endpoint="", settings=settings
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            job = create(scheduler, "halt", body(2, parallelism=1))
+            process = await launcher.next_started()
+            operation = scheduler.cancel_job(job.name)
+            await settle()
+            assert process.killed and job.state is JobState.CANCELLATION_IN_PROGRESS
+            assert [task.state for task in job.tasks] == [TaskState.FAILED, TaskState.UNEXECUTED]
+            await anyio.sleep(5)
+            assert job.state is JobState.CANCELLED and operation.done
+            assert scheduler.get_job(job.name) is job
+            assert launcher.nothing_started()
+            with pytest.raises(ApiError) as ended:
+                scheduler.cancel_job(job.name)
+            assert ended.value.code == 400
+            tg.cancel_scope.cancel()
+
+
+class TestPriority:
+    @pytest.mark.anyio
+    async def test_a_higher_priority_job_gets_the_free_slot_first(
+        self, running: tuple[BatchScheduler, FakeLauncher]
+    ) -> None:
+        scheduler, launcher = running
+        scheduler.configure({"max_running_tasks": 1})
+        first = create(scheduler, "holder", body(1))
+        holder = await launcher.next_started()
+        low = json.loads(body(1))
+        high = {**low, "priority": "50"}
+        create(scheduler, "low", json.dumps(low).encode())
+        create(scheduler, "high", json.dumps(high).encode())
+        await settle()
+        holder.exit(0)
+        assert (await launcher.next_started()).task[0] == "high"
+        assert first.spec.priority == 0
 
 
 class TestTime:

@@ -53,12 +53,12 @@ class TestParseJob:
         )
 
         assert (spec.task_count, spec.parallelism, spec.max_retry_count) == (1, 1, 0)
-        assert spec.runnables[0].argv == ("bash", "-c", "echo hi")
+        assert spec.runnables[0].argv == ("/bin/sh", "-c", "echo hi")  # Google's default shell
         group = spec.echo["taskGroups"][0]
         assert group["name"] == JOB_NAME + "/taskGroups/group0"
         assert (group["taskCount"], group["parallelism"]) == ("1", "1")
         assert group["taskSpec"]["computeResource"] == {"cpuMilli": "2000"}
-        assert spec.echo["labels"] == {"team": "science"}
+        assert spec.echo["labels"] == {"team": "science", "batch-job-id": JOB_NAME.rsplit("/")[-1]}
         assert spec.echo["logsPolicy"] == {"destination": "CLOUD_LOGGING"}
         assert "status" not in spec.echo
 
@@ -96,7 +96,8 @@ class TestParseJob:
         assert spec.max_run_duration == 90.0
         assert spec.environment == {"B": "2"}
         script, barrier, container = spec.runnables
-        assert script.argv == ("bash", "/opt/run.sh") and script.environment == {"A": "1"}
+        assert script.argv is not None and script.argv[0] == "/bin/sh"
+        assert script.argv[-1] == "/opt/run.sh" and script.environment == {"A": "1"}
         assert barrier.argv is None
         assert container.argv == ("/entry", "x", "y")
         assert (container.ignore_exit_status, container.background, container.always_run) == (

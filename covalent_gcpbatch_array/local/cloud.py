@@ -45,9 +45,10 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
+from covalent_gcpbatch_array._core.clients import make_batch_client, make_storage_client
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local.batch.faults import DEFAULT_QUOTA_WINDOW_SECONDS
-from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator, make_storage_client
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
 from covalent_gcpbatch_array.local.process import (
     Spawner,
     read_ready_line,
@@ -396,15 +397,7 @@ class LocalCloud:
 
     def batch_client(self) -> batch_v1.BatchServiceClient:
         """A real ``batch_v1.BatchServiceClient`` (REST, anonymous) talking to the emulator."""
-        # Imported here: google-cloud-batch takes about a second to import.
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import batch_v1
-
-        return batch_v1.BatchServiceClient(
-            transport="rest",
-            credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": self.batch_endpoint},
-        )
+        return make_batch_client(self.batch_endpoint)
 
     def storage_client(self, *, direct: bool = False) -> storage.Client:
         """A real ``google.cloud.storage.Client`` (anonymous) talking to fake-gcs-server.
@@ -413,7 +406,7 @@ class LocalCloud:
             planned for the executor
         """
         endpoint = self.gcs_endpoint if direct else self.storage_endpoint
-        return make_storage_client(endpoint, self.project_id)
+        return make_storage_client(self.project_id, endpoint)
 
     # -- the emulator's admin API ---------------------------------------------------------
 
@@ -524,8 +517,16 @@ class LocalCloud:
         jobs_per_minute: int | _Unset | None = _UNSET,
         jobs_per_window: int | _Unset | None = _UNSET,
         quota_window_seconds: float | _Unset = _UNSET,
+        deletion_delay: float | _Unset = _UNSET,
+        cancellation_delay: float | _Unset = _UNSET,
+        tasks_hidden_until_provisioned: bool | _Unset = _UNSET,
     ) -> dict[str, Any]:
         """Change the realism knobs while running; only the ones given change.
+
+        ``deletion_delay`` / ``cancellation_delay``: seconds a deleted / cancelled job stays
+        DELETION_IN_PROGRESS / CANCELLATION_IN_PROGRESS (its operation not done) after its
+        tasks are stopped (default 2). ``tasks_hidden_until_provisioned``: a new job lists no
+        tasks until its provisioning delay is over, as Google's may.
 
         The job-creation quota is ``jobs_per_window`` creates in any ``quota_window_seconds``;
         ``jobs_per_minute`` sets both (the window to 60 s) and goes alone.
@@ -541,6 +542,9 @@ class LocalCloud:
                 ("jobs_per_minute", jobs_per_minute),
                 ("jobs_per_window", jobs_per_window),
                 ("quota_window_seconds", quota_window_seconds),
+                ("deletion_delay", deletion_delay),
+                ("cancellation_delay", cancellation_delay),
+                ("tasks_hidden_until_provisioned", tasks_hidden_until_provisioned),
             )
             if value is not _UNSET
         }

@@ -10,9 +10,10 @@ see :mod:`covalent_gcpbatch_array.local.field_mask`): a poller asking ``ListTask
 ``tasks.name,tasks.status.state,nextPageToken`` gets neither status events nor timestamps.
 
 Our choices where Google's behaviour is not documented: ``pageSize`` defaults to 100 and larger
-values are clamped to 1000 (ListJobs and ListTasks); ``filter`` accepts state clauses joined by
-``OR`` (``State=RUNNING``, ``State=FAILED OR State=SUCCEEDED``; ``status.state="RUNNING"`` for
-jobs) and refuses anything else with 400, rather than ignore it.
+values are clamped to 1000 (ListJobs and ListTasks); ListTasks' ``filter`` accepts state clauses
+joined by ``OR`` (``State=RUNNING OR State=FAILED``); ListJobs' ``filter`` and ``orderBy`` are
+Google's list syntax (see :mod:`.job_filter`); anything else is refused with 400, never ignored.
+ListJobs' page token is the position in the (filtered, ordered) list.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 from google.cloud import batch_v1
 from google.longrunning import operations_pb2
@@ -37,7 +36,7 @@ from starlette.routing import Route
 from covalent_gcpbatch_array.local.api_errors import ApiError
 from covalent_gcpbatch_array.local.batch.attempt import attempt_output
 from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler
-from covalent_gcpbatch_array.local.batch.state import JobState, TaskState, rfc3339
+from covalent_gcpbatch_array.local.batch.state import TaskState
 from covalent_gcpbatch_array.local.field_mask import FieldMask, field_mask_text
 from covalent_gcpbatch_array.local.logging.api import TaskLogIndex, logging_routes
 
@@ -51,6 +50,7 @@ MAX_PAGE_SIZE = 1000
 _LOCATION = "/v1/projects/{project}/locations/{location}"
 _JOB = _LOCATION + "/jobs/{job}"
 _TASKS = _JOB + "/taskGroups/{group}/tasks"
+_OPERATION = _LOCATION + "/operations/{operation}"
 _STATE_CLAUSE = re.compile(r'^\(?\s*(?:status\.)?state\s*=\s*"?([A-Za-z_]+)"?\s*\)?$', re.I)
 
 # The response message of each RPC, which its field mask is checked against.
@@ -63,7 +63,6 @@ _OPERATION_TYPE: Descriptor = operations_pb2.Operation.DESCRIPTOR
 Handler = Callable[[Request], Awaitable[Response]]
 #: An RPC's handler returns its response message in JSON form.
 RpcHandler = Callable[[Request], Awaitable[dict[str, Any]]]
-_E = TypeVar("_E", JobState, TaskState)
 
 
 def create_app(scheduler: BatchScheduler) -> Starlette:
@@ -104,40 +103,33 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
         return scheduler.get_job(_job_name(request)).to_json()
 
     async def list_jobs(request: Request) -> dict[str, Any]:
-        states = _state_filter(request.query_params.get("filter", ""), JobState)
+        query = request.query_params
         size, start = _page(request)
-        jobs = [job for job in scheduler.list_jobs(_parent(request)) if job.seq >= start]
-        if states is not None:
-            jobs = [job for job in jobs if job.state in states]
-        body: dict[str, Any] = {"jobs": [job.to_json() for job in jobs[:size]]}
-        if len(jobs) > size:
-            body["nextPageToken"] = str(jobs[size].seq)
+        jobs = scheduler.list_jobs(
+            _parent(request), query.get("filter", ""), query.get("orderBy", "")
+        )
+        body: dict[str, Any] = {"jobs": [job.to_json() for job in jobs[start : start + size]]}
+        if len(jobs) > start + size:
+            body["nextPageToken"] = str(start + size)
         return body
 
     async def delete_job(request: Request) -> dict[str, Any]:
-        name = _job_name(request)
-        started = datetime.now(timezone.utc)
-        await scheduler.delete_job(name)
-        params = request.path_params
-        operation = f"projects/{params['project']}/locations/{params['location']}/operations/"
-        return {
-            "name": operation + f"operation-{uuid.uuid4()}",
-            "metadata": {
-                "@type": "type.googleapis.com/google.cloud.batch.v1.OperationMetadata",
-                "createTime": rfc3339(started),
-                "endTime": rfc3339(datetime.now(timezone.utc)),
-                "target": name,
-                "verb": "delete",
-                "apiVersion": "v1",
-            },
-            "done": True,
-            "response": {"@type": "type.googleapis.com/google.protobuf.Empty"},
-        }
+        return scheduler.delete_job(_job_name(request)).to_json()
+
+    async def cancel_job(request: Request) -> dict[str, Any]:
+        await _json_object(request)  # a CancelJobRequest: only requestId, which is optional
+        return scheduler.cancel_job(_job_name(request)).to_json()
+
+    async def get_operation(request: Request) -> dict[str, Any]:
+        name = f"{_parent(request)}/operations/{request.path_params['operation']}"
+        return scheduler.get_operation(name).to_json()
 
     async def list_tasks(request: Request) -> dict[str, Any]:
         job = scheduler.task_group(_job_name(request), request.path_params["group"])
-        states = _state_filter(request.query_params.get("filter", ""), TaskState)
+        states = _state_filter(request.query_params.get("filter", ""))
         size, start = _page(request)
+        if not scheduler.tasks_listed(job):
+            return {"tasks": []}
         page: list[dict[str, Any]] = []
         index = start
         # Scan from the token's index until the page is full: O(page) without a filter.
@@ -216,10 +208,12 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
     routes = [
         Route(_LOCATION + "/jobs", rpc("CreateJob", _JOB_TYPE, create_job), methods=["POST"]),
         Route(_LOCATION + "/jobs", rpc("ListJobs", _JOBS_TYPE, list_jobs), methods=["GET"]),
+        Route(_JOB + ":cancel", rpc("CancelJob", _OPERATION_TYPE, cancel_job), methods=["POST"]),
         Route(_JOB, rpc("GetJob", _JOB_TYPE, get_job), methods=["GET"]),
         Route(_JOB, rpc("DeleteJob", _OPERATION_TYPE, delete_job), methods=["DELETE"]),
         Route(_TASKS, rpc("ListTasks", _TASKS_TYPE, list_tasks), methods=["GET"]),
         Route(_TASKS + "/{task}", rpc("GetTask", _TASK_TYPE, get_task), methods=["GET"]),
+        Route(_OPERATION, rpc("GetOperation", _OPERATION_TYPE, get_operation), methods=["GET"]),
         Route("/_emulator/stats", admin(stats), methods=["GET"]),
         Route("/_emulator/fail_calls", admin(fail_calls), methods=["POST"]),
         Route("/_emulator/fail_task", admin(fail_task), methods=["POST"]),
@@ -283,7 +277,7 @@ def _page(request: Request) -> tuple[int, int]:
     return size, int(token or 0)
 
 
-def _state_filter(text: str, states: type[_E]) -> frozenset[_E] | None:
+def _state_filter(text: str) -> frozenset[TaskState] | None:
     """The states a ``filter`` such as ``State=RUNNING OR State=FAILED`` selects (None: all)."""
     if not text.strip():
         return None
@@ -297,11 +291,11 @@ def _state_filter(text: str, states: type[_E]) -> frozenset[_E] | None:
                 f"OR, e.g. 'State=RUNNING OR State=FAILED'",
             )
         name = match.group(1).upper()
-        if name not in states.__members__:
+        if name not in TaskState.__members__:
             raise ApiError.invalid_argument(
-                "filter", f"unknown state {name!r}; use one of {', '.join(states.__members__)}"
+                "filter", f"unknown state {name!r}; use one of {', '.join(TaskState.__members__)}"
             )
-        selected.add(states[name])
+        selected.add(TaskState[name])
     return frozenset(selected)
 
 

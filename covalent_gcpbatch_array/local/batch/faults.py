@@ -32,7 +32,16 @@ __all__ = [
 ]
 
 # The BatchServiceClient RPCs the emulator answers, by their CamelCase RPC names.
-RPC_METHODS = ("CreateJob", "GetJob", "ListJobs", "DeleteJob", "ListTasks", "GetTask")
+RPC_METHODS = (
+    "CreateJob",
+    "GetJob",
+    "ListJobs",
+    "DeleteJob",
+    "CancelJob",
+    "ListTasks",
+    "GetTask",
+    "GetOperation",
+)
 
 #: Google's job-creation quota counts creates per minute.
 DEFAULT_QUOTA_WINDOW_SECONDS = 60.0

@@ -7,6 +7,14 @@ task needs its job provisioned (the provisioning delay is over), room under the 
 can free or create work (a job created or provisioned, an attempt ended, a setting changed, a job
 deleted) calls :meth:`BatchScheduler._start_ready_tasks` directly, and each attempt is one task in
 the scheduler's task group.
+
+Its RPC methods take and return plain values (names, filter text, records, operations), so any
+front end (the REST app in :mod:`.api`, a gRPC server) serves the same state the same way.
+DeleteJob and CancelJob answer a long-running operation that is not done: the job sits in
+DELETION_IN_PROGRESS or CANCELLATION_IN_PROGRESS for ``deletion_delay`` / ``cancellation_delay``
+seconds (its tasks are stopped at once), then is gone or CANCELLED and the operation done.
+A job whose definition Google would accept and then fail (see ``JobSpec.scheduling_failure``)
+FAILS when it is scheduled.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +46,18 @@ from covalent_gcpbatch_array.local.batch.faults import (
     CreationQuota,
     TaskFaults,
 )
+from covalent_gcpbatch_array.local.batch.job_filter import JobFilter, order_jobs
 from covalent_gcpbatch_array.local.batch.spec import parse_job, validate_job_id
 from covalent_gcpbatch_array.local.batch.state import (
+    FINAL_JOB_STATES,
     JobRecord,
     JobState,
     TaskRecord,
     TaskState,
+    rfc3339,
 )
 
-__all__ = ["BatchScheduler", "EmulatorSettings", "EmulatorStats"]
+__all__ = ["BatchScheduler", "EmulatorSettings", "EmulatorStats", "Operation"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +66,32 @@ _REQUEST_ID_TTL = 3600.0
 # The knobs configure() takes; jobs_per_minute is jobs_per_window over a 60 s window.
 _KNOBS = (
     "provisioning_delay",
+    "deletion_delay",
+    "cancellation_delay",
+    "tasks_hidden_until_provisioned",
     "max_running_tasks",
     "jobs_per_window",
     "quota_window_seconds",
     "jobs_per_minute",
 )
-# How long DeleteJob waits for the killed tasks to be reaped.
+# How long a deletion or cancellation waits for the killed tasks to be reaped.
 _DELETE_DRAIN_TIMEOUT = 10.0
+# "location" of ListJobs' parent meaning every location (projects/P/locations/-).
+ALL_LOCATIONS = "-"
+# The file requireHostsFile makes, named by BATCH_HOSTS_FILE: the task group's "VMs".
+ENV_HOSTS_FILE = "BATCH_HOSTS_FILE"
+_DELAYS = ("provisioning_delay", "deletion_delay", "cancellation_delay")
 
 
 def _check_knob(key: str, value: Any) -> None:
     """:raises ValueError: ``value`` is not a valid value of the knob ``key``"""
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    if key == "provisioning_delay":
+    if key in _DELAYS:
         if not (number and math.isfinite(value) and value >= 0):
-            raise ValueError(f"provisioning_delay must be a number >= 0, got {value!r}")
+            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    elif key == "tasks_hidden_until_provisioned":
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
     elif key == "quota_window_seconds":
         if not (number and math.isfinite(value) and value > 0):
             raise ValueError(f"quota_window_seconds must be a number > 0, got {value!r}")
@@ -82,11 +105,18 @@ class EmulatorSettings:
 
     provisioning_delay: float = 0.0  # seconds from a job's creation to its first task start
     max_running_tasks: int | None = None  # cap on attempts running at once, across all jobs
+    deletion_delay: float = 2.0  # seconds a deleted job stays DELETION_IN_PROGRESS
+    cancellation_delay: float = 2.0  # seconds a cancelled job stays CANCELLATION_IN_PROGRESS
+    # ListTasks lists no task (GetTask: 404) until the job is provisioned, as Google may
+    tasks_hidden_until_provisioned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
             "provisioning_delay": self.provisioning_delay,
             "max_running_tasks": self.max_running_tasks,
+            "deletion_delay": self.deletion_delay,
+            "cancellation_delay": self.cancellation_delay,
+            "tasks_hidden_until_provisioned": self.tasks_hidden_until_provisioned,
         }
 
 
@@ -106,6 +136,39 @@ class EmulatorStats:
             "task_attempts": self.task_attempts,
             "quota_refusals": self.quota_refusals,
         }
+
+
+@dataclass
+class Operation:
+    """A long-running operation of DeleteJob or CancelJob."""
+
+    name: str  # projects/P/locations/L/operations/operation-UUID
+    target: str  # the job's name
+    verb: str  # "delete" or "cancel"
+    create_time: str  # RFC 3339
+    end_time: str | None = None  # RFC 3339 once done
+
+    @property
+    def done(self) -> bool:
+        return self.end_time is not None
+
+    def finish(self) -> None:
+        self.end_time = rfc3339(datetime.now(timezone.utc))
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation in Google's JSON (``google.longrunning.Operation``)."""
+        metadata: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.cloud.batch.v1.OperationMetadata",
+            "createTime": self.create_time,
+            "target": self.target,
+            "verb": self.verb,
+            "apiVersion": "v1",
+        }
+        body: dict[str, Any] = {"name": self.name, "metadata": metadata, "done": self.done}
+        if self.end_time is not None:
+            metadata["endTime"] = self.end_time
+            body["response"] = {"@type": "type.googleapis.com/google.protobuf.Empty"}
+        return body
 
 
 @dataclass(frozen=True)
@@ -148,6 +211,7 @@ class BatchScheduler:
         self._ready: dict[int, JobRecord] = {}  # by seq: provisioned jobs with pending tasks
         self._requests: dict[str, _RequestRecord] = {}  # by requestId
         self._outputs: dict[str, Path] = {}  # job id -> output folder of the latest such job
+        self._operations: dict[str, Operation] = {}  # by name
         self._running = 0  # attempts holding a slot, across all jobs
         self._serial = 0  # job sequence numbers and instance ids
         self._tg: anyio.abc.TaskGroup | None = None
@@ -185,8 +249,9 @@ class BatchScheduler:
             )
         for key, value in changes.items():
             _check_knob(key, value)
-        if "provisioning_delay" in changes:
-            self.settings.provisioning_delay = float(changes["provisioning_delay"])
+        for key in (*_DELAYS, "tasks_hidden_until_provisioned"):
+            if key in changes:
+                setattr(self.settings, key, changes[key])
         if "max_running_tasks" in changes:
             self.settings.max_running_tasks = changes["max_running_tasks"]
             self._start_ready_tasks()
@@ -273,50 +338,149 @@ class BatchScheduler:
             raise ApiError.not_found(f"Job {name} not found; check the project, region and job id")
         return job
 
-    def list_jobs(self, parent: str) -> list[JobRecord]:
-        """ListJobs: the jobs under ``parent``, oldest first."""
-        prefix = f"{parent}/jobs/"
-        return [job for name, job in self._jobs.items() if name.startswith(prefix)]
+    def list_jobs(self, parent: str, filter_text: str = "", order_by: str = "") -> list[JobRecord]:
+        """ListJobs: the jobs under ``parent`` that pass the filter, in ``order_by`` order.
 
-    async def delete_job(self, name: str) -> None:
-        """DeleteJob: kill the job's running tasks, then forget the job.
+        ``projects/P/locations/-`` means every location of the project.
 
-        Tasks that never ran become UNEXECUTED; the call returns once the killed processes
-        are reaped, so a GetJob after it answers 404.
+        :raises ApiError: 400 for a filter or order the emulator does not understand
+        """
+        selected = JobFilter(filter_text)
+        project, _, location = parent.rpartition("/")
+        prefix = f"{project}/" if location == ALL_LOCATIONS else f"{parent}/jobs/"
+        jobs = [
+            job
+            for name, job in self._jobs.items()
+            if name.startswith(prefix) and selected.matches(job)
+        ]
+        return order_jobs(jobs, order_by)
+
+    def delete_job(self, name: str) -> Operation:
+        """DeleteJob: stop the job's tasks, then forget the job ``deletion_delay`` s later.
+
+        Tasks that never ran become UNEXECUTED, running ones FAILED. The operation is done
+        once the job is gone (at once when the delay is 0 and nothing was running); until then
+        GetJob shows it DELETION_IN_PROGRESS and its id cannot be reused.
 
         :raises ApiError: 404 for an unknown job
         """
         job = self.get_job(name)
-        if job.drained is None:
-            job.drained = anyio.Event()
-            self._ready.pop(job.seq, None)
-            job.set_state(JobState.DELETION_IN_PROGRESS)
-            for index in job.pending:
-                job.set_task_state(job.tasks[index], TaskState.UNEXECUTED)
-            job.pending.clear()
-            for task in job.tasks:
-                if task.state in (TaskState.ASSIGNED, TaskState.RUNNING):
-                    job.set_task_state(
-                        task,
-                        TaskState.FAILED,
-                        description=f"Task state is updated from {task.state.value} to FAILED "
-                        f"on {task.instance} because job {name} is being deleted.",
-                    )
-            for scope in job.attempt_scopes.values():
-                scope.cancel()
-            if job.running == 0:
-                job.drained.set()
+        if job.state is JobState.DELETION_IN_PROGRESS:
+            return self._operations[job.operation]
+        self._stop_tasks(job, "deleted")
+        job.set_state(JobState.DELETION_IN_PROGRESS)
+        operation = self._new_operation(job, "delete")
+        delay = self.settings.deletion_delay
+        if delay == 0 and job.running == 0:
+            self._forget(job)
+            operation.finish()
+        else:
+            self._task_group().start_soon(self._finish_deletion, job, operation, delay)
+        return operation
+
+    def cancel_job(self, name: str) -> Operation:
+        """CancelJob: stop the job's tasks; the job is CANCELLED ``cancellation_delay`` s later.
+
+        The job is kept (GetJob, ListTasks still answer), as Google keeps it.
+
+        :raises ApiError: 404 for an unknown job; 400 FAILED_PRECONDITION for a job that has
+            ended or is being deleted
+        """
+        job = self.get_job(name)
+        if job.state is JobState.CANCELLATION_IN_PROGRESS:
+            return self._operations[job.operation]
+        if job.state in FINAL_JOB_STATES or job.state is JobState.DELETION_IN_PROGRESS:
+            raise ApiError(
+                400,
+                f"Job {name} is {job.state.value}: only a job that has not ended can be cancelled",
+                reason="FAILED_PRECONDITION",
+            )
+        self._stop_tasks(job, "cancelled")
+        job.set_state(JobState.CANCELLATION_IN_PROGRESS)
+        operation = self._new_operation(job, "cancel")
+        self._task_group().start_soon(self._finish_cancellation, job, operation)
+        return operation
+
+    def get_operation(self, name: str) -> Operation:
+        """GetOperation. :raises ApiError: 404 for an unknown operation"""
+        operation = self._operations.get(name)
+        if operation is None:
+            raise ApiError.not_found(f"Operation {name} not found")
+        return operation
+
+    def tasks_listed(self, job: JobRecord) -> bool:
+        """Whether the job's tasks exist yet for ListTasks and GetTask."""
+        hidden = self.settings.tasks_hidden_until_provisioned
+        waiting = job.state in (JobState.QUEUED, JobState.SCHEDULED) and not job.provisioned
+        return not (hidden and waiting)
+
+    def _new_operation(self, job: JobRecord, verb: str) -> Operation:
+        location = job.name.rsplit("/jobs/", 1)[0]
+        operation = Operation(
+            name=f"{location}/operations/operation-{uuid.uuid4()}",
+            target=job.name,
+            verb=verb,
+            create_time=rfc3339(datetime.now(timezone.utc)),
+        )
+        self._operations[operation.name] = operation
+        job.operation = operation.name
+        return operation
+
+    def _stop_tasks(self, job: JobRecord, why: str) -> None:
+        """Stop every task of ``job`` (idempotent): pending ones UNEXECUTED, running ones FAILED."""
+        if job.drained is not None:
+            return
+        job.drained = anyio.Event()
+        self._ready.pop(job.seq, None)
+        for index in job.pending:
+            job.set_task_state(job.tasks[index], TaskState.UNEXECUTED)
+        job.pending.clear()
+        for task in job.tasks:
+            if task.state in (TaskState.ASSIGNED, TaskState.RUNNING):
+                job.set_task_state(
+                    task,
+                    TaskState.FAILED,
+                    description=f"Task state is updated from {task.state.value} to FAILED "
+                    f"on {task.instance} because job {job.name} is being {why}.",
+                )
+        for scope in job.attempt_scopes.values():
+            scope.cancel()
+        if job.running == 0:
+            job.drained.set()
+
+    async def _drained_and_waited(self, job: JobRecord, delay: float) -> None:
+        assert job.drained is not None
         with anyio.move_on_after(_DELETE_DRAIN_TIMEOUT):
             await job.drained.wait()
-        if self._jobs.get(name) is job:
-            del self._jobs[name]
+        self._start_ready_tasks()
+        # The delay stands for Google stopping the VMs: simulated time, not a synchronisation.
+        await anyio.sleep(delay)
+
+    async def _finish_deletion(self, job: JobRecord, operation: Operation, delay: float) -> None:
+        await self._drained_and_waited(job, delay)
+        self._forget(job)
+        operation.finish()
+
+    async def _finish_cancellation(self, job: JobRecord, operation: Operation) -> None:
+        await self._drained_and_waited(job, self.settings.cancellation_delay)
+        if job.state is JobState.CANCELLATION_IN_PROGRESS:  # not deleted meanwhile
+            job.set_state(JobState.CANCELLED)
+        operation.finish()
+
+    def _forget(self, job: JobRecord) -> None:
+        if self._jobs.get(job.name) is job:
+            del self._jobs[job.name]
             self.task_faults.forget_job(job.job_id)
         self._start_ready_tasks()
 
     def get_task(self, job_name: str, group: str, task_id: str) -> tuple[JobRecord, TaskRecord]:
         """GetTask. :raises ApiError: 404 for an unknown job, group or task"""
         job = self.task_group(job_name, group)
-        if not task_id.isdigit() or int(task_id) >= job.spec.task_count:
+        if (
+            not self.tasks_listed(job)
+            or not task_id.isdigit()
+            or int(task_id) >= job.spec.task_count
+        ):
             raise ApiError.not_found(
                 f"Task {job.task_name(0).rsplit('/', 1)[0]}/{task_id} not found: task ids are "
                 f"the indices 0 to {job.spec.task_count - 1}"
@@ -361,6 +525,9 @@ class BatchScheduler:
         if job.drained is not None:
             return  # deleted before the scheduler got to it
         job.set_state(JobState.SCHEDULED)
+        if job.spec.scheduling_failure is not None:
+            self._fail_at_scheduling(job, job.spec.scheduling_failure)
+            return
         delay = self.settings.provisioning_delay
         if delay > 0:
             # The provisioning delay is simulated time, not a synchronisation.
@@ -368,13 +535,25 @@ class BatchScheduler:
         if job.state is not JobState.SCHEDULED:
             return  # deleted meanwhile
         job.provisioned = True
+        if job.spec.require_hosts_file:
+            # Every task of the group runs on this one machine.
+            job.hosts_file = job.output_dir / "hosts"
+            job.hosts_file.write_text("127.0.0.1\n")
         self._ready[job.seq] = job
         self._start_ready_tasks()
+
+    def _fail_at_scheduling(self, job: JobRecord, reason: str) -> None:
+        """FAIL an accepted job that cannot be scheduled, naming the field at fault."""
+        for index in job.pending:
+            job.set_task_state(job.tasks[index], TaskState.UNEXECUTED)
+        job.pending.clear()
+        job.set_state(JobState.FAILED, f" Job failed at scheduling: {reason}")
 
     def _start_ready_tasks(self) -> None:
         """Give free slots to pending tasks: oldest job first, lowest index (or retry) first."""
         cap = self.settings.max_running_tasks
-        for seq in sorted(self._ready):
+        # Higher priority first (Job.priority), then oldest first.
+        for _, seq in sorted((-job.spec.priority, seq) for seq, job in self._ready.items()):
             job = self._ready[seq]
             while job.pending and job.running < job.spec.parallelism:
                 if cap is not None and self._running >= cap:
@@ -404,6 +583,13 @@ class BatchScheduler:
             home=job.output_dir / "home",
             storage_endpoint=self._storage_endpoint,
         )
+        if job.spec.task_environments:
+            # taskEnvironments[i] over the task spec's variables; Batch's own stay on top.
+            own = {key: value for key, value in env.items() if key.startswith("BATCH_")}
+            env.update(job.spec.task_environments[task.index])
+            env.update(own)
+        if job.hosts_file is not None:
+            env[ENV_HOSTS_FILE] = str(job.hosts_file)
         exit_code: int | None = None
         scope = job.attempt_scopes[task.index] = anyio.CancelScope()
         if job.drained is not None:

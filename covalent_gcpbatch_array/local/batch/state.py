@@ -42,6 +42,8 @@ class JobState(enum.Enum):
     SUCCEEDED = "SUCCEEDED"  # every task succeeded
     FAILED = "FAILED"  # every task is done and at least one failed
     DELETION_IN_PROGRESS = "DELETION_IN_PROGRESS"  # being deleted: tasks killed, then gone
+    CANCELLATION_IN_PROGRESS = "CANCELLATION_IN_PROGRESS"  # being cancelled: tasks killed
+    CANCELLED = "CANCELLED"  # cancelled; kept for inspection
 
 
 class TaskState(enum.Enum):
@@ -56,7 +58,8 @@ class TaskState(enum.Enum):
 
 
 FINAL_TASK_STATES = frozenset({TaskState.FAILED, TaskState.SUCCEEDED, TaskState.UNEXECUTED})
-FINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+FINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+_STOPPING = frozenset({JobState.DELETION_IN_PROGRESS, JobState.CANCELLATION_IN_PROGRESS})
 
 # Why a reserved exit code happened, in the words of Google's status events
 # (cloud.google.com/batch/docs/troubleshooting#reserved-exit-codes).
@@ -145,7 +148,9 @@ class JobRecord:
     finished_at: float | None = None  # monotonic time the job reached a final state
     first_failure: tuple[int, str] | None = None  # (index, event) of the first task that failed
     attempt_scopes: dict[int, anyio.CancelScope] = field(default_factory=dict)  # index -> scope
-    drained: anyio.Event | None = None  # made by a delete; set when no attempt is left
+    drained: anyio.Event | None = None  # made by a delete or cancel; set when no attempt is left
+    operation: str = ""  # the name of the delete or cancel operation under way
+    hosts_file: Path | None = None  # BATCH_HOSTS_FILE, with requireHostsFile
 
     def __post_init__(self) -> None:
         self.update_time = self.create_time
@@ -177,7 +182,7 @@ class JobRecord:
         self.update_time = self.events[-1].event_time
         if new is JobState.RUNNING:
             self.running_since = time.monotonic()
-        elif new in FINAL_JOB_STATES or new is JobState.DELETION_IN_PROGRESS:
+        elif new in FINAL_JOB_STATES or new in _STOPPING:
             self.finished_at = time.monotonic()
 
     def set_task_state(

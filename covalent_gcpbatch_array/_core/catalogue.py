@@ -1,0 +1,204 @@
+"""The Compute Engine shapes Google Batch can allocate, as data (``compute_catalogue.json``).
+
+Regions and their zones, machine families and the vCPU/memory of their machine types, GPU types
+with the counts, machine family and regions each comes in: compiled from Google's public
+documentation (the file names its pages and the date they were read). One catalogue serves the
+executor's config validation (refuse an impossible shape before any job is made) and the local
+cloud (a job asking for it is accepted, then FAILS at scheduling, as Google's does).
+
+:meth:`Catalogue.check` answers the first problem as a :class:`ShapeProblem` whose ``part`` says
+what is wrong (``region``, ``zone``, ``machine_type``, ``accelerator_type``,
+``accelerator_count``, ``vcpus``, ``memory``); each caller names its own field for that part.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+__all__ = ["Catalogue", "MachineShape", "ShapeProblem", "catalogue"]
+
+# "custom-4-16384" (N1), "n2-custom-4-16384", "e2-custom-2-8192-ext": vCPUs, then memory in MiB.
+_CUSTOM_RE = re.compile(r"^(?:(?P<family>[a-z0-9]+)-)?custom-(?P<cpus>\d+)-(?P<mib>\d+)(?:-ext)?$")
+
+
+@dataclass(frozen=True)
+class MachineShape:
+    """One machine type: its size, and the GPUs that come with it (bundled types only)."""
+
+    name: str  # e.g. "n2-standard-4"
+    family: str  # e.g. "n2"
+    vcpus: float  # vCPUs of the VM
+    memory_mib: int  # memory of the VM
+    gpu: str | None = None  # the GPU type bundled with an accelerator-optimized type
+    gpu_count: int = 0  # how many of them
+
+
+@dataclass(frozen=True)
+class ShapeProblem:
+    """Why a shape cannot be allocated."""
+
+    part: str  # region, zone, machine_type, accelerator_type, accelerator_count, vcpus, memory
+    message: str  # says what is wrong and what would be right
+
+
+class Catalogue:
+    """Lookups over the catalogue's data (see the module docstring)."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.retrieved: str = data["retrieved"]
+        self.sources: dict[str, str] = dict(data["sources"])
+        self.regions: dict[str, tuple[str, ...]] = {
+            region: tuple(zones) for region, zones in data["regions"].items()
+        }
+        self.gpus: dict[str, dict[str, Any]] = dict(data["gpus"])
+        self._custom_families = {
+            name for name, family in data["families"].items() if family.get("custom")
+        }
+        self._gpu_families = {
+            name for name, family in data["families"].items() if family.get("attachable_gpus")
+        }
+        self.machines: dict[str, MachineShape] = {}
+        for name, family in data["families"].items():
+            for series, (sizes, gib_per_vcpu) in family.get("series", {}).items():
+                for vcpus in sizes:
+                    machine = f"{name}-{series}-{vcpus}"
+                    self.machines[machine] = MachineShape(
+                        machine, name, vcpus, round(vcpus * gib_per_vcpu * 1024)
+                    )
+            for machine, (vcpus, gib, *gpu) in family.get("fixed", {}).items():
+                self.machines[machine] = MachineShape(
+                    machine, name, vcpus, round(gib * 1024), *(gpu or (None, 0))
+                )
+
+    def machine(self, name: str) -> MachineShape | None:
+        """The machine type ``name`` (predefined or custom), or None if Google has none."""
+        if name in self.machines:
+            return self.machines[name]
+        match = _CUSTOM_RE.fullmatch(name)
+        if match is None:
+            return None
+        family = match["family"] or "n1"
+        if family not in self._custom_families:
+            return None
+        return MachineShape(name, family, int(match["cpus"]), int(match["mib"]))
+
+    def check(
+        self,
+        *,
+        region: str,
+        machine_type: str = "",
+        accelerator_type: str = "",
+        accelerator_count: int = 0,
+        zones: Iterable[str] = (),
+        vcpus: float = 0,
+        memory_mib: int = 0,
+    ) -> ShapeProblem | None:
+        """The first reason the shape cannot be allocated in ``region``, or None if it can.
+
+        Empty or zero arguments are not checked (Batch picks a machine type itself).
+        """
+        problem = self._check_location(region, zones)
+        if problem is not None:
+            return problem
+        machine = None
+        if machine_type:
+            machine = self.machine(machine_type)
+            if machine is None:
+                return ShapeProblem(
+                    "machine_type",
+                    f"machine type {machine_type!r} does not exist; use a predefined type such "
+                    f"as 'n2-standard-4' or a custom one such as 'n2-custom-4-16384' (see "
+                    f"{self.sources['machine_families']})",
+                )
+        if accelerator_type or (machine is not None and machine.gpu):
+            problem = self._check_gpu(region, machine, accelerator_type, accelerator_count)
+            if problem is not None:
+                return problem
+        if machine is not None and vcpus > machine.vcpus:
+            return ShapeProblem(
+                "vcpus",
+                f"a task asks for {vcpus:g} vCPUs but machine type {machine.name} has "
+                f"{machine.vcpus:g}; ask for fewer or choose a larger machine type",
+            )
+        if machine is not None and memory_mib > machine.memory_mib:
+            return ShapeProblem(
+                "memory",
+                f"a task asks for {memory_mib} MiB of memory but machine type {machine.name} "
+                f"has {machine.memory_mib} MiB; ask for less or choose a larger machine type",
+            )
+        return None
+
+    def _check_location(self, region: str, zones: Iterable[str]) -> ShapeProblem | None:
+        if region not in self.regions:
+            return ShapeProblem(
+                "region",
+                f"region {region!r} does not exist; use one of {', '.join(self.regions)} (see "
+                f"{self.sources['regions']})",
+            )
+        for zone in zones:
+            if zone not in self.regions[region]:
+                return ShapeProblem(
+                    "zone",
+                    f"zone {zone!r} is not a zone of region {region}; its zones are "
+                    f"{', '.join(self.regions[region])}",
+                )
+        return None
+
+    def _check_gpu(
+        self, region: str, machine: MachineShape | None, gpu: str, count: int
+    ) -> ShapeProblem | None:
+        if machine is not None and machine.gpu:
+            if gpu and (gpu != machine.gpu or count != machine.gpu_count):
+                return ShapeProblem(
+                    "accelerator_type" if gpu != machine.gpu else "accelerator_count",
+                    f"machine type {machine.name} comes with {machine.gpu_count} x "
+                    f"{machine.gpu}, not {count} x {gpu}; leave the accelerator out or ask "
+                    f"for exactly that",
+                )
+            gpu, count = machine.gpu, machine.gpu_count
+        details = self.gpus.get(gpu)
+        if details is None:
+            return ShapeProblem(
+                "accelerator_type",
+                f"accelerator type {gpu!r} does not exist; use one of "
+                f"{', '.join(self.gpus)} (see {self.sources['gpus']})",
+            )
+        if count not in details["counts"]:
+            return ShapeProblem(
+                "accelerator_count",
+                f"{gpu} comes {' or '.join(map(str, details['counts']))} to a VM, not {count}",
+            )
+        family = details["attach_to"]
+        if machine is not None and machine.family != family:
+            return ShapeProblem(
+                "machine_type",
+                f"{gpu} needs a {family} machine type, not {machine.name} (see "
+                f"{self.sources['gpus']})",
+            )
+        if family not in self._gpu_families and machine is None:
+            # Batch picks the machine type only for GPUs attachable to N1 VMs.
+            return ShapeProblem(
+                "machine_type",
+                f"{gpu} is bundled with {family} machine types: name one (see "
+                f"{self.sources['accelerator_optimized']})",
+            )
+        if region not in details["regions"]:
+            return ShapeProblem(
+                "accelerator_type",
+                f"{gpu} is not offered in region {region}; it is in "
+                f"{', '.join(details['regions'])} (see {self.sources['gpu_regions']})",
+            )
+        return None
+
+
+@functools.cache
+def catalogue() -> Catalogue:
+    """The catalogue shipped with the package (read once)."""
+    text = resources.files(__package__).joinpath("compute_catalogue.json").read_text()
+    return Catalogue(json.loads(text))
