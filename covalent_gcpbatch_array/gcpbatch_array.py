@@ -7,6 +7,21 @@ open, and waits for its own task of the batch's array job; see :mod:`.service` a
 
 from __future__ import annotations
 
+import sys
+
+if "covalent" not in sys.modules:
+    # Covalent's first import loads every executor plugin through its entry point, this module
+    # among them. Imported from here, half-way through this module, it would find no plugin
+    # class: Covalent would warn that the module "does not seem to have a well-defined plugin
+    # class" and leave ct.executor.GCPBatchArrayExecutor unset for the whole process. So this
+    # module steps out of sys.modules while covalent loads: the loader imports a whole copy,
+    # and the import system hands that copy to whoever imported this one (an import returns
+    # what sys.modules holds when the module's code ends).
+    _half_made = sys.modules.pop(__name__)
+    import covalent  # noqa: F401
+
+    sys.modules.setdefault(__name__, _half_made)  # kept when covalent loaded no plugins
+
 import copy
 from collections.abc import Mapping
 from typing import Any
