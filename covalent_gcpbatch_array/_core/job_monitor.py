@@ -22,13 +22,15 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core.coalescer import Batch, Member
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, decode_error, decode_result
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi, build_job
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome, infrastructure_error, task_index
-from covalent_gcpbatch_array._core.storage import ManifestEntry, TaskObject, TaskRef, TaskStore
+from covalent_gcpbatch_array._core.storage import ManifestEntry, TaskObject, TaskStore
 from covalent_gcpbatch_array.config import ExecutorConfig, JobShape
 from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
+    ElectronCancelledError,
     GCPBatchArrayError,
     ResultIntegrityError,
     StorageError,
@@ -184,6 +186,7 @@ class _JobMonitor:
         self.ctx = ctx  # clients
         self.launched = launched  # index -> member, for the tasks that run an electron
         self.handled: set[int] = set()  # indices whose finished task was already collected
+        self.finished: set[int] = set()  # indices of every task seen finished (any slot)
         self.job: batch_v1.Job | None = None  # the last job record read
         self.finished_seen = -1  # SUCCEEDED + FAILED count at the last ListTasks
         self.created_at = anyio.current_time()  # when the job was created, for queue_timeout
@@ -275,6 +278,8 @@ class _JobMonitor:
         index = task_index(task)
         member = self.launched.get(index)
         state = batch_v1.TaskStatus.State(task.status.state).name
+        if state in _FINISHED_TASK_STATES:
+            self.finished.add(index)
         if member is None or index in self.handled or state not in _FINISHED_TASK_STATES:
             return
         self.handled.add(index)
@@ -349,6 +354,12 @@ class _JobMonitor:
                 stdout=failure.stdout,
                 stderr=failure.stderr,
             )
+        if await self.ctx.run_blocking(store.exists, ref, TaskObject.CANCELLED):
+            # Cancelled by whoever wrote the marker (another process too): the runner stopped
+            # the function and recorded no outcome.
+            return ElectronCancelledError(
+                f"task {ref.index} of job {ref.job_id} was cancelled (its cancel marker is set)"
+            )
         return infrastructure_error(
             await self._whole_task(ref, task),
             time_limit=self.config.time_limit,
@@ -378,9 +389,13 @@ class _JobMonitor:
             member.fail(type(error)(error.reason, exit_code=error.exit_code, events=error.events))
 
     async def finish(self) -> None:
-        """Delete the job if it still runs tasks nobody waits for; delete its tasks' objects."""
+        """Delete the job if it still runs tasks nobody waits for; delete its tasks' objects.
+
+        Whether tasks still run is decided from the tasks listed finished, not from the job's
+        counts: a ListTasks can already see a task that the GetJob before it did not count.
+        """
         job = self.job
-        unfinished = self.finished_seen < len(self.batch.members)
+        unfinished = len(self.finished) < len(self.batch.members)
         if job is not None and unfinished and job.status.state not in _TERMINAL_JOB_STATES:
             logger.info("deleting job %s: no electron is waiting on it", self.job_id)
             try:
