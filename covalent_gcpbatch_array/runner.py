@@ -342,7 +342,10 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
             if store.write_if_absent(task, TaskObject.RESULT, result):
                 return EXIT_OK
             return _settled_exit(store, task)
-    log(f"the function raised {type(error).__name__}: writing error.pkl")
+    # The traceback goes to the task's log too: once the executor deleted error.pkl, Cloud
+    # Logging is where `gcpbatch-array logs` finds it.
+    trace = "".join(traceback.format_exception(error)).rstrip("\n")
+    log(f"the function raised {type(error).__name__}: writing error.pkl\n{trace}")
     return _record_failure(store, settings, error, (run.stdout, run.stderr))
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,19 @@ import anyio
 import cloudpickle
 import covalent  # noqa: F401  (import covalent before the plugin module, as the server does)
 import pytest
+from covalent._workflow.transport import TransportableObject
+from covalent.executor.utils.wrappers import wrapper_fn
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core.storage import TaskStore
 from covalent_gcpbatch_array.cli.covalent_config import write_executor_config
-from covalent_gcpbatch_array.cli.jobs import InspectSettings, add_inspect_commands
+from covalent_gcpbatch_array.cli.jobs import (
+    InspectSettings,
+    add_inspect_commands,
+    render_jobs,
+    render_tasks,
+)
+from covalent_gcpbatch_array.cli.ops import Inspector, JobSummary
 from covalent_gcpbatch_array.exceptions import BatchApiError, ConfigError, GCPBatchArrayError
 from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 from covalent_gcpbatch_array.local import LocalCloud
@@ -64,16 +74,25 @@ def _job_ids(cloud: LocalCloud) -> set[str]:
     return {job.name.rsplit("/", 1)[1] for job in client.list_jobs(parent=parent)}
 
 
-def _fan_out(cloud: LocalCloud, inputs: list[int], **overrides: Any) -> str:
-    """Run ``greet`` on every input as one batch; the id of the job it made."""
+def _fan_out(
+    cloud: LocalCloud, inputs: list[int], *, as_covalent: bool = False, **overrides: Any
+) -> str:
+    """Run ``greet`` on every input as one batch; the id of the job it made.
+
+    :param as_covalent: call it as Covalent's runner does (its wrapper over serialized objects)
+    """
     before = _job_ids(cloud)
+    function: Any = greet
+    if as_covalent:
+        function = functools.partial(wrapper_fn, TransportableObject(greet), [], [])
 
     async def main() -> None:
         async def one(node_id: int, value: int) -> None:
             executor = GCPBatchArrayExecutor(**(cloud.executor_config() | FAST | overrides))
             metadata = {"dispatch_id": DISPATCH, "node_id": node_id}
+            arg: Any = TransportableObject(value) if as_covalent else value
             with contextlib.suppress(Exception):  # greet(2) fails on purpose
-                await executor.run(greet, [value], {}, metadata)
+                await executor.run(function, [arg], {}, metadata)
 
         async with anyio.create_task_group() as tg:
             for node_id, value in enumerate(inputs):
@@ -87,13 +106,13 @@ def _fan_out(cloud: LocalCloud, inputs: list[int], **overrides: Any) -> str:
 @pytest.fixture(scope="module")
 def kept_job(cloud: LocalCloud) -> str:
     """Three electrons (the last fails) with keep_objects: manifest and outputs stay."""
-    return _fan_out(cloud, [0, 1, 2], keep_objects=True)
+    return _fan_out(cloud, [0, 1, 2], as_covalent=True, keep_objects=True)
 
 
 @pytest.fixture(scope="module")
 def cleaned_job(cloud: LocalCloud, kept_job: str) -> str:
-    """Two electrons without keep_objects: the executor deleted the job's folder."""
-    job_id = _fan_out(cloud, [0, 1])
+    """Two electrons (the second fails) without keep_objects: the job's folder is deleted."""
+    job_id = _fan_out(cloud, [0, 2])
     # The executor deletes each task's objects as its electron finishes, and the job's folder
     # (its manifest) when the job's monitor ends. In the Covalent server that happens soon
     # after; here the event loop ends with the electrons, so delete what the monitor would.
@@ -225,8 +244,7 @@ class TestJobs:
         assert jobs[kept_job]["state"] == "FAILED"  # one of its tasks failed
         assert jobs[kept_job]["task_count"] == 3
         assert jobs[kept_job]["task_states"] == {"SUCCEEDED": 2, "FAILED": 1}
-        assert jobs[cleaned_job]["state"] == "SUCCEEDED"
-        assert jobs[cleaned_job]["task_states"] == {"SUCCEEDED": 2}
+        assert jobs[cleaned_job]["task_states"] == {"SUCCEEDED": 1, "FAILED": 1}
         order = [job["job_id"] for job in run_json(cloud, capsys, "jobs")]
         assert order.index(cleaned_job) < order.index(kept_job)  # newest first
 
@@ -270,6 +288,7 @@ class TestTasks:
         by_node = {task["node_id"]: task for task in tasks}
         assert set(by_node) == {10, 11, 12}
         assert {task["dispatch_id"] for task in tasks} == {DISPATCH}
+        assert {task["electron"] for task in tasks} == {"greet"}  # through Covalent's wrapper
         assert by_node[10]["state"] == by_node[11]["state"] == "SUCCEEDED"
         assert by_node[12]["state"] == "FAILED"
         assert by_node[12]["exit_code"] == 3  # the runner's "user function raised"
@@ -283,7 +302,7 @@ class TestTasks:
         tasks = run_json(cloud, capsys, "tasks", cleaned_job)
         assert [(task["state"], task["dispatch_id"]) for task in tasks] == [
             ("SUCCEEDED", None),
-            ("SUCCEEDED", None),
+            ("FAILED", None),
         ]
 
     def test_the_table_says_why_electrons_are_unknown(
@@ -299,6 +318,85 @@ class TestTasks:
             run_cli(cloud, "tasks", "cga-nope")
 
 
+class TestTables:
+    """Each listing at 80 and at 200 columns, and piped: essential values are never cut."""
+
+    NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+    @pytest.fixture
+    def inspector(self, cloud: LocalCloud) -> Inspector:
+        parser = argparse.ArgumentParser()
+        add_inspect_commands(parser.add_subparsers(required=True))
+        args = parser.parse_args(["jobs", *cloud_flags(cloud)])
+        return InspectSettings.from_args(args, no_config).inspector()
+
+    @staticmethod
+    def row(text: str, first: str) -> list[str]:
+        return next(line.split() for line in text.splitlines() if line.split()[:1] == [first])
+
+    @pytest.mark.parametrize("width", [80, 200])
+    def test_jobs(self, inspector: Inspector, kept_job: str, cleaned_job: str, width: int) -> None:
+        jobs = anyio.run(inspector.jobs)
+        text = render_jobs(jobs, wide=False, width=width, now=self.NOW)
+        assert max(len(line) for line in text.splitlines()) <= width
+        for job in jobs:
+            counts = [str(job.task_states.get(s, 0)) for s in ("SUCCEEDED", "FAILED")]
+            age = render_jobs([job], wide=False, width=None, now=self.NOW).split()[-1]
+            expected = [job.job_id, job.state, str(job.task_count), *counts, "0", "0", age]
+            assert self.row(text, job.job_id) == expected
+
+    @pytest.mark.parametrize("width", [80, 200])
+    def test_tasks(self, inspector: Inspector, kept_job: str, width: int) -> None:
+        tasks = anyio.run(inspector.tasks, kept_job)
+        text = render_tasks(kept_job, tasks, wide=False, width=width)
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= width
+        assert lines[0].endswith(f"of dispatch {DISPATCH}")  # whole, once, in the title
+        for task in tasks:
+            row = self.row(text, str(task.index))
+            index, node, exit_code = str(task.index), str(task.node_id), str(task.exit_code)
+            assert row[:6] == [index, node, "greet", task.state, "1", exit_code]
+            assert row[6:9] == ["RUNNING", "->", task.state]  # the last event, shortened
+        if width == 200:
+            assert "…" not in text
+
+    def test_values_too_long_for_the_width_stay_whole(self) -> None:
+        when = self.NOW - timedelta(hours=30)
+        job = JobSummary(
+            "cga-20300101-000000-0123456789",
+            "u",
+            "DELETION_IN_PROGRESS",
+            100_000,
+            {"SUCCEEDED": 99_999, "FAILED": 1},
+            when,
+            when,
+        )
+        row = self.row(render_jobs([job], wide=False, width=80, now=self.NOW), job.job_id)
+        assert row == [job.job_id, "DELETING", "100000", "99999", "1", "0", "0", "1d6h"]
+        wide = render_jobs([job], wide=True, width=80, now=self.NOW)
+        assert "DELETION_IN_PROGRESS" in self.row(wide, job.job_id)
+
+    @pytest.mark.parametrize("command", ["jobs", "tasks"])
+    def test_piped_output_is_neither_cut_nor_padded(
+        self,
+        cloud: LocalCloud,
+        kept_job: str,
+        command: str,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+        argv = [command] if command == "jobs" else [command, kept_job]
+        for output in ("table", "wide"):
+            assert run_cli(cloud, *argv, "-o", output) == 0
+            out = capsys.readouterr().out
+            assert kept_job in out
+            assert "…" not in out
+            assert all(line == line.rstrip() for line in out.splitlines())
+        if command == "tasks":  # the wide view has Batch's words
+            assert "Task state is updated from RUNNING to FAILED on zones/" in out
+
+
 class TestLogs:
     def test_from_the_bucket_copy(
         self, cloud: LocalCloud, kept_job: str, capsys: pytest.CaptureFixture[str]
@@ -309,14 +407,32 @@ class TestLogs:
         assert logs["source"] == "bucket"
         assert logs["stdout"] == "hello 2\n"
         assert "careful 2" in logs["stderr"]
+        # The remote traceback, from the task's error.pkl (verified with the job's key).
+        assert "in greet" in logs["traceback"]
+        assert logs["traceback"].rstrip().endswith("ValueError: two is not allowed")
+
+    def test_the_text_output_of_a_failed_task_ends_with_its_traceback(
+        self, cloud: LocalCloud, kept_job: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        index = next(
+            t["index"] for t in run_json(cloud, capsys, "tasks", kept_job) if t["node_id"] == 12
+        )
+        assert run_cli(cloud, "logs", kept_job, str(index)) == 0
+        out = capsys.readouterr().out
+        assert f"===== traceback of task {index} of job {kept_job}" in out
+        assert out.rstrip().endswith("ValueError: two is not allowed")
 
     def test_from_cloud_logging_once_the_bucket_copy_is_gone(
         self, cloud: LocalCloud, cleaned_job: str, capsys: pytest.CaptureFixture[str]
     ) -> None:
         both = [run_json(cloud, capsys, "logs", cleaned_job, str(i)) for i in (0, 1)]
         assert {logs["source"] for logs in both} == {"cloud-logging"}
-        assert sorted(logs["stdout"] for logs in both) == ["hello 0\n", "hello 1\n"]
+        assert sorted(logs["stdout"] for logs in both) == ["hello 0\n", "hello 2\n"]
         assert all("careful" in logs["stderr"] for logs in both)
+        # error.pkl went with the folder: the runner logged the traceback for this.
+        failed = next(logs for logs in both if "hello 2" in logs["stdout"])
+        assert "in greet" in failed["stderr"]
+        assert "ValueError: two is not allowed" in failed["stderr"]
 
     def test_the_text_output(
         self, cloud: LocalCloud, cleaned_job: str, capsys: pytest.CaptureFixture[str]

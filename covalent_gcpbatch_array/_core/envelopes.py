@@ -118,6 +118,7 @@ class ElectronOrigin:
 
     dispatch_id: str  # the Covalent dispatch id
     node_id: int  # the electron's node id in that dispatch
+    name: str = ""  # the electron's function name, when known (for `gcpbatch-array tasks`)
 
     def __str__(self) -> str:
         return f"electron {self.node_id} of dispatch {self.dispatch_id}"

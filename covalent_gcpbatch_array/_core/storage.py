@@ -2,7 +2,7 @@
 
 Every object a job uses lives under one folder::
 
-    gs://{bucket}/{prefix}/{job_id}/manifest.json          index -> dispatch_id, node_id, submitted_at
+    gs://{bucket}/{prefix}/{job_id}/manifest.json          which electron each task runs
     gs://{bucket}/{prefix}/{job_id}/tasks/{index}/input.pkl
                                                 .../result.pkl, error.pkl, stdout, stderr, cancelled
 
@@ -186,6 +186,7 @@ class ManifestEntry:
     dispatch_id: str  # the Covalent dispatch the electron belongs to
     node_id: int  # the electron's node id in that dispatch
     submitted_at: datetime  # when the executor accepted the electron (timezone-aware)
+    name: str = ""  # the electron's function name ("" if unknown, or an older manifest)
 
 
 def make_storage_client(project_id: str | None, endpoint: str = "") -> storage.Client:
@@ -412,6 +413,7 @@ class TaskStore:
                     "dispatch_id": entry.dispatch_id,
                     "node_id": entry.node_id,
                     "submitted_at": entry.submitted_at.isoformat(),
+                    "name": entry.name,
                 }
                 for index, entry in sorted(entries.items())
             },
@@ -444,6 +446,7 @@ class TaskStore:
                     dispatch_id=str(entry["dispatch_id"]),
                     node_id=int(entry["node_id"]),
                     submitted_at=datetime.fromisoformat(entry["submitted_at"]),
+                    name=str(entry.get("name", "")),
                 )
                 for index, entry in document["tasks"].items()
             }

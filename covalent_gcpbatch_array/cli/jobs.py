@@ -1,9 +1,14 @@
 """``gcpbatch-array jobs | tasks | logs | gc``: inspect and clean up the executor's jobs.
 
-    gcpbatch-array jobs [--json]                       jobs made by the executor: state, counts, age
-    gcpbatch-array tasks JOB [--json]                  each task: state, attempts, exit code, electron
-    gcpbatch-array logs JOB INDEX [--json]             a task's stdout/stderr (bucket, else Cloud Logging)
+    gcpbatch-array jobs [-o wide|json]                 jobs made by the executor: state, counts, age
+    gcpbatch-array tasks JOB [-o wide|json]            each task: electron, state, attempts, exit code
+    gcpbatch-array logs JOB INDEX [--json]             a task's output and traceback (bucket, else
+                                                       Cloud Logging)
     gcpbatch-array gc [--older-than 7d] [--dry-run]    delete finished jobs and their objects
+
+Tables fit the terminal like ``kubectl get``: ids, states and counts stay whole, the long text
+(the last event) is cut or left out; ``-o wide`` adds columns and cuts nothing, ``-o json``
+(or ``--json``) gives every value. Output to a pipe is never cut nor padded.
 
 Settings are read as the executor reads them (flags win, then ``[executors.gcpbatch_array]``
 in the Covalent config file, then the defaults), so with the executor configured no flag is
@@ -18,12 +23,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TextIO
 
+from covalent_gcpbatch_array.cli.table import Column, output_width, render
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 from covalent_gcpbatch_array.exceptions import ConfigError
 
@@ -32,7 +39,13 @@ if TYPE_CHECKING:
     # so `gcpbatch-array --help` stays fast.
     from covalent_gcpbatch_array.cli.ops import GcReport, Inspector, JobSummary, TaskSummary
 
-__all__ = ["InspectSettings", "add_inspect_commands", "read_covalent_config"]
+__all__ = [
+    "InspectSettings",
+    "add_inspect_commands",
+    "read_covalent_config",
+    "render_jobs",
+    "render_tasks",
+]
 
 #: Flag -> executor key, for the keys these commands use.
 _FLAGS = {
@@ -112,15 +125,18 @@ class InspectSettings:
 
 
 def read_covalent_config(key: str) -> Any:
-    """Look ``key`` up under ``[executors.gcpbatch_array]``, as the executor does.
+    """Look ``key`` up under ``[executors.gcpbatch_array]`` of the file Covalent would use.
 
-    :raises KeyError: the key is not set there, or covalent is not installed
+    The file is read directly: importing covalent to ask it would take two seconds.
+
+    :raises KeyError: the key is not set there, or there is no such file
     """
-    try:
-        from covalent._shared_files.config import get_config
-    except ImportError:
-        raise KeyError(key) from None
-    return get_config(f"executors.gcpbatch_array.{key}")
+    from covalent_gcpbatch_array.cli.covalent_config import (
+        default_config_file,
+        read_executor_config,
+    )
+
+    return (read_executor_config(default_config_file()) or {})[key]
 
 
 def add_inspect_commands(
@@ -141,7 +157,7 @@ def add_inspect_commands(
         description="List the Batch jobs the executor made in the project and region "
         "(those labelled created-by=covalent-gcpbatch-array), newest first.",
     )
-    _add_common(jobs)
+    _add_common(jobs, wide=True)
     jobs.set_defaults(handler=run(_jobs))
 
     tasks = subparsers.add_parser(
@@ -151,14 +167,15 @@ def add_inspect_commands(
         "ran, from the job's manifest in the bucket.",
     )
     tasks.add_argument("job", help="the Batch job id (see `gcpbatch-array jobs`)")
-    _add_common(tasks)
+    _add_common(tasks, wide=True)
     tasks.set_defaults(handler=run(_tasks))
 
     logs = subparsers.add_parser(
         "logs",
-        help="print a task's stdout and stderr",
+        help="print a task's stdout, stderr and the traceback of a failed electron",
         description="Print what one task printed: the runner's copy in the bucket if it is "
-        "still there (last attempt), else the task's entries in Cloud Logging (every attempt).",
+        "still there (last attempt, with the traceback from error.pkl), else the task's entries "
+        "in Cloud Logging (every attempt; the runner logs the traceback there).",
     )
     logs.add_argument("job", help="the Batch job id")
     logs.add_argument("index", type=_task_index, help="the task index (see `gcpbatch-array tasks`)")
@@ -192,7 +209,7 @@ def add_inspect_commands(
     gc.set_defaults(handler=run(_gc))
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, wide: bool = False) -> None:
     where = parser.add_argument_group(
         "where to look (default: the executor's settings in the Covalent config file)"
     )
@@ -217,7 +234,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="Cloud Logging URL (default: Google's; the Batch endpoint if that is a plain "
         "http:// emulator such as the local cloud)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    if not wide:
+        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "wide", "json"),
+        default="table",
+        help="table: fitted to the terminal (default); wide: more columns, nothing cut; "
+        "json: every value, for scripts",
+    )
+    parser.add_argument(
+        "--json", dest="output", action="store_const", const="json", help="same as -o json"
+    )
 
 
 def _task_index(text: str) -> int:
@@ -258,67 +288,96 @@ def _run(
 
 async def _jobs(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> int:
     jobs = await inspector.jobs()
-    if args.json:
+    if args.output == "json":
         _print_json([_job_json(job) for job in jobs], out)
         return 0
-    from rich.table import Table
-
-    table = Table(title=f"{len(jobs)} job(s)", title_justify="left")
-    # Ids are what users copy into the next command: never shorten them.
-    table.add_column("JOB", no_wrap=True, min_width=max((len(j.job_id) for j in jobs), default=3))
-    table.add_column("STATE")
-    for column in ("TASKS", "SUCCEEDED", "FAILED", "RUNNING", "PENDING", "AGE"):
-        table.add_column(column, justify="right")
-    now = datetime.now(timezone.utc)
-    for job in jobs:
-        states = job.task_states
-        table.add_row(
-            job.job_id,
-            job.state,
-            str(job.task_count),
-            str(states.get("SUCCEEDED", 0)),
-            str(states.get("FAILED", 0)),
-            str(states.get("RUNNING", 0) + states.get("ASSIGNED", 0)),
-            str(states.get("PENDING", 0)),
-            _age(now - job.created),
-        )
-    _console(out).print(table)
+    out.write(render_jobs(jobs, wide=args.output == "wide", width=output_width(out)))
     return 0
+
+
+def render_jobs(
+    jobs: list[JobSummary], *, wide: bool, width: int | None, now: datetime | None = None
+) -> str:
+    """The ``jobs`` table; every column but the wide view's extras is essential."""
+    now = now or datetime.now(timezone.utc)
+    counts = ("SUCCEEDED", "FAILED", "RUNNING", "PENDING")
+    headers = counts if wide else ("SUCC", "FAIL", "RUN", "PEND")
+    columns = [
+        Column("JOB"),
+        Column("STATE"),
+        Column("TASKS", right=True),
+        *(Column(header, right=True) for header in headers),
+        Column("AGE", right=True),
+    ]
+    if wide:
+        columns += [Column("CREATED"), Column("UPDATED"), Column("UID")]
+    rows = []
+    for job in jobs:
+        states = {**job.task_states}
+        states["RUNNING"] = states.get("RUNNING", 0) + states.get("ASSIGNED", 0)
+        row = [
+            job.job_id,
+            job.state if wide else _SHORT_STATES.get(job.state, job.state),
+            str(job.task_count),
+            *(str(states.get(state, 0)) for state in counts),
+            _age(now - job.created),
+        ]
+        if wide:
+            row += [job.created.isoformat(), job.updated.isoformat(), job.uid]
+        rows.append(row)
+    return f"{len(jobs)} job(s)\n" + render(columns, rows, None if wide else width)
 
 
 async def _tasks(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> int:
     tasks = await inspector.tasks(args.job)
-    if args.json:
+    if args.output == "json":
         _print_json([_task_json(task) for task in tasks], out)
         return 0
-    from rich.table import Table
+    wide = args.output == "wide"
+    out.write(render_tasks(args.job, tasks, wide=wide, width=output_width(out)))
+    if tasks and all(task.dispatch_id is None for task in tasks):
+        out.write(
+            "The job's manifest is gone, so which electron each task ran is unknown: the\n"
+            "executor deletes a job's objects when it ends unless keep_objects is set. Each\n"
+            "task's log names its electron (`gcpbatch-array logs JOB INDEX`).\n"
+        )
+    return 0
 
-    table = Table(title=f"job {args.job}: {len(tasks)} task(s)", title_justify="left")
-    for column in ("INDEX", "STATE", "ATTEMPTS", "EXIT CODE"):
-        table.add_column(column, justify="right" if column != "STATE" else "left")
-    widest = max((len(task.dispatch_id or "") for task in tasks), default=8)
-    table.add_column("DISPATCH", no_wrap=True, min_width=widest)
-    table.add_column("NODE", justify="right")
-    table.add_column("LAST EVENT", overflow="fold")
+
+def render_tasks(job_id: str, tasks: list[TaskSummary], *, wide: bool, width: int | None) -> str:
+    """The ``tasks`` table; the dispatch goes in the title when every task shares one."""
+    dispatches = {task.dispatch_id for task in tasks if task.dispatch_id}
+    title = f"job {job_id}: {len(tasks)} task(s)"
+    one_dispatch = len(dispatches) == 1 and not wide
+    if one_dispatch:
+        title += f" of dispatch {next(iter(dispatches))}"
+    columns = [
+        Column("INDEX", right=True),
+        Column("NODE", right=True),
+        Column("ELECTRON"),
+        Column("STATE"),
+        Column("ATTEMPTS", right=True),
+        Column("EXIT", right=True),
+    ]
+    if not one_dispatch:
+        columns.append(Column("DISPATCH"))
+    columns.append(Column("LAST EVENT", shrink=True))
+    rows = []
     for task in tasks:
-        table.add_row(
+        event = task.events[-1][1] if task.events else ""
+        row = [
             str(task.index),
+            "-" if task.node_id is None else str(task.node_id),
+            task.electron or "-",
             task.state,
             str(task.attempts),
             "-" if task.exit_code is None else str(task.exit_code),
-            task.dispatch_id or "-",
-            "-" if task.node_id is None else str(task.node_id),
-            task.events[-1][1] if task.events else "",
-        )
-    console = _console(out)
-    console.print(table)
-    if tasks and all(task.dispatch_id is None for task in tasks):
-        console.print(
-            "The job's manifest is gone, so which electron each task ran is unknown: the "
-            "executor deletes a job's objects when it ends unless keep_objects is set. Each "
-            "task's log names its electron (`gcpbatch-array logs JOB INDEX`)."
-        )
-    return 0
+        ]
+        if not one_dispatch:
+            row.append(task.dispatch_id or "-")
+        row.append(event if wide else _STATE_CHANGE.sub(r"\1 -> \2", event))
+        rows.append(row)
+    return f"{title}\n" + render(columns, rows, None if wide else width)
 
 
 async def _logs(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> int:
@@ -327,7 +386,10 @@ async def _logs(inspector: Inspector, args: argparse.Namespace, out: TextIO) -> 
         _print_json({"job_id": args.job, "index": args.index, **asdict(logs)}, out)
         return 0
     where = "bucket copy, last attempt" if logs.source == "bucket" else "Cloud Logging"
-    for name, text in (("stdout", logs.stdout), ("stderr", logs.stderr)):
+    parts = [("stdout", logs.stdout), ("stderr", logs.stderr)]
+    if logs.traceback:
+        parts.append(("traceback", logs.traceback))
+    for name, text in parts:
         out.write(f"===== {name} of task {args.index} of job {args.job} ({where}) =====\n")
         out.write(text if text.endswith("\n") or not text else text + "\n")
     return 0
@@ -365,11 +427,15 @@ def _gc_text(report: GcReport, older_than: timedelta) -> str:
 # -- rendering ----------------------------------------------------------------------------
 
 
-def _console(out: TextIO) -> Any:
-    from rich.console import Console
-
-    # A terminal gets its width; a pipe or file gets lines as long as the table needs.
-    return Console(file=out, width=None if out.isatty() else 240)
+#: Job states too long for the narrow table (the wide view and JSON say them in full).
+_SHORT_STATES = {
+    "DELETION_IN_PROGRESS": "DELETING",
+    "CANCELLATION_IN_PROGRESS": "CANCELLING",
+    "STATE_UNSPECIFIED": "UNKNOWN",
+}
+#: Batch's "Task state is updated from RUNNING to FAILED on zones/..." reads "RUNNING -> FAILED
+#: on zones/..." in the narrow table.
+_STATE_CHANGE = re.compile(r"^Task state is updated from (\w+) to (\w+)")
 
 
 def _print_json(value: Any, out: TextIO) -> None:

@@ -19,10 +19,12 @@ import google.auth.exceptions
 from google.api_core import exceptions as api_exceptions
 from google.auth.credentials import AnonymousCredentials
 
+from covalent_gcpbatch_array._core.envelopes import decode_error, parse_job_key
 from covalent_gcpbatch_array._core.jobs import JobsApi
 from covalent_gcpbatch_array._core.outcome import task_exit_code, task_index
 from covalent_gcpbatch_array._core.storage import JOB_ID_PATTERN, TaskObject, TaskRef, TaskStore
 from covalent_gcpbatch_array.exceptions import CloudApiError, GCPBatchArrayError
+from covalent_gcpbatch_array.runner import ENV_HMAC_KEY
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage
@@ -84,6 +86,7 @@ class TaskSummary:
     exit_code: int | None  # the last attempt's exit code, once one ended
     dispatch_id: str | None  # the Covalent dispatch of its electron (from the manifest)
     node_id: int | None  # the electron's node id in that dispatch
+    electron: str | None  # the electron's function name ("" if the manifest did not record it)
     events: tuple[tuple[datetime, str], ...]  # Batch's status events, oldest first
 
 
@@ -94,6 +97,7 @@ class TaskLogs:
     stdout: str  # standard output
     stderr: str  # standard error
     source: str  # "bucket" (the runner's copy, last attempt) or "cloud-logging" (every attempt)
+    traceback: str = ""  # the remote traceback from the task's error.pkl, if it is still there
 
 
 @dataclass
@@ -162,6 +166,7 @@ def _task_summary(task: batch_v1.Task, origin: Any) -> TaskSummary:
         exit_code=task_exit_code(task),
         dispatch_id=None if origin is None else origin.dispatch_id,
         node_id=None if origin is None else origin.node_id,
+        electron=None if origin is None else origin.name,
         events=tuple((event.event_time, event.description) for event in events),
     )
 
@@ -226,6 +231,7 @@ class Inspector:
                 (stdout or b"").decode(errors="replace"),
                 (stderr or b"").decode(errors="replace"),
                 "bucket",
+                await self._traceback(ref),
             )
         try:
             job = await self._jobs.get(job_id)
@@ -242,6 +248,21 @@ class Inspector:
                 f"job {job_id} has tasks 0 to {int(job.task_groups[0].task_count) - 1}, not {index}"
             )
         return await anyio.to_thread.run_sync(self._cloud_logs, job, index)
+
+    async def _traceback(self, ref: TaskRef) -> str:
+        """The traceback in the task's error envelope, verified with its job's key ("" if none)."""
+        data = await anyio.to_thread.run_sync(self._store.download, ref, TaskObject.ERROR)
+        if data is None:
+            return ""
+        try:
+            job = await self._jobs.get(ref.job_id)
+        except GCPBatchArrayError as exc:
+            if not isinstance(exc.__cause__, api_exceptions.NotFound):
+                raise
+            return ""  # the job, and with it the key that verifies error.pkl, is gone
+        key_text = job.task_groups[0].task_spec.environment.variables.get(ENV_HMAC_KEY, "")
+        failure = decode_error(data, key=parse_job_key(key_text), task=ref)
+        return failure.traceback_text
 
     def _cloud_logs(self, job: batch_v1.Job, index: int) -> TaskLogs:
         client = self._make_logging_client()
