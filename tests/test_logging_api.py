@@ -14,6 +14,12 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1, logging_v2
 
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.logging.api import (
+    GENERIC_TASK,
+    JOB_RESOURCE,
+    TaskLogIndex,
+    monitored_resource,
+)
 from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
 from tests.conftest import wait_until
 
@@ -33,6 +39,31 @@ def _entry(**fields: object) -> dict[str, object]:
     return entry
 
 
+class TestMonitoredResource:
+    def test_the_job_resource_and_the_older_generic_task(self) -> None:
+        task_id = "j-1-group0-3"
+        job = monitored_resource(JOB_RESOURCE, "p", "us-east1", "j-1", task_id)
+        assert job == {
+            "type": "batch.googleapis.com/Job",
+            "labels": {"resource_container": "p", "location": "us-east1", "job_id": "j-1"},
+        }
+        older = monitored_resource(GENERIC_TASK, "p", "us-east1", "j-1", task_id)
+        assert older == {
+            "type": "generic_task",
+            "labels": {
+                "project_id": "p",
+                "location": "us-east1",
+                "namespace": "",
+                "job": "j-1",
+                "task_id": "task/j-1-group0-3/0/0",
+            },
+        }
+
+    def test_an_unknown_resource_type_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="generic_task"):
+            TaskLogIndex(resource_type="gce_instance")
+
+
 class TestFilter:
     def test_the_filter_batch_users_write(self) -> None:
         match = parse_filter(
@@ -43,20 +74,13 @@ class TestFilter:
         assert not match(_entry(labels={"job_uid": "j-1", "task_id": "j-1-group0-4"}))
         assert not match(_entry(logName="projects/p/logs/batch_agent_logs"))
 
-    def test_or_binds_tighter_than_and(self) -> None:
-        # Nextflow's filter relies on it: (A OR B) AND C.
-        match = parse_filter(
-            'resource.type=generic_task OR resource.type="batch.googleapis.com/Job" '
-            "AND labels.job_uid=j-2"
-        )
-        assert not match(_entry())
-        assert match(_entry(labels={"job_uid": "j-2"}))
-
-    def test_juxtaposition_is_and_and_not_negates(self) -> None:
+    def test_juxtaposition_is_and(self) -> None:
         assert parse_filter('labels.job_uid="j-1" severity=INFO')(_entry())
-        assert not parse_filter('labels.job_uid="j-1" NOT severity=INFO')(_entry())
-        assert not parse_filter("-severity=INFO")(_entry())
-        assert parse_filter("(severity=ERROR OR severity=INFO) labels.job_uid=j-1")(_entry())
+        assert not parse_filter('labels.job_uid="j-1" severity=ERROR')(_entry())
+
+    def test_a_resource_type_with_a_slash_needs_no_quotes(self) -> None:
+        job_resource = {"type": "batch.googleapis.com/Job", "labels": {}}
+        assert parse_filter("resource.type=batch.googleapis.com/Job")(_entry(resource=job_resource))
 
     def test_severity_compares_by_level(self) -> None:
         warning_or_worse = parse_filter("severity>=WARNING")
@@ -69,10 +93,10 @@ class TestFilter:
         assert after(_entry())  # 12:00Z is 13:00+01:00
         assert not parse_filter('timestamp>"2024-05-01T12:00:00.000000001Z"')(_entry())
 
-    def test_has_operator_and_global_values_match_substrings_case_folded(self) -> None:
-        assert parse_filter("textPayload:WORLD")(_entry())
-        assert parse_filter('"Hello"')(_entry())
-        assert not parse_filter('"goodbye"')(_entry())
+    def test_equality_is_exact(self) -> None:
+        assert parse_filter('textPayload="hello world"')(_entry())
+        assert not parse_filter("textPayload=hello")(_entry())
+        assert not parse_filter('textPayload="Hello world"')(_entry())
 
     def test_missing_fields_match_only_not_equal(self) -> None:
         assert not parse_filter("labels.hostname=x")(_entry())
@@ -82,19 +106,33 @@ class TestFilter:
         assert parse_filter("  ")(_entry())
 
     @pytest.mark.parametrize(
-        "text",
+        ("text", "named"),
         [
-            'textPayload=~"hel+o"',  # regular expressions are not emulated
-            "labels.job_uid=j-*",  # nor wildcards
-            "severity>=LOUD",
-            'timestamp>="yesterday"',
-            "(severity=INFO",
-            "severity=INFO)",
-            "AND severity=INFO",
-            "severity=",
+            ('textPayload=~"hel+o"', "regular expressions"),
+            ('textPayload!~"hel+o"', "regular expressions"),
+            ("textPayload:WORLD", "has operator"),
+            ('"Hello"', "global restriction"),
+            ("hello", "global restriction"),
+            ("labels.job_uid=j-*", "wildcards"),
+            ("severity=INFO OR severity=ERROR", "OR operator"),
+            ("NOT severity=INFO", "NOT operator"),
+            ("-severity=INFO", "NOT operator"),
+            ("(severity=ERROR OR severity=INFO) labels.job_uid=j-1", "parenthesised"),
+            ("labels.job_uid>j-1", "orders only severity and timestamps"),
+            ("severity=INFO AND", "AND needs a comparison"),
+            ("AND severity=INFO", "AND needs a comparison"),
         ],
     )
-    def test_what_the_emulator_does_not_understand_is_refused(self, text: str) -> None:
+    def test_what_the_emulator_does_not_answer_is_refused_by_name(
+        self, text: str, named: str
+    ) -> None:
+        with pytest.raises(FilterError, match=named):
+            parse_filter(text)
+
+    @pytest.mark.parametrize(
+        "text", ["severity>=LOUD", 'timestamp>="yesterday"', "severity=INFO)", "severity="]
+    )
+    def test_malformed_filters_are_refused(self, text: str) -> None:
         with pytest.raises(FilterError):
             parse_filter(text)
 
@@ -186,10 +224,27 @@ class TestEntriesList:
         assert first.log_name == f"projects/{local_cloud.project_id}/logs/batch_task_logs"
         assert first.labels["team"] == "science"  # the job's labels are copied
         assert first.labels["job_uid"] == job.uid
-        assert first.resource.type == "generic_task"
-        assert first.resource.labels["job"] == job.name.rsplit("/", 1)[1]
-        assert first.resource.labels["location"] == local_cloud.region
+        assert first.labels["task_id"] == f"{job.uid}-group0-1"
+        assert first.labels["task_group_name"] == f"{job.name}/taskGroups/group0"
+        assert first.resource.type == "batch.googleapis.com/Job"
+        assert first.resource.labels == {
+            "resource_container": local_cloud.project_id,
+            "location": local_cloud.region,
+            "job_id": job.uid,
+        }
         assert datetime.now(timezone.utc) - first.timestamp < timedelta(minutes=5)
+
+    def test_the_resource_labels_answer_queries(
+        self,
+        local_cloud: LocalCloud,
+        batch_client: batch_v1.BatchServiceClient,
+        logging_client: logging_v2.Client,
+    ) -> None:
+        job = _run_job(local_cloud, batch_client, "echo found", tasks=1)
+        query = f"resource.type=batch.googleapis.com/Job AND resource.labels.job_id={job.uid}"
+        assert [e.payload for e in logging_client.list_entries(filter_=query)] == ["found"]
+        older = f'resource.type=generic_task AND labels.job_uid="{job.uid}"'
+        assert list(logging_client.list_entries(filter_=older)) == []
 
     def test_every_attempt_of_a_retried_task_is_logged(
         self,
@@ -277,6 +332,12 @@ class TestEntriesList:
     def test_a_bad_filter_is_a_bad_request(self, logging_client: logging_v2.Client) -> None:
         with pytest.raises(api_exceptions.BadRequest, match="Unparseable filter"):
             list(logging_client.list_entries(filter_='textPayload=~"x+"'))
+
+    def test_a_query_the_emulator_cannot_answer_is_400_not_an_empty_list(
+        self, logging_client: logging_v2.Client
+    ) -> None:
+        with pytest.raises(api_exceptions.BadRequest, match="OR operator is not supported"):
+            list(logging_client.list_entries(filter_="severity=INFO OR severity=ERROR"))
 
     def test_other_parents_are_refused(self, logging_client: logging_v2.Client) -> None:
         with pytest.raises(api_exceptions.BadRequest, match="project logs only"):

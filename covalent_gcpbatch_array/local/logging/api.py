@@ -6,18 +6,25 @@ from the files its task attempts wrote, at the REST path google-cloud-logging's 
 uses (``POST /v2/entries:list``, see ``google/cloud/logging_v2/_http.py``), so
 ``logging_v2.Client(...).list_entries(filter_=...)`` works against the local cloud unchanged.
 
-Each line becomes one LogEntry shaped like Batch's (the fields Batch users filter on, as
-Nextflow's Google Batch executor does: ``labels.job_uid`` and ``labels.task_id``)::
+Each line becomes one LogEntry shaped like Batch's, with the labels Batch documents for task
+logs (the entry's ``labels.job_uid``, ``labels.task_group_name`` and ``labels.task_id``, which
+the CLI and Nextflow's Google Batch executor filter on, plus the job's own labels)::
 
     {"logName": "projects/P/logs/batch_task_logs",
-     "resource": {"type": "generic_task", "labels": {"project_id": P, "location": L,
-                  "namespace": "", "job": J, "task_id": "<uid>-group0-<index>"}},
-     "labels": {<the job's own labels>, "job_uid": <uid>, "task_group_name": "group0",
+     "resource": {"type": "batch.googleapis.com/Job",
+                  "labels": {"resource_container": P, "location": L, "job_id": <uid>}},
+     "labels": {<the job's own labels>, "job_uid": <uid>,
+                "task_group_name": "projects/P/locations/L/jobs/J/taskGroups/group0",
                 "task_id": "<uid>-group0-<index>"},
      "severity": "INFO" (stdout) or "ERROR" (stderr), "textPayload": <the line>,
      "timestamp": ..., "receiveTimestamp": ..., "insertId": ...}
 
-Where the emulator differs: every line of one stream of one attempt carries the time its file
+Jobs that Batch logged before it moved to the ``batch.googleapis.com/Job`` resource carry the
+older ``generic_task`` resource instead (``TaskLogIndex(resource_type=GENERIC_TASK)``), whose
+labels are ``project_id``, ``location``, ``namespace``, ``job`` (the uid) and ``task_id``
+(``task/<uid>-group0-<index>/0/0``).
+
+Where the emulator differs: ``location`` is the job's region (Google writes the VM's zone), every line of one stream of one attempt carries the time its file
 was last written (the files keep no per-line times), and logs never expire. Logs outlive their
 job, as on Google: a deleted job's lines are still listed.
 """
@@ -41,10 +48,20 @@ from covalent_gcpbatch_array.local.api_errors import ApiError
 from covalent_gcpbatch_array.local.batch.state import JobRecord, rfc3339
 from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
 
-__all__ = ["BATCH_TASK_LOG", "TaskLogIndex", "logging_routes"]
+__all__ = [
+    "BATCH_TASK_LOG",
+    "GENERIC_TASK",
+    "JOB_RESOURCE",
+    "TaskLogIndex",
+    "logging_routes",
+    "monitored_resource",
+]
 
 #: The log Batch writes task output to (``projects/{project}/logs/{BATCH_TASK_LOG}``).
 BATCH_TASK_LOG = "batch_task_logs"
+#: The monitored resource type of Batch's task logs, and the one it used before.
+JOB_RESOURCE = "batch.googleapis.com/Job"
+GENERIC_TASK = "generic_task"
 DEFAULT_PAGE_SIZE = 50  # Cloud Logging's documented default
 MAX_PAGE_SIZE = 1000  # and its maximum
 _STREAM_SEVERITY = {"stdout": "INFO", "stderr": "ERROR"}
@@ -61,6 +78,7 @@ class _LoggedJob:
     uid: str  # Batch's unique id of this job (ids may be reused after a delete)
     labels: Mapping[str, str]  # the job's labels, which Batch copies onto its log entries
     output_dir: Path  # the folder the emulator keeps this job's attempt outputs in
+    resource_type: str  # JOB_RESOURCE or GENERIC_TASK
 
 
 class TaskLogIndex:
@@ -69,9 +87,14 @@ class TaskLogIndex:
     The Batch API layer calls :meth:`add` for every job it creates; jobs without
     ``logsPolicy.destination = CLOUD_LOGGING`` are ignored, as Batch writes no task logs for
     them. Jobs stay listed after they are deleted.
+
+    :param resource_type: the monitored resource its entries carry
     """
 
-    def __init__(self) -> None:
+    def __init__(self, resource_type: str = JOB_RESOURCE) -> None:
+        if resource_type not in (JOB_RESOURCE, GENERIC_TASK):
+            raise ValueError(f"resource_type must be {JOB_RESOURCE!r} or {GENERIC_TASK!r}")
+        self._resource_type = resource_type
         self._jobs: dict[str, _LoggedJob] = {}  # by uid, in creation order
         # Each output file's entries, with the (mtime, size) they were read at: a query, and
         # every page of it, rereads only the files that changed.
@@ -96,6 +119,7 @@ class TaskLogIndex:
                     uid=job.uid,
                     labels=dict(labels) if isinstance(labels, Mapping) else {},
                     output_dir=job.output_dir,
+                    resource_type=self._resource_type,
                 ),
             )
 
@@ -163,25 +187,20 @@ def _line_entries(
     index, attempt = place
     written = rfc3339(datetime.fromtimestamp(mtime, timezone.utc))
     task_id = f"{job.uid}-group0-{index}"
+    resource = monitored_resource(job.resource_type, job.project, job.location, job.uid, task_id)
+    labels = {
+        **job.labels,
+        "job_uid": job.uid,
+        "task_group_name": (
+            f"projects/{job.project}/locations/{job.location}/jobs/{job.job_id}/taskGroups/group0"
+        ),
+        "task_id": task_id,
+    }
     for number, line in enumerate(text.splitlines()):
         yield {
             "logName": f"projects/{job.project}/logs/{BATCH_TASK_LOG}",
-            "resource": {
-                "type": "generic_task",
-                "labels": {
-                    "project_id": job.project,
-                    "location": job.location,
-                    "namespace": "",
-                    "job": job.job_id,
-                    "task_id": task_id,
-                },
-            },
-            "labels": {
-                **job.labels,
-                "job_uid": job.uid,
-                "task_group_name": "group0",
-                "task_id": task_id,
-            },
+            "resource": resource,
+            "labels": labels,
             "severity": severity,
             "textPayload": line,
             "timestamp": written,
@@ -189,6 +208,23 @@ def _line_entries(
             # Unique and stable across calls, so page tokens stay valid as files grow.
             "insertId": f"{task_id}/{attempt}/{file_name}/{number:09d}",
         }
+
+
+def monitored_resource(
+    resource_type: str, project: str, location: str, job_uid: str, task_id: str
+) -> dict[str, Any]:
+    """The ``resource`` of a task log entry, with the labels its type has."""
+    if resource_type == GENERIC_TASK:
+        labels = {
+            "project_id": project,
+            "location": location,
+            "namespace": "",
+            "job": job_uid,
+            "task_id": f"task/{task_id}/0/0",
+        }
+    else:
+        labels = {"resource_container": project, "location": location, "job_id": job_uid}
+    return {"type": resource_type, "labels": labels}
 
 
 def logging_routes(index: TaskLogIndex) -> list[Route]:

@@ -1,33 +1,28 @@
-"""A subset of the Cloud Logging query language, enough for the filters Batch users write.
+"""The part of the Cloud Logging query language the local cloud answers: ANDed comparisons.
 
-The emulator's ``entries:list`` accepts filters such as::
+What the CLI (``logs``), the executor and a Batch user's ordinary query send::
 
     logName="projects/p/logs/batch_task_logs" AND labels.job_uid="j-1" AND labels.task_id="j-1-group0-3"
-    resource.type=generic_task OR resource.type="batch.googleapis.com/Job"
-    severity>=ERROR timestamp>="2024-05-01T00:00:00Z" "Traceback"
+    resource.type="batch.googleapis.com/Job" severity>=ERROR timestamp>="2024-05-01T00:00:00Z"
 
-Grammar (Google's precedence: ``NOT`` binds tightest, then ``OR``, then ``AND``, and two
-terms side by side mean ``AND``)::
+A query is comparisons joined by ``AND`` (or side by side, which Google reads as ``AND``). A
+comparison is ``field OP value``: a field is a dotted path into the entry
+(``resource.labels.location``), a value a quoted string or a bare word. ``=`` and ``!=`` compare
+text exactly (a missing field is unequal to everything); ``<``, ``<=``, ``>``, ``>=`` (and ``=``)
+compare ``severity`` by level (``DEBUG < INFO < ERROR``) and ``timestamp`` /
+``receiveTimestamp`` by time, as Google documents.
 
-    query      := conjunct (["AND"] conjunct)*
-    conjunct   := negation ("OR" negation)*
-    negation   := ("NOT" | "-") negation | "(" query ")" | comparison | value
-    comparison := field ("=" | "!=" | ":" | ">" | "<" | ">=" | "<=") value
-    value      := "quoted string" | bare-word
-
-A field is a dotted path into the entry (``labels.task_id``, ``resource.labels.location``); a
-missing field matches nothing but ``!=``. ``severity`` compares by level (``DEBUG < INFO <
-ERROR``), ``timestamp`` by time, everything else as text (``=`` exact, ``:`` substring, case
-folded). A lone value matches entries where any text field contains it. Anything else (regular
-expressions ``=~``, functions, ``*`` wildcards) is refused with :class:`FilterError` rather
-than ignored, so a test never passes on a filter the emulator did not understand.
+Everything else in Google's language (``OR``, ``NOT``, parentheses, the ``:`` has-operator,
+regular expressions, wildcards, global text search, functions) raises :class:`FilterError`
+naming it, which the API answers with 400: a query the emulator cannot answer never returns an
+empty list.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -48,48 +43,25 @@ SEVERITIES: Mapping[str, int] = {
 
 Predicate = Callable[[Mapping[str, Any]], bool]
 
-_TOKEN = re.compile(
-    r"""\s*(?:
-        (?P<string>"(?:[^"\\]|\\.)*")
-      | (?P<op>>=|<=|!=|=~|!~|[=:<>()])
-      | (?P<negate>-)(?=[\w"(])
-      | (?P<word>[^\s"=:<>()!]+)
-    )""",
-    re.VERBOSE,
+_NOT_SUPPORTED = "is not supported by the local cloud"
+_FIELD = r"[A-Za-z_][\w.\-/]*"
+_VALUE = r'"(?:[^"\\]|\\.)*"|[^\s"()]+'
+# One comparison, then optional white space; ``=~``/``!~`` come first so they are not ``=``.
+_COMPARISON = re.compile(
+    rf"\s*(?P<field>{_FIELD})\s*(?P<op>=~|!~|>=|<=|!=|[=:<>])\s*(?P<value>{_VALUE})?\s*"
 )
-_COMPARISONS = ("=", "!=", ":", ">", "<", ">=", "<=")
+_ORDERED = {
+    "=": lambda a, b: a == b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+}
+_TIME_FIELDS = ("timestamp", "receiveTimestamp")
 
 
 class FilterError(ValueError):
     """The filter is not valid, or uses a part of the language the emulator does not know."""
-
-
-@dataclass(frozen=True)
-class _Token:
-    kind: str  # "string", "op" or "word"
-    text: str  # the value (strings unquoted and unescaped)
-
-
-def _tokens(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    position = 0
-    while position < len(text):
-        if text[position:].strip() == "":
-            break
-        match = _TOKEN.match(text, position)
-        if match is None:
-            raise FilterError(f"unexpected character at {position}: {text[position:][:20]!r}")
-        position = match.end()
-        if match.group("string") is not None:
-            raw = match.group("string")[1:-1]
-            tokens.append(_Token("string", re.sub(r"\\(.)", r"\1", raw)))
-        elif match.group("op") is not None:
-            tokens.append(_Token("op", match.group("op")))
-        elif match.group("negate") is not None:
-            tokens.append(_Token("word", "NOT"))
-        else:
-            tokens.append(_Token("word", match.group("word")))
-    return tokens
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -111,152 +83,71 @@ def parse_timestamp(text: str) -> datetime:
     return moment
 
 
-def _field(entry: Mapping[str, Any], path: str) -> Any:
+def _text(field: str, entry: Mapping[str, Any]) -> str | None:
     value: Any = entry
-    for part in path.split("."):
+    for part in field.split("."):
         if not isinstance(value, Mapping) or part not in value:
             return None
         value = value[part]
-    return value
+    return None if isinstance(value, Mapping) else str(value)
 
 
-def _text_values(value: Any) -> Iterator[str]:
-    if isinstance(value, Mapping):
-        for item in value.values():
-            yield from _text_values(item)
-    elif isinstance(value, str):
-        yield value
+def _time(field: str, entry: Mapping[str, Any]) -> datetime | None:
+    value = entry.get(field)
+    return None if value is None else parse_timestamp(value)
 
 
-def _compare(field: str, op: str, wanted: str) -> Predicate:
-    if field == "severity":
-        level = SEVERITIES.get(wanted.upper())
-        if level is None:
-            raise FilterError(f"unknown severity {wanted!r}; use one of {', '.join(SEVERITIES)}")
+def _severity(entry: Mapping[str, Any]) -> int:
+    return SEVERITIES.get(str(entry.get("severity")), 0)
 
-        def severity_key(entry: Mapping[str, Any]) -> Any:
-            return SEVERITIES.get(str(entry.get("severity", "DEFAULT")), 0)
 
-        return _ordered(op, severity_key, level)
-    if field in ("timestamp", "receiveTimestamp"):
-        moment = parse_timestamp(wanted)
+def _unsupported(text: str, position: int) -> FilterError:
+    """Name the construct at ``position`` that the emulator does not answer."""
+    rest = text[position:].lstrip()
+    word = rest.split(maxsplit=1)[0] if rest else ""
+    if word == "AND":
+        return FilterError("AND needs a comparison on each side")
+    if word in ("OR", "NOT") or word.startswith("-"):
+        what = f"the {'NOT' if word.startswith('-') else word} operator"
+    elif word.startswith("("):
+        what = "a parenthesised expression"
+    elif word.startswith('"') or re.fullmatch(r"[\w.]+", word):
+        what = f"a global restriction (a value without a field: {word!r})"
+    else:
+        what = f"{rest[:30]!r}"
+    return FilterError(
+        f"{what} {_NOT_SUPPORTED}: it answers comparisons (field = value) joined by AND"
+    )
 
-        def time_key(entry: Mapping[str, Any]) -> Any:
-            value = entry.get(field)
-            return None if value is None else parse_timestamp(value)
 
-        return _ordered(op, time_key, moment)
-
-    folded = wanted.casefold()
-
-    def text_key(entry: Mapping[str, Any]) -> Any:
-        value = _field(entry, field)
-        return None if value is None or isinstance(value, Mapping) else str(value)
-
+def _compare(field: str, op: str, raw: str) -> Predicate:
+    if op in ("=~", "!~"):
+        raise FilterError(f"regular expressions ({field}{op}...) are {_NOT_SUPPORTED[3:]}")
     if op == ":":
-        return lambda entry: (value := text_key(entry)) is not None and folded in value.casefold()
-    return _ordered(op, text_key, wanted)
-
-
-def _ordered(op: str, key: Callable[[Mapping[str, Any]], Any], wanted: Any) -> Predicate:
-    tests: dict[str, Callable[[Any], bool]] = {
-        "=": lambda value: value == wanted,
-        ":": lambda value: value == wanted,
-        "!=": lambda value: value != wanted,
-        ">": lambda value: value > wanted,
-        "<": lambda value: value < wanted,
-        ">=": lambda value: value >= wanted,
-        "<=": lambda value: value <= wanted,
-    }
-    test = tests[op]
-
-    def predicate(entry: Mapping[str, Any]) -> bool:
-        value = key(entry)
-        if value is None:
-            return op == "!="
-        return test(value)
-
-    return predicate
-
-
-class _Parser:
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.tokens = _tokens(text)
-        self.position = 0
-
-    def peek(self) -> _Token | None:
-        return self.tokens[self.position] if self.position < len(self.tokens) else None
-
-    def take(self) -> _Token:
-        token = self.peek()
-        if token is None:
-            raise FilterError(f"the filter ends too early: {self.text!r}")
-        self.position += 1
-        return token
-
-    def is_keyword(self, word: str) -> bool:
-        token = self.peek()
-        return token is not None and token.kind == "word" and token.text == word
-
-    def query(self) -> Predicate:
-        parts = [self.conjunct()]
-        while True:
-            token = self.peek()
-            if token is None or (token.kind == "op" and token.text == ")"):
-                break
-            if self.is_keyword("AND"):
-                self.take()
-            parts.append(self.conjunct())
-        return parts[0] if len(parts) == 1 else lambda entry: all(p(entry) for p in parts)
-
-    def conjunct(self) -> Predicate:
-        parts = [self.negation()]
-        while self.is_keyword("OR"):
-            self.take()
-            parts.append(self.negation())
-        return parts[0] if len(parts) == 1 else lambda entry: any(p(entry) for p in parts)
-
-    def negation(self) -> Predicate:
-        if self.is_keyword("NOT"):
-            self.take()
-            inner = self.negation()
-            return lambda entry: not inner(entry)
-        token = self.take()
-        if token.kind == "op" and token.text == "(":
-            inner = self.query()
-            closing = self.take()
-            if closing.kind != "op" or closing.text != ")":
-                raise FilterError(f"expected ')' in {self.text!r}")
-            return inner
-        if token.kind == "op":
-            raise FilterError(f"unexpected {token.text!r} in {self.text!r}")
-        if token.text in ("AND", "OR"):
-            raise FilterError(f"{token.text} needs a term on both sides in {self.text!r}")
-        following = self.peek()
-        if following is not None and following.kind == "op" and following.text not in "()":
-            return self.comparison(token)
-        return self.global_value(token.text)
-
-    def comparison(self, field_token: _Token) -> Predicate:
-        if field_token.kind != "word" or not re.fullmatch(r"[A-Za-z_][\w.\-/]*", field_token.text):
-            raise FilterError(f"{field_token.text!r} is not a field name in {self.text!r}")
-        op = self.take().text
-        if op not in _COMPARISONS:
-            raise FilterError(
-                f"operator {op!r} is not supported by the emulator (regular expressions are "
-                f"not); use one of {' '.join(_COMPARISONS)}"
-            )
-        value = self.take()
-        if value.kind == "op":
-            raise FilterError(f"expected a value after {field_token.text}{op} in {self.text!r}")
-        if value.kind == "word" and "*" in value.text:
-            raise FilterError(f"wildcards are not supported by the emulator: {value.text!r}")
-        return _compare(field_token.text, op, value.text)
-
-    def global_value(self, wanted: str) -> Predicate:
-        folded = wanted.casefold()
-        return lambda entry: any(folded in text.casefold() for text in _text_values(entry))
+        raise FilterError(f"the has operator ({field}:...) {_NOT_SUPPORTED}; use =")
+    quoted = raw.startswith('"')
+    wanted = re.sub(r"\\(.)", r"\1", raw[1:-1]) if quoted else raw
+    if not quoted and "*" in wanted:
+        raise FilterError(f"wildcards ({raw!r}) are {_NOT_SUPPORTED[3:]}")
+    key: Callable[[Mapping[str, Any]], Any]
+    target: Any
+    if field == "severity":
+        target = SEVERITIES.get(wanted.upper())
+        if target is None:
+            raise FilterError(f"unknown severity {wanted!r}; use one of {', '.join(SEVERITIES)}")
+        key = _severity
+    elif field in _TIME_FIELDS:
+        key, target = functools.partial(_time, field), parse_timestamp(wanted)
+    elif op in ("=", "!="):
+        key, target = functools.partial(_text, field), wanted
+    else:
+        raise FilterError(
+            f"{op} on {field} {_NOT_SUPPORTED}: it orders only severity and timestamps"
+        )
+    if op == "!=":
+        return lambda entry: key(entry) != target
+    test = _ORDERED[op]
+    return lambda entry: (value := key(entry)) is not None and test(value, target)
 
 
 def parse_filter(text: str) -> Predicate:
@@ -264,10 +155,17 @@ def parse_filter(text: str) -> Predicate:
 
     :raises FilterError: the filter is malformed or uses what the emulator does not support
     """
-    if not text.strip():
-        return lambda entry: True
-    parser = _Parser(text)
-    predicate = parser.query()
-    if parser.peek() is not None:
-        raise FilterError(f"unbalanced ')' in {text!r}")
-    return predicate
+    parts: list[Predicate] = []
+    position = 0
+    while text[position:].strip():
+        joined = re.match(r"\s*AND\s", text[position:]) if parts else None
+        if joined is not None:
+            position += joined.end()
+        match = _COMPARISON.match(text, position)
+        if match is None:
+            raise _unsupported(text, position)
+        if match.group("value") is None:
+            raise FilterError(f"expected a value after {match.group('field')}{match.group('op')}")
+        parts.append(_compare(match.group("field"), match.group("op"), match.group("value")))
+        position = match.end()
+    return lambda entry: all(part(entry) for part in parts)
