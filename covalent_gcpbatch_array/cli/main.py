@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
+from covalent_gcpbatch_array.cli.doctor import add_doctor_command
 from covalent_gcpbatch_array.cli.jobs import add_inspect_commands
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError, LocalCloudError
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_local(commands)
     _add_demo(commands)
     add_inspect_commands(commands)
+    add_doctor_command(commands)
     return parser
 
 
