@@ -115,6 +115,10 @@ class TestChecking:
         assert info.value.code == 400
         assert repr(bad_path) in info.value.message
 
+    def test_a_wildcard_inside_a_path_is_refused_not_widened(self) -> None:
+        with pytest.raises(ApiError, match="not supported by the local cloud"):
+            FieldMask.parse("tasks.*.state", TASKS)
+
     def test_no_path_into_a_timestamp(self) -> None:
         with pytest.raises(ApiError, match="eventTime"):
             FieldMask.parse("tasks.status.statusEvents.eventTime.seconds", TASKS)

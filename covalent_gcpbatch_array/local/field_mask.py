@@ -7,7 +7,8 @@ or the header ``X-Goog-FieldMask``): a field mask that trims the response to the
 
 - paths separated by commas: ``tasks.name,nextPageToken``;
 - ``.`` (or ``/``) steps into a message, and into every element of a repeated one;
-- ``a(b,c)`` is ``a.b,a.c``, nested as deep as needed; ``*`` is every field;
+- ``a(b,c)`` is ``a.b,a.c``, nested as deep as needed; ``*`` is every field (as the last step
+  of a path only: the local cloud refuses ``a.*.b`` with 400);
 - a path that stops at a message keeps all of it.
 
 A mask is checked against the response's protobuf message; a path naming no field is refused
@@ -126,6 +127,8 @@ class _Parser:
         while self.peek() in (".", "/"):
             self.take()
             path.append(self.name())
+        if "*" in path[:-1]:
+            self.fail("a '*' before the last step is not supported by the local cloud")
         below: Selection | None = None
         if self.peek() == "(":
             self.take()
