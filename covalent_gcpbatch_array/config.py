@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from covalent_gcpbatch_array._core.contract import validate_prefix
 from covalent_gcpbatch_array.exceptions import ConfigError
 
 __all__ = ["DEFAULTS", "REQUIRED_KEYS", "ExecutorConfig", "JobShape", "resolve_config"]
@@ -23,9 +24,6 @@ MAX_TASKS_PER_JOB = 100_000
 MAX_RETRY_COUNT = 10
 #: The longest protobuf Duration (10,000 years), the most ``maxRunDuration`` can say.
 MAX_TIME_LIMIT = 315_576_000_000
-#: An object name is at most 1,024 bytes; the rest of the longest one (``/{job id of up to 63}
-#: /tasks/{index}/{file name}``) takes at most 124, so the prefix may take 900.
-MAX_PREFIX_LENGTH = 900
 #: The shortest ``poll_freq``: one job's monitor makes at most ten GetJob calls a second.
 MIN_POLL_FREQ = 0.1
 
@@ -81,7 +79,6 @@ _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE_RE = re.compile(r"[a-z0-9_-]{0,63}")
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 _PROVISIONING_MODELS = ("STANDARD", "SPOT", "PREEMPTIBLE")
 
 
@@ -287,14 +284,11 @@ def _labels(key: str, value: Any) -> dict[str, str]:
 
 
 def _prefix(key: str, value: Any) -> str:
-    value = _text(_PREFIX_RE, required=True, what="object prefix")(key, value)
-    if len(value) > MAX_PREFIX_LENGTH:
-        raise ConfigError(
-            key,
-            f"is {len(value)} characters long; at most {MAX_PREFIX_LENGTH}, so that every object "
-            "name stays within Cloud Storage's 1,024 bytes",
-        )
-    return value
+    value = _text(required=True)(key, value)
+    try:
+        return validate_prefix(value)
+    except ValueError as exc:
+        raise ConfigError(key, f"{value!r} is not a valid object prefix: {exc}") from None
 
 
 def _flag(key: str, value: Any) -> bool:

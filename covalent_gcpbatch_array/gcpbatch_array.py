@@ -33,10 +33,12 @@ from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 
+from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, encode_input
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
-from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array._core.storage import TaskStore
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 
 # `covalent deploy up gcpbatch_array` looks these two models up on the plugin module.

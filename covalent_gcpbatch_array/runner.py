@@ -6,13 +6,14 @@ runs the function in the main thread with its stdout and stderr captured, and wr
 carry what the function printed; ``stdout`` and ``stderr`` copies are kept beside them when it
 printed anything.
 
-Exit codes (the job's lifecycle policy maps :data:`EXIT_USER_ERROR` to FAIL_TASK):
+Exit codes (defined in :mod:`._core.contract`; the job's lifecycle policy maps
+``EXIT_USER_ERROR`` to FAIL_TASK):
 
-- :data:`EXIT_OK` (0): the result is written, or there was nothing to do (the task is cancelled,
+- ``EXIT_OK`` (0): the result is written, or there was nothing to do (the task is cancelled,
   or an earlier attempt already wrote its result);
-- :data:`EXIT_USER_ERROR` (3): ``error.pkl`` is written: the function raised, or the input
+- ``EXIT_USER_ERROR`` (3): ``error.pkl`` is written: the function raised, or the input
   cannot run in this image (versions, missing modules, a tampered input). Retrying cannot help;
-- anything else, e.g. :data:`EXIT_INFRA_ERROR` (1): an infrastructure failure (storage down
+- anything else, e.g. ``EXIT_INFRA_ERROR`` (1): an infrastructure failure (storage down
   after retries, input missing, a bad task environment): Batch may retry the task.
 
 Cancellation: a watcher thread checks the ``cancelled`` marker every
@@ -45,6 +46,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
+from covalent_gcpbatch_array._core import contract
+from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import (
     TaskInput,
     decode_input,
@@ -57,9 +61,7 @@ from covalent_gcpbatch_array._core.storage import (
     JobLayout,
     TaskObject,
     TaskOutcome,
-    TaskRef,
     TaskStore,
-    make_storage_client,
 )
 from covalent_gcpbatch_array.exceptions import (
     ElectronInputError,
@@ -68,29 +70,7 @@ from covalent_gcpbatch_array.exceptions import (
     TaskEnvironmentError,
 )
 
-__all__ = [
-    "ENV_BUCKET",
-    "ENV_CANCEL_GRACE",
-    "ENV_CANCEL_POLL",
-    "ENV_HMAC_KEY",
-    "ENV_JOB_PREFIX",
-    "EXIT_INFRA_ERROR",
-    "EXIT_OK",
-    "EXIT_USER_ERROR",
-    "RunnerSettings",
-    "TaskCancelled",
-    "main",
-]
-
-EXIT_OK = 0
-EXIT_USER_ERROR = 3
-EXIT_INFRA_ERROR = 1
-
-ENV_BUCKET = "CGA_BUCKET"  # the bucket name
-ENV_JOB_PREFIX = "CGA_JOB_PREFIX"  # the job's folder, "{prefix}/{job_id}"
-ENV_HMAC_KEY = "CGA_HMAC_KEY"  # the job's key, 64 hex digits
-ENV_CANCEL_POLL = "CGA_CANCEL_POLL_SECONDS"  # how often to look for the cancel marker
-ENV_CANCEL_GRACE = "CGA_CANCEL_GRACE_SECONDS"  # how long a cancelled function may linger
+__all__ = ["RunnerSettings", "TaskCancelled", "main"]
 
 _DEFAULT_CANCEL_POLL = 2.0
 _DEFAULT_CANCEL_GRACE = 5.0
@@ -118,7 +98,7 @@ def _read(environ: Mapping[str, str], name: str, parse: Callable[[str], Any], de
         return parse(text)
     except ValueError as exc:
         # Never echo the key's value into logs.
-        shown = "(hidden)" if name == ENV_HMAC_KEY else repr(text)
+        shown = "(hidden)" if name == contract.ENV_HMAC_KEY else repr(text)
         raise _RunnerSetupError(f"{name}={shown} is invalid: {exc}") from exc
 
 
@@ -153,18 +133,22 @@ class RunnerSettings:
         :raises _RunnerSetupError: a variable is missing or invalid
         """
         settings = cls(
-            bucket=_read(environ, ENV_BUCKET, str, None),
-            layout=_read(environ, ENV_JOB_PREFIX, JobLayout.from_folder, None),
-            index=_read(environ, "BATCH_TASK_INDEX", int, None),
-            attempt=_read(environ, "BATCH_TASK_RETRY_ATTEMPT", int, 0),
-            key=_read(environ, ENV_HMAC_KEY, parse_job_key, None),
-            cancel_poll_seconds=_read(environ, ENV_CANCEL_POLL, _positive, _DEFAULT_CANCEL_POLL),
-            cancel_grace_seconds=_read(environ, ENV_CANCEL_GRACE, _positive, _DEFAULT_CANCEL_GRACE),
+            bucket=_read(environ, contract.ENV_BUCKET, str, None),
+            layout=_read(environ, contract.ENV_JOB_PREFIX, JobLayout.from_folder, None),
+            index=_read(environ, contract.ENV_TASK_INDEX, int, None),
+            attempt=_read(environ, contract.ENV_TASK_ATTEMPT, int, 0),
+            key=_read(environ, contract.ENV_HMAC_KEY, parse_job_key, None),
+            cancel_poll_seconds=_read(
+                environ, contract.ENV_CANCEL_POLL, _positive, _DEFAULT_CANCEL_POLL
+            ),
+            cancel_grace_seconds=_read(
+                environ, contract.ENV_CANCEL_GRACE, _positive, _DEFAULT_CANCEL_GRACE
+            ),
         )
         try:
             TaskRef(settings.layout.job_id, settings.index)
         except ValueError as exc:
-            raise _RunnerSetupError(f"BATCH_TASK_INDEX is invalid: {exc}") from exc
+            raise _RunnerSetupError(f"{contract.ENV_TASK_INDEX} is invalid: {exc}") from exc
         return settings
 
 
@@ -258,7 +242,7 @@ def _hard_stop(capture: OutputCapture, store: TaskStore, task: TaskRef, log: _Lo
     except Exception as exc:
         log(f"could not upload the outputs: {exc}")
     log.close()
-    os._exit(EXIT_OK)
+    os._exit(contract.EXIT_OK)
 
 
 def _upload_streams(store: TaskStore, task: TaskRef, stdout: bytes, stderr: bytes) -> None:
@@ -282,9 +266,9 @@ def _record_failure(
     data = encode_error(exc, key=settings.key, task=settings.task, stdout=stdout, stderr=stderr)
     # A result recorded meanwhile (an earlier attempt thought lost) wins: keep one outcome.
     if TaskOutcome.of(store.task_objects(settings.task)) is TaskOutcome.SUCCEEDED:
-        return EXIT_OK
+        return contract.EXIT_OK
     if store.write_if_absent(settings.task, TaskObject.ERROR, data):
-        return EXIT_USER_ERROR
+        return contract.EXIT_USER_ERROR
     return _settled_exit(store, settings.task)
 
 
@@ -292,10 +276,10 @@ def _settled_exit(store: TaskStore, task: TaskRef) -> int:
     """Exit as the outcome already recorded says (another attempt won the race)."""
     outcome = TaskOutcome.of(store.task_objects(task))
     return {
-        TaskOutcome.SUCCEEDED: EXIT_OK,
-        TaskOutcome.CANCELLED: EXIT_OK,
-        TaskOutcome.FAILED: EXIT_USER_ERROR,
-    }.get(outcome, EXIT_INFRA_ERROR)
+        TaskOutcome.SUCCEEDED: contract.EXIT_OK,
+        TaskOutcome.CANCELLED: contract.EXIT_OK,
+        TaskOutcome.FAILED: contract.EXIT_USER_ERROR,
+    }.get(outcome, contract.EXIT_INFRA_ERROR)
 
 
 def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore, log: _Log) -> int:
@@ -309,12 +293,12 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
     outcome = TaskOutcome.of(store.task_objects(task))
     if outcome is not TaskOutcome.UNFINISHED:
         log(f"already {outcome.value}: nothing to do")
-        return EXIT_USER_ERROR if outcome is TaskOutcome.FAILED else EXIT_OK
+        return contract.EXIT_USER_ERROR if outcome is TaskOutcome.FAILED else contract.EXIT_OK
     data = store.download(task, TaskObject.INPUT)
     if data is None:
         name = settings.layout.object_name(task.index, TaskObject.INPUT)
         log(f"no input at gs://{settings.bucket}/{name}: the executor did not upload it")
-        return EXIT_INFRA_ERROR
+        return contract.EXIT_INFRA_ERROR
     try:
         task_input = decode_input(data, key=settings.key, task=task)
     except (ResultIntegrityError, TaskEnvironmentError) as exc:
@@ -328,7 +312,7 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
     _upload_streams(store, task, run.stdout, run.stderr)
     if run.cancelled:
         log("cancelled: no outcome written")
-        return EXIT_OK
+        return contract.EXIT_OK
     error = run.error
     if error is None:
         try:
@@ -340,7 +324,7 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
         else:
             run.value = None
             if store.write_if_absent(task, TaskObject.RESULT, result):
-                return EXIT_OK
+                return contract.EXIT_OK
             return _settled_exit(store, task)
     # The traceback goes to the task's log too: once the executor deleted error.pkl, Cloud
     # Logging is where `gcpbatch-array logs` finds it.
@@ -386,24 +370,24 @@ def _call_watched(
 def main(environ: Mapping[str, str] | None = None) -> int:
     """The runner's entry point: returns the exit code."""
     environ = os.environ if environ is None else environ
-    log = _Log(f"task {environ.get('BATCH_TASK_INDEX', '?')}")
+    log = _Log(f"task {environ.get(contract.ENV_TASK_INDEX, '?')}")
     try:
         settings = RunnerSettings.from_environ(environ)
     except _RunnerSetupError as exc:
         log(f"cannot start: {exc}")
-        return EXIT_INFRA_ERROR
+        return contract.EXIT_INFRA_ERROR
     # The function and its subprocesses have no use for the key: keep it out of their reach.
-    os.environ.pop(ENV_HMAC_KEY, None)
+    os.environ.pop(contract.ENV_HMAC_KEY, None)
     try:
         store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)
         watch_store = TaskStore(make_storage_client(None), settings.bucket, settings.layout.prefix)
         return _run_task(settings, store, watch_store, log)
     except StorageError as exc:
         log(f"storage failed (Batch may retry this task): {exc}")
-        return EXIT_INFRA_ERROR
+        return contract.EXIT_INFRA_ERROR
     except Exception:
         log(f"unexpected runner failure (Batch may retry this task):\n{traceback.format_exc()}")
-        return EXIT_INFRA_ERROR
+        return contract.EXIT_INFRA_ERROR
     finally:
         log.close()
 

@@ -12,19 +12,19 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core import jobs as batch
+from covalent_gcpbatch_array._core.clients import make_batch_client
+from covalent_gcpbatch_array._core.contract import EXIT_USER_ERROR
 from covalent_gcpbatch_array._core.jobs import (
     CANCEL_CHECKS_PER_SECOND,
     CREATED_BY_LABEL,
     TASK_STATE_FIELDS,
     JobsApi,
     build_job,
-    make_batch_client,
     new_job_id,
 )
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, JobShape
 from covalent_gcpbatch_array.exceptions import BatchApiError
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.runner import EXIT_USER_ERROR
 
 
 def shape(**overrides: Any) -> JobShape:

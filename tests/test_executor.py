@@ -23,8 +23,10 @@ from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeErr
 from google.api_core.exceptions import NotFound
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
-from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array._core.storage import TaskStore
 from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
     ConfigError,

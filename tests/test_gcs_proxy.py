@@ -21,9 +21,10 @@ from google.cloud import batch_v1
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from benchmarks.storage_log import StorageLog
+from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator, make_storage_client
+from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
 from covalent_gcpbatch_array.local.gcs.proxy import StorageFault, StorageFaults, serve
 from tests.conftest import wait_until
 
@@ -119,7 +120,7 @@ async def call(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
 
 
 def bucket_via(endpoint: str) -> storage.Bucket:
-    return make_storage_client(endpoint, "proxy-project").bucket(BUCKET)
+    return make_storage_client("proxy-project", endpoint).bucket(BUCKET)
 
 
 async def admin(endpoint: str, method: str, path: str, body: Any = None) -> requests.Response:
@@ -254,7 +255,7 @@ class TestFaults:
 
 def delete_in_a_batch(endpoint: str, names: list[str]) -> list[int]:
     """Delete ``names`` in one batch request of the real client; the status of each call."""
-    client = make_storage_client(endpoint, "proxy-project")
+    client = make_storage_client("proxy-project", endpoint)
     with client.batch(raise_exception=False) as batch:
         for name in names:
             client.bucket(BUCKET).blob(name).delete(retry=None)
@@ -291,7 +292,7 @@ class TestBatch:
     @pytest.mark.anyio
     async def test_a_patch_in_a_batch_carries_its_body(self, proxy: str, gcs: GcsEmulator) -> None:
         await upload_each(gcs.endpoint, ["patched"])
-        client = make_storage_client(proxy, "proxy-project")
+        client = make_storage_client("proxy-project", proxy)
 
         def patch() -> None:
             with client.batch():

@@ -1,4 +1,4 @@
-"""ops: durations, the Logging client, and the Inspector's edge cases on the local cloud."""
+"""ops: durations and the Inspector's edge cases on the local cloud."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array._core.clients import make_logging_client
 from covalent_gcpbatch_array._core.jobs import JobsApi
 from covalent_gcpbatch_array._core.storage import TaskStore
-from covalent_gcpbatch_array.cli.ops import Inspector, make_logging_client, parse_duration
+from covalent_gcpbatch_array.cli.ops import Inspector, parse_duration
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
 from covalent_gcpbatch_array.local import LocalCloud
 from tests.conftest import wait_until
@@ -38,15 +38,6 @@ class TestParseDuration:
     def test_what_is_not_a_duration(self, text: str) -> None:
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(text)
-
-
-class TestMakeLoggingClient:
-    def test_a_plain_http_endpoint_is_anonymous_json_over_http(self) -> None:
-        client = make_logging_client("my-project", "http://127.0.0.1:9/")
-        assert isinstance(client._credentials, AnonymousCredentials)
-        assert client._use_grpc is False
-        assert client._connection.API_BASE_URL == "http://127.0.0.1:9"
-        assert client.project == "my-project"
 
 
 def _inspector(cloud: LocalCloud) -> Inspector:

@@ -60,12 +60,6 @@ class TestInfrastructureError:
             infrastructure_error(task(50005, 50005), time_limit=1, retries=1)
         )
 
-    def test_the_runners_exit_code_is_the_one_the_runner_uses(self) -> None:
-        from covalent_gcpbatch_array._core.outcome import RUNNER_FAILED_EXIT_CODE
-        from covalent_gcpbatch_array.runner import EXIT_INFRA_ERROR
-
-        assert RUNNER_FAILED_EXIT_CODE == EXIT_INFRA_ERROR
-
     def test_the_runners_own_failure_points_at_the_tasks_log(self) -> None:
         error = infrastructure_error(task(1, 1), time_limit=300, retries=1)
         assert "the task's runner could not do its work (exit code 1)" in str(error)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covalent_gcpbatch_array._core import envelopes as payload
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import (
     ElectronOrigin,
     RuntimeVersions,
@@ -28,7 +29,6 @@ from covalent_gcpbatch_array._core.envelopes import (
     new_job_key,
     parse_job_key,
 )
-from covalent_gcpbatch_array._core.storage import TaskRef
 from covalent_gcpbatch_array.exceptions import (
     ElectronInputError,
     RemoteTaskError,

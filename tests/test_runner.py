@@ -19,6 +19,14 @@ from google.cloud import batch_v1, storage
 from test_store import ScriptedProxy  # a sibling test module (pytest puts tests/ on sys.path)
 
 from covalent_gcpbatch_array import runner
+from covalent_gcpbatch_array._core import contract
+from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.contract import (
+    EXIT_INFRA_ERROR,
+    EXIT_OK,
+    EXIT_USER_ERROR,
+    TaskRef,
+)
 from covalent_gcpbatch_array._core.envelopes import (
     ElectronOrigin,
     RuntimeVersions,
@@ -35,9 +43,7 @@ from covalent_gcpbatch_array._core.jobs import build_job, new_job_id
 from covalent_gcpbatch_array._core.storage import (
     JobLayout,
     TaskObject,
-    TaskRef,
     TaskStore,
-    make_storage_client,
 )
 from covalent_gcpbatch_array.config import ExecutorConfig
 from covalent_gcpbatch_array.exceptions import (
@@ -49,7 +55,6 @@ from covalent_gcpbatch_array.exceptions import (
 )
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
-from covalent_gcpbatch_array.runner import EXIT_INFRA_ERROR, EXIT_OK, EXIT_USER_ERROR
 
 # The functions below run in the runner's process, where this module cannot be imported.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -106,10 +111,10 @@ class Job:
             "BATCH_TASK_INDEX": str(index),
             "BATCH_TASK_COUNT": "100",
             "BATCH_TASK_RETRY_ATTEMPT": "0",
-            runner.ENV_BUCKET: self.store.bucket_name,
-            runner.ENV_JOB_PREFIX: self.layout.folder,
-            runner.ENV_HMAC_KEY: self.key.hex(),
-            runner.ENV_CANCEL_POLL: "0.2",
+            contract.ENV_BUCKET: self.store.bucket_name,
+            contract.ENV_JOB_PREFIX: self.layout.folder,
+            contract.ENV_HMAC_KEY: self.key.hex(),
+            contract.ENV_CANCEL_POLL: "0.2",
         }
         env.update(extra)
         return env
@@ -247,7 +252,7 @@ def leave_a_thread_behind() -> str:
 
 
 def read_key_from_environment() -> str | None:
-    return os.environ.get(runner.ENV_HMAC_KEY)
+    return os.environ.get(contract.ENV_HMAC_KEY)
 
 
 class Tripwire:
@@ -489,18 +494,18 @@ class TestInfrastructureFailures:
         assert job.objects() == frozenset()
 
     def test_missing_bucket(self, job: Job) -> None:
-        done = job.run(**{runner.ENV_BUCKET: "no-such-bucket-cga"})
+        done = job.run(**{contract.ENV_BUCKET: "no-such-bucket-cga"})
         assert done.returncode == EXIT_INFRA_ERROR
         assert "gs://no-such-bucket-cga does not exist" in done.stderr
 
     @pytest.mark.parametrize(
         ("name", "value", "problem"),
         [
-            (runner.ENV_HMAC_KEY, "", "CGA_HMAC_KEY is not set"),
-            (runner.ENV_HMAC_KEY, "secret-not-hex", "CGA_HMAC_KEY=(hidden) is invalid"),
+            (contract.ENV_HMAC_KEY, "", "CGA_HMAC_KEY is not set"),
+            (contract.ENV_HMAC_KEY, "secret-not-hex", "CGA_HMAC_KEY=(hidden) is invalid"),
             ("BATCH_TASK_INDEX", "-1", "BATCH_TASK_INDEX is invalid"),
-            (runner.ENV_JOB_PREFIX, "../etc", "CGA_JOB_PREFIX='../etc' is invalid"),
-            (runner.ENV_CANCEL_POLL, "0", "CGA_CANCEL_POLL_SECONDS='0' is invalid"),
+            (contract.ENV_JOB_PREFIX, "../etc", "CGA_JOB_PREFIX='../etc' is invalid"),
+            (contract.ENV_CANCEL_POLL, "0", "CGA_CANCEL_POLL_SECONDS='0' is invalid"),
         ],
     )
     def test_bad_environment(self, job: Job, name: str, value: str, problem: str) -> None:
@@ -534,7 +539,7 @@ class TestCancellation:
 
     def test_function_that_swallows_the_cancel_is_ended(self, job: Job, tmp_path: Path) -> None:
         process, finished = self._start(
-            job, tmp_path, swallow=True, **{runner.ENV_CANCEL_GRACE: "1"}
+            job, tmp_path, swallow=True, **{contract.ENV_CANCEL_GRACE: "1"}
         )
         _, stderr = process.communicate(timeout=_RUN_TIMEOUT)
         assert process.returncode == EXIT_OK, stderr

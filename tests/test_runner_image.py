@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from covalent_gcpbatch_array import runner
+from covalent_gcpbatch_array._core import contract
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -143,7 +143,7 @@ class TestSettings:
             text=True,
             timeout=120,
         )
-        assert done.returncode == runner.EXIT_INFRA_ERROR
+        assert done.returncode == contract.EXIT_INFRA_ERROR
         assert "cannot start: CGA_BUCKET is not set" in done.stderr
 
 

@@ -35,8 +35,8 @@ from electrons import (
     new_token,
 )
 
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import encode_error, encode_result
-from covalent_gcpbatch_array._core.storage import TaskRef
 from covalent_gcpbatch_array.exceptions import ResultIntegrityError
 from covalent_gcpbatch_array.local import LocalCloud
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import cloudpickle
 
-from covalent_gcpbatch_array._core.storage import TaskRef
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array.exceptions import (
     ElectronInputError,
     RemoteTaskError,

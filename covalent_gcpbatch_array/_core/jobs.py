@@ -21,16 +21,22 @@ import google.auth.exceptions
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from covalent_gcpbatch_array import __version__
+from covalent_gcpbatch_array._core.contract import (
+    ENV_BUCKET,
+    ENV_CANCEL_POLL,
+    ENV_HMAC_KEY,
+    ENV_JOB_PREFIX,
+    NEVER_RETRIED_EXIT_CODES,
+    RUNNER_MODULE,
+)
 from covalent_gcpbatch_array.config import JobShape
 from covalent_gcpbatch_array.exceptions import BatchApiError
-from covalent_gcpbatch_array.runner import ENV_CANCEL_POLL, EXIT_USER_ERROR
 
-__all__ = ["TASK_STATE_FIELDS", "JobsApi", "build_job", "make_batch_client", "new_job_id"]
+__all__ = ["TASK_STATE_FIELDS", "JobsApi", "build_job", "new_job_id"]
 
 #: Label every job carries, so `gcpbatch-array jobs` and `gc` find ours and only ours.
 CREATED_BY_LABEL = ("created-by", "covalent-gcpbatch-array")
@@ -85,25 +91,6 @@ def new_job_id(now: float | None = None) -> str:
     return f"cga-{stamp}-{secrets.token_hex(5)}"
 
 
-def make_batch_client(endpoint: str = "") -> batch_v1.BatchServiceClient:
-    """A REST ``BatchServiceClient`` for Google (``endpoint=""``) or another endpoint.
-
-    A plain ``http://`` endpoint is an emulator such as the local cloud: it gets anonymous
-    credentials, since no Google credential may be sent over plain HTTP.
-    """
-    if not endpoint:
-        return batch_v1.BatchServiceClient(transport="rest")
-    credentials = AnonymousCredentials() if endpoint.startswith("http://") else None
-    return batch_v1.BatchServiceClient(
-        transport="rest", credentials=credentials, client_options={"api_endpoint": endpoint}
-    )
-
-
-#: Exit codes whose task fails at once, whatever ``retries`` says: the function raised (another
-#: attempt would raise again), or the attempt ran past ``time_limit`` (Batch would otherwise
-#: retry it with the same limit). ``retries`` is for preemptions and other VM faults.
-NEVER_RETRIED_EXIT_CODES = (EXIT_USER_ERROR, 50005)
-
 #: How often a running task looks for its cancel marker: every 2 s, slower in big jobs so that the
 #: tasks of one job check at most ~50 times a second in all (a metadata read each), up to 60 s.
 CANCEL_CHECKS_PER_SECOND = 50
@@ -143,7 +130,7 @@ def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: st
         container=batch_v1.Runnable.Container(
             image_uri=shape.container_image_uri,
             entrypoint="python",
-            commands=["-m", "covalent_gcpbatch_array.runner"],
+            commands=["-m", RUNNER_MODULE],
         )
     )
     task_spec = batch_v1.TaskSpec(
@@ -163,9 +150,9 @@ def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: st
         ],
         environment=batch_v1.Environment(
             variables={
-                "CGA_BUCKET": shape.bucket_name,
-                "CGA_JOB_PREFIX": job_prefix,
-                "CGA_HMAC_KEY": hmac_key,
+                ENV_BUCKET: shape.bucket_name,
+                ENV_JOB_PREFIX: job_prefix,
+                ENV_HMAC_KEY: hmac_key,
                 ENV_CANCEL_POLL: f"{cancel_poll_seconds(task_count, shape.parallelism):g}",
             }
         ),
@@ -404,4 +391,4 @@ class JobsApi:
 
 
 def _job_prefix(job: batch_v1.Job) -> str:
-    return job.task_groups[0].task_spec.environment.variables.get("CGA_JOB_PREFIX", "")
+    return job.task_groups[0].task_spec.environment.variables.get(ENV_JOB_PREFIX, "")

@@ -11,6 +11,11 @@ from typing import Any
 
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array._core.contract import (
+    EXIT_INFRA_ERROR,
+    EXIT_MAX_RUN_DURATION,
+    RESERVED_EXIT_CODES,
+)
 from covalent_gcpbatch_array.exceptions import TaskInfrastructureError, TimeLimitExceeded
 
 __all__ = [
@@ -20,16 +25,6 @@ __all__ = [
     "task_exit_code",
     "task_index",
 ]
-
-#: Batch's reserved exit codes (cloud.google.com/batch/docs/troubleshooting#reserved-exit-codes).
-RESERVED_EXIT_CODES = {
-    50001: "the VM was preempted (Spot or preemptible capacity was reclaimed)",
-    50002: "the VM stopped reporting to Batch (lost or unresponsive)",
-    50003: "the VM was rebooted while the task was running",
-    50004: "the task could not reach Batch's agent (VM unresponsive)",
-    50005: "the task ran past its maximum run duration",
-    50006: "the VM was deleted or not found while the task was running",
-}
 
 
 @dataclass
@@ -41,10 +36,6 @@ class ElectronOutcome:
     traceback_text: str = ""  # the remote traceback, when the function raised
     stdout: str = ""  # what the task printed on standard output
     stderr: str = ""  # what the task printed on standard error
-
-
-#: The runner's exit code when it could not finish (storage, set-up), see runner.EXIT_INFRA_ERROR.
-RUNNER_FAILED_EXIT_CODE = 1
 
 
 def task_index(task: batch_v1.Task) -> int:
@@ -81,7 +72,7 @@ def infrastructure_error(
     # What Batch recorded, not what retries allows: exit 0 and user errors are not retried.
     count = (task_attempts(task) if task is not None else 0) or retries + 1
     attempts = f"after {count} attempt(s) (retries={retries})"
-    if code == 50005:
+    if code == EXIT_MAX_RUN_DURATION:
         return TimeLimitExceeded(
             f"the task ran longer than time_limit={time_limit:g}s and Batch stopped it, "
             f"{attempts}; raise time_limit (constructor or [executors.gcpbatch_array]) if it "
@@ -98,7 +89,7 @@ def infrastructure_error(
             "the task process exited with code 0 without writing a result or an error (did "
             "the function end its own process, e.g. with os._exit()?)"
         )
-    elif code == RUNNER_FAILED_EXIT_CODE and task is not None:
+    elif code == EXIT_INFRA_ERROR and task is not None:
         job_id, index = task.name.split("/jobs/", 1)[-1].split("/")[0], task_index(task)
         reason = (
             f"the task's runner could not do its work (exit code {code}): Cloud Storage refused "

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
+from covalent_gcpbatch_array._core.clients import make_batch_client, make_storage_client
 from covalent_gcpbatch_array._core.coalescer import (
     Batch,
     BatchPhase,
@@ -27,11 +28,12 @@ from covalent_gcpbatch_array._core.coalescer import (
     Coalescer,
     Member,
 )
+from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, new_job_key
 from covalent_gcpbatch_array._core.job_monitor import ArrayJobContext, BatchExtras, run_array_job
-from covalent_gcpbatch_array._core.jobs import JobsApi, make_batch_client, new_job_id
+from covalent_gcpbatch_array._core.jobs import JobsApi, new_job_id
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
-from covalent_gcpbatch_array._core.storage import TaskRef, TaskStore, make_storage_client
+from covalent_gcpbatch_array._core.storage import TaskStore
 from covalent_gcpbatch_array._core.waves import WaveTracker, node_keys, server_reader
 from covalent_gcpbatch_array.config import MAX_TASKS_PER_JOB, ExecutorConfig, JobShape
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,27 +34,19 @@ import google.cloud.storage as storage
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
-from google.auth.credentials import AnonymousCredentials
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from covalent_gcpbatch_array._core.contract import TaskRef, validate_job_id, validate_prefix
 from covalent_gcpbatch_array.exceptions import StorageError
 
 __all__ = [
-    "JOB_ID_PATTERN",
     "JobLayout",
     "ManifestEntry",
     "TaskObject",
     "TaskOutcome",
-    "TaskRef",
     "TaskStore",
-    "make_storage_client",
-    "validate_job_id",
-    "validate_prefix",
 ]
 
-#: A valid Batch job id, the only kind of job id this package makes.
-JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9._/-]*$")
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_FORMAT = 1
 _BATCH_CALLS = 100  # calls per batch request: the most Cloud Storage takes in one
@@ -93,60 +83,16 @@ class TaskOutcome(enum.Enum):
         return cls.UNFINISHED
 
 
-def validate_job_id(job_id: str) -> str:
-    """Return ``job_id`` if it is a valid Batch job id, else raise ``ValueError``."""
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-        raise ValueError(
-            f"invalid job id {job_id!r}: it must be 1 to 63 characters of lowercase letters, "
-            f"digits and '-', start with a letter and not end with '-'"
-        )
-    return job_id
-
-
-def validate_prefix(prefix: str) -> str:
-    """Return ``prefix`` without its trailing '/' if it is a safe folder path, else raise.
-
-    A safe prefix uses only ``A-Z a-z 0-9 . _ / -``, has no ``..`` or empty segment and does not
-    start with '/'. The empty prefix puts job folders at the top of the bucket.
-
-    :raises ValueError: the prefix could escape its folder or is not a plain path
-    """
-    if not isinstance(prefix, str) or not _PREFIX_PATTERN.fullmatch(prefix):
-        raise ValueError(f"invalid bucket prefix {prefix!r}: use only letters, digits and . _ / -")
-    trimmed = prefix.rstrip("/")
-    if trimmed.startswith("/") or (prefix and not trimmed):
-        raise ValueError(f"invalid bucket prefix {prefix!r}: it must not start with '/'")
-    segments = trimmed.split("/") if trimmed else []
-    if any(segment in ("", ".", "..") for segment in segments):
-        raise ValueError(
-            f"invalid bucket prefix {prefix!r}: it must not contain '..', '.' or empty segments"
-        )
-    return trimmed
-
-
-@dataclass(frozen=True)
-class TaskRef:
-    """Which task an object belongs to; both fields are validated on creation."""
-
-    job_id: str  # the Batch job id the executor made
-    index: int  # the task's BATCH_TASK_INDEX, 0 .. taskCount-1
-
-    def __post_init__(self) -> None:
-        validate_job_id(self.job_id)
-        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
-            raise ValueError(f"invalid task index {self.index!r}: it must be an int >= 0")
-
-
 @dataclass(frozen=True)
 class JobLayout:
     """The object names of one job's folder."""
 
-    prefix: str  # the executor's bucket prefix, validated and without a trailing '/'
+    prefix: str  # the executor's bucket prefix (see contract.validate_prefix)
     job_id: str  # the Batch job id
 
     def __post_init__(self) -> None:
         validate_job_id(self.job_id)
-        object.__setattr__(self, "prefix", validate_prefix(self.prefix))
+        validate_prefix(self.prefix)
 
     @classmethod
     def from_folder(cls, folder: str) -> JobLayout:
@@ -187,41 +133,6 @@ class ManifestEntry:
     node_id: int  # the electron's node id in that dispatch
     submitted_at: datetime  # when the executor accepted the electron (timezone-aware)
     name: str = ""  # the electron's function name ("" if unknown, or an older manifest)
-
-
-def make_storage_client(project_id: str | None, endpoint: str = "") -> storage.Client:
-    """Make a Cloud Storage client for Google, or for an emulator at ``endpoint``.
-
-    With ``endpoint`` empty the client uses Google's defaults: Application Default Credentials,
-    or, when ``STORAGE_EMULATOR_HOST`` is set, anonymous access to that emulator (the client's
-    own rule). An ``http://`` endpoint (the local cloud) gets anonymous credentials, and both
-    the JSON API and the upload/download paths go to it.
-
-    :param project_id: the project to bill and to create buckets in; ``None`` or ``""`` for
-        none (object reads and writes need no project)
-    :param endpoint: ``""`` for Google (or ``STORAGE_EMULATOR_HOST``), else a base URL
-    :raises StorageError: no Google credentials could be found
-    """
-    project = project_id or None
-    # google-cloud-storage 3.x would GET each bucket's metadata from a background thread of
-    # each client, for tracing only: needless requests, counted in no benchmark, and a
-    # permission (storage.buckets.get) neither the executor nor the task needs otherwise.
-    os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
-    try:
-        if not endpoint:
-            return storage.Client(project=project)
-        credentials = AnonymousCredentials() if endpoint.startswith("http://") else None
-        return storage.Client(
-            project=project,
-            credentials=credentials,
-            client_options={"api_endpoint": endpoint.rstrip("/")},
-        )
-    except google.auth.exceptions.DefaultCredentialsError as exc:
-        raise StorageError(
-            "no Google credentials found for Cloud Storage: run `gcloud auth application-default "
-            "login`, or set GOOGLE_APPLICATION_CREDENTIALS, or run on a VM with a service account "
-            "(set storage_api_endpoint to use an emulator instead)"
-        ) from exc
 
 
 def _account_of(client: storage.Client) -> str:
@@ -274,7 +185,7 @@ def _storage_errors(client: storage.Client, bucket: str, action: str) -> Iterato
 class TaskStore:
     """Reads and writes the objects of jobs under ``gs://{bucket_name}/{prefix}/``.
 
-    :param client: a client from :func:`make_storage_client` (or ``storage.Client()``)
+    :param client: a client from :func:`.clients.make_storage_client` (or ``storage.Client()``)
     :param bucket_name: the bucket every job folder lives in
     :param prefix: the folder of all job folders in the bucket ("" for the top)
     :param retry: the retry policy of every request (429, 5xx and dropped connections are

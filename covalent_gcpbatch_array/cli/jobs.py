@@ -111,9 +111,14 @@ class InspectSettings:
 
     def inspector(self) -> Inspector:
         """An Inspector over the real clients for these settings."""
-        from covalent_gcpbatch_array._core.jobs import JobsApi, make_batch_client
-        from covalent_gcpbatch_array._core.storage import TaskStore, make_storage_client
-        from covalent_gcpbatch_array.cli.ops import Inspector, make_logging_client
+        from covalent_gcpbatch_array._core.clients import (
+            make_batch_client,
+            make_logging_client,
+            make_storage_client,
+        )
+        from covalent_gcpbatch_array._core.jobs import JobsApi
+        from covalent_gcpbatch_array._core.storage import TaskStore
+        from covalent_gcpbatch_array.cli.ops import Inspector
 
         storage_client = make_storage_client(self.project_id, self.storage_api_endpoint)
         return Inspector(

@@ -15,16 +15,14 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-import google.auth.exceptions
 from google.api_core import exceptions as api_exceptions
-from google.auth.credentials import AnonymousCredentials
 
+from covalent_gcpbatch_array._core.contract import ENV_HMAC_KEY, JOB_ID_PATTERN, TaskRef
 from covalent_gcpbatch_array._core.envelopes import decode_error, parse_job_key
 from covalent_gcpbatch_array._core.jobs import JobsApi
 from covalent_gcpbatch_array._core.outcome import task_exit_code, task_index
-from covalent_gcpbatch_array._core.storage import JOB_ID_PATTERN, TaskObject, TaskRef, TaskStore
+from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
 from covalent_gcpbatch_array.exceptions import CloudApiError, GCPBatchArrayError
-from covalent_gcpbatch_array.runner import ENV_HMAC_KEY
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage
@@ -37,7 +35,6 @@ __all__ = [
     "JobSummary",
     "TaskLogs",
     "TaskSummary",
-    "make_logging_client",
     "parse_duration",
 ]
 
@@ -109,33 +106,6 @@ class GcReport:
     deleted_objects: int = 0  # objects deleted from the bucket
     kept_unfinished: list[str] = field(default_factory=list)  # old jobs still running
     dry_run: bool = False  # nothing was deleted
-
-
-def make_logging_client(project_id: str, endpoint: str = "") -> logging_v2.Client:
-    """A google-cloud-logging client for Google (``endpoint=""``) or another endpoint.
-
-    A plain ``http://`` endpoint (the local cloud's Batch emulator also serves the Logging
-    API) gets anonymous credentials and the JSON-over-HTTP transport.
-
-    :raises CloudApiError: no Google credentials could be found
-    """
-    from google.cloud import logging_v2
-
-    try:
-        if not endpoint:
-            return logging_v2.Client(project=project_id)
-        credentials = AnonymousCredentials() if endpoint.startswith("http://") else None
-        return logging_v2.Client(
-            project=project_id,
-            credentials=credentials,
-            _use_grpc=False,
-            client_options={"api_endpoint": endpoint.rstrip("/")},
-        )
-    except google.auth.exceptions.DefaultCredentialsError as exc:
-        raise CloudApiError(
-            "no Google credentials found for Cloud Logging: run `gcloud auth application-default "
-            "login` or set GOOGLE_APPLICATION_CREDENTIALS"
-        ) from exc
 
 
 def _job_id(job: batch_v1.Job) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local.process import (
     Spawner,
@@ -175,7 +176,7 @@ class GcsEmulator:
 
     def storage_client(self, project: str) -> storage.Client:
         """Return a real ``google.cloud.storage.Client`` talking to this server, anonymously."""
-        return make_storage_client(self.endpoint, project)
+        return make_storage_client(project, self.endpoint)
 
     def create_bucket(self, bucket_name: str, project: str) -> None:
         """Create a bucket through the real client (it must not exist yet).
@@ -236,19 +237,6 @@ class GcsEmulator:
             # Waiting on the process doubles as the poll interval and notices an early exit.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=_POLL_INTERVAL)
-
-
-def make_storage_client(endpoint: str, project: str) -> storage.Client:
-    """Return a real, anonymous ``google.cloud.storage.Client`` for the emulator at ``endpoint``."""
-    # Imported here: google-cloud-storage costs ~0.5 s to import and the CLI often does not need it.
-    import google.cloud.storage as storage
-    from google.auth.credentials import AnonymousCredentials
-
-    return storage.Client(
-        project=project,
-        credentials=AnonymousCredentials(),
-        client_options={"api_endpoint": endpoint},
-    )
 
 
 class _BindRaceError(Exception):
