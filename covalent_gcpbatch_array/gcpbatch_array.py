@@ -117,9 +117,10 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
     ) -> None:
         explicit = {key: value for key, value in locals().items() if key in DEFAULTS}
         values = resolve_config(explicit, _read_config_file)
-        # Required keys are checked when the electron runs (`self.config`): Covalent's server
-        # first builds every executor from its own config file, then copies our attributes in.
-        config = ExecutorConfig.from_values(values, require=False)
+        # A missing required key is the user's error, raised here where they wrote it. Only
+        # Covalent's server may leave one empty: it builds every executor from its own config
+        # file, then copies the client's attributes in (`from_dict`); `run()` checks them then.
+        config = ExecutorConfig.from_values(values, require=not _built_by_covalent())
         super().__init__(
             log_stdout=log_stdout,
             log_stderr=log_stderr,
@@ -261,6 +262,19 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
     async def _set_job_handle(self, handle: dict[str, Any]) -> None:
         if self._in_covalent_runtime():
             await self.set_job_handle(handle)
+
+
+def _built_by_covalent() -> bool:
+    """Whether Covalent's executor manager is constructing us from its config file.
+
+    ``covalent.executor._ExecutorManager.get_executor(name)`` calls the class with the config
+    file's ``[executors.gcpbatch_array]`` table (Covalent 0.240), before ``from_dict``.
+    """
+    caller = sys._getframe(2)  # 0: here, 1: __init__, 2: whoever called the class
+    return (
+        caller.f_code.co_name == "get_executor"
+        and caller.f_globals.get("__name__") == "covalent.executor"
+    )
 
 
 def _name(function: Any) -> str:

@@ -129,13 +129,35 @@ class TestBadConfiguration:
         check_config_error(info.value, key, problem)
 
     @pytest.mark.parametrize("key", REQUIRED_KEYS)
-    def test_missing_required_key_fails_the_electron_before_any_vm(
+    def test_missing_required_key_is_refused_where_the_user_constructs_the_executor(
         self, key: str, cloud: LocalCloud
     ) -> None:
         config = cloud.executor_config() | {key: ""}
-        executor = GCPBatchArrayExecutor(**config)  # Covalent's server may fill it in later
         with pytest.raises(ConfigError, match=f"'{key}': is required"):
-            executor.config  # noqa: B018
+            GCPBatchArrayExecutor(**config)
+
+    @pytest.mark.parametrize("key", REQUIRED_KEYS)
+    def test_covalents_server_builds_from_its_config_file_then_copies_the_attributes_in(
+        self, key: str, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import covalent.executor
+
+        # The server's config file lacks the key; the user's executor has it.
+        data = copy.deepcopy(covalent_config._config_manager.config_data)
+        section = data.setdefault("executors", {}).setdefault("gcpbatch_array", {})
+        section.update({**DEFAULTS, **cloud.executor_config(), key: ""})
+        monkeypatch.setattr(covalent_config._config_manager, "config_data", data)
+        # It would merge the real file back in first.
+        monkeypatch.setattr(covalent.executor, "update_config", lambda: None)
+        users = GCPBatchArrayExecutor(**cloud.executor_config())
+        server_side = covalent.executor._executor_manager.get_executor("gcpbatch_array")
+        assert getattr(server_side, key) == ""  # no error yet
+        server_side.from_dict(users.to_dict())
+        assert server_side.config == users.config
+        # Had the user's executor lacked it too, the electron fails before any VM.
+        setattr(server_side, key, "")
+        with pytest.raises(ConfigError, match=f"'{key}': is required"):
+            server_side.config  # noqa: B018
 
     def test_a_bad_combination_names_both_keys(self) -> None:
         with pytest.raises(ConfigError, match="accelerator_type") as info:
