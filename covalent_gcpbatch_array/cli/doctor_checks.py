@@ -37,6 +37,7 @@ __all__ = [
     "Probe",
     "Skip",
     "Status",
+    "bucket_covers",
     "platform_checks",
 ]
 
@@ -471,13 +472,7 @@ def check_bucket(probe: Probe) -> CheckResult:
         )
     location = str(bucket.location or "").upper()
     region = config.region
-    data_locations = [str(x).lower() for x in (getattr(bucket, "data_locations", None) or [])]
-    covered = (
-        location == region.upper()
-        or region.startswith(_MULTI_REGIONS.get(location, ()))
-        or region in _DUAL_REGIONS.get(location, ())
-        or region in data_locations
-    )
+    covered = bucket_covers(location, getattr(bucket, "data_locations", None) or [], region)
     if not covered:
         return CheckResult(
             "bucket",
@@ -487,6 +482,18 @@ def check_bucket(probe: Probe) -> CheckResult:
             f"use a bucket in {region}, or set region to the bucket's",
         )
     return CheckResult("bucket", Status.PASS, f"gs://{config.bucket_name} is in {location}")
+
+
+def bucket_covers(location: str, data_locations: list[str], region: str) -> bool:
+    """Whether a bucket in ``location`` (a region, multi-region or dual-region) is in or covers
+    ``region``: then the tasks' transfers stay inside it."""
+    location = location.upper()
+    return (
+        location == region.upper()
+        or region.startswith(_MULTI_REGIONS.get(location, ()))
+        or region in _DUAL_REGIONS.get(location, ())
+        or region in [str(place).lower() for place in data_locations]
+    )
 
 
 def check_objects(probe: Probe) -> CheckResult:

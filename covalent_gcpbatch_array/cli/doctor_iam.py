@@ -153,12 +153,16 @@ def check_account_roles(probe: Probe) -> CheckResult:
         policy = probe.storage.bucket(bucket_name).get_iam_policy(
             requested_policy_version=3, timeout=30
         )
-        on_bucket = _roles(policy.bindings, member)
+        on_bucket: set[str] | None = _roles(policy.bindings, member)
+        unread = ""
     except api_exceptions.GoogleAPICallError as exc:
-        raise Skip(f"cannot read gs://{bucket_name}'s IAM policy: {exc.message}") from exc
-    held = on_project | on_bucket
+        on_bucket, unread = (
+            None,
+            f"gs://{bucket_name}'s IAM policy is not readable here ({exc.code})",
+        )
+    held = on_project | (on_bucket or set())
     missing = [role for role in PROJECT_ROLES if role not in on_project]
-    if not (held & _COVERS[BUCKET_ROLE]) and not (held & _BASIC_ROLES):
+    if on_bucket is not None and not held & (_COVERS[BUCKET_ROLE] | _BASIC_ROLES):
         missing.append(f"{BUCKET_ROLE} (on gs://{bucket_name})")
     if missing:
         return CheckResult(
@@ -169,7 +173,7 @@ def check_account_roles(probe: Probe) -> CheckResult:
             f"add-iam-policy-binding {probe.config.project_id} --member={member} "
             f"--role={missing[0].split(' ')[0]}",
         )
-    broader = sorted((on_project - set(PROJECT_ROLES)) | (on_bucket - {BUCKET_ROLE}))
+    broader = sorted((on_project - set(PROJECT_ROLES)) | ((on_bucket or set()) - {BUCKET_ROLE}))
     if broader:
         return CheckResult(
             "account-roles",
@@ -178,6 +182,8 @@ def check_account_roles(probe: Probe) -> CheckResult:
             "use a service account with only the roles docs/deploy.md lists (the Compute "
             "Engine default account has roles/editor): set service_account_email",
         )
+    if unread:
+        raise Skip(f"{email} holds the project roles, but {unread}")
     return CheckResult("account-roles", Status.PASS, f"{email} holds exactly the task roles")
 
 
