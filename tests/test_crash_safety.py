@@ -8,6 +8,10 @@ late, never faked.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,8 +20,11 @@ from typing import Any
 import anyio
 import cloudpickle
 import pytest
+from conftest import wait_until
 from covalent._shared_files.exceptions import TaskCancelledError
-from electrons import executor_for
+from electrons import FAST, executor_for
+from google.api_core import exceptions as api_exceptions
+from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi
@@ -109,3 +116,82 @@ class TestCancelledElsewhere:
             with pytest.raises(TaskCancelledError, match="cancel"):
                 await ex.run(sleep_then, [60], {}, {"dispatch_id": "elsewhere", "node_id": 1})
         await ExecutorRuntime.wait_idle()
+
+
+#: A fan-out in a process of its own, as a user's script runs it: n electrons that sleep.
+FAN_OUT = """
+import asyncio, json, sys, time
+from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
+
+def sleeper(i):
+    time.sleep(600)
+    return i
+
+async def main(config, n):
+    async def one(i):
+        executor = GCPBatchArrayExecutor(**config)
+        await executor.run(sleeper, [i], {}, {"dispatch_id": "crash", "node_id": i})
+    await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+
+asyncio.run(main(json.loads(sys.argv[1]), int(sys.argv[2])))
+"""
+
+
+class FanOutProcess:
+    """A child process running :data:`FAN_OUT`, and the one job it creates."""
+
+    def __init__(self, cloud: LocalCloud, electrons: int = 3, **overrides: Any) -> None:
+        self.cloud = cloud
+        self.client = cloud.batch_client()
+        self.parent = f"projects/{cloud.project_id}/locations/{cloud.region}"
+        self.before = self.job_ids()
+        config = cloud.executor_config() | FAST | overrides
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", FAN_OUT, json.dumps(config), str(electrons)],
+            env=os.environ | cloud.environment(),
+        )
+        self.job_id = ""
+
+    def job_ids(self) -> set[str]:
+        return {job.name.rsplit("/", 1)[-1] for job in self.client.list_jobs(parent=self.parent)}
+
+    def wait_for_job(self, *states: batch_v1.JobStatus.State) -> batch_v1.Job:
+        """Wait until the process created its job and the job is in one of ``states``."""
+
+        def found() -> bool:
+            if not self.job_id:
+                self.job_id = next(iter(self.job_ids() - self.before), "")
+            return bool(self.job_id) and self.job().status.state in states
+
+        assert wait_until(found, timeout=120), f"no job in {states}: {self.job_id or 'none'}"
+        return self.job()
+
+    def job(self) -> batch_v1.Job:
+        return self.client.get_job(name=f"{self.parent}/jobs/{self.job_id}")
+
+    def job_gone(self) -> bool:
+        try:
+            state = self.job().status.state
+        except api_exceptions.NotFound:
+            return True
+        return state == batch_v1.JobStatus.State.DELETION_IN_PROGRESS
+
+    def stop(self, signum: int) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=120)
+
+
+class TestGracefulStop:
+    """SIGINT or SIGTERM of a process using the executor deletes the jobs it owns at once."""
+
+    @pytest.mark.parametrize("signum", [signal.SIGINT])
+    def test_a_signal_while_running_deletes_the_job(
+        self, cloud: LocalCloud, signum: signal.Signals
+    ) -> None:
+        deletes = cloud.stats()["api_calls"].get("DeleteJob", 0)
+        child = FanOutProcess(cloud)
+        child.wait_for_job(batch_v1.JobStatus.State.RUNNING)
+        child.stop(signum)
+        # Deleted by the stopping process itself, not later by anyone else.
+        assert child.job_gone()
+        assert cloud.stats()["api_calls"].get("DeleteJob", 0) - deletes == 1

@@ -45,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover  (google-cloud-storage 2.x)
     from google.resumable_media.common import DataCorruption
 
-__all__ = ["ArrayJobContext", "BatchExtras", "run_array_job"]
+__all__ = ["STOP_SECONDS", "ArrayJobContext", "BatchExtras", "run_array_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ _WAITING_JOB_STATES = (
     batch_v1.JobStatus.State.SCHEDULED,
 )
 _STARTED_TASK_STATES = ("RUNNING", "SUCCEEDED", "FAILED")
+#: How long a stopping executor spends on one job: delete it, fail its electrons, clean up.
+STOP_SECONDS = 30.0
 
 
 @dataclass
@@ -93,30 +95,46 @@ class ArrayJobContext:
 async def run_array_job(
     batch: Batch[JobShape, ElectronOutcome], extras: BatchExtras, ctx: ArrayJobContext
 ) -> None:
-    """Create the batch's job and resolve each launched electron as its task ends."""
+    """Create the batch's job and resolve each launched electron as its task ends.
+
+    Cancelled (the executor's loop is stopping: SIGINT, SIGTERM, the Covalent server shutting
+    down), it deletes the job, fails the electrons still waiting and cleans up, shielded and
+    within :data:`STOP_SECONDS`, before the cancellation goes on.
+    """
     job_id = batch.batch_id
     launched = {member.index: member for member in batch.launched_members()}
-    await _write_manifest_and_markers(batch, extras, ctx, launched)
-    job = build_job(
-        extras.config.shape,
-        task_count=len(batch.members),
-        job_prefix=ctx.store.layout(job_id).folder,
-        hmac_key=extras.key.hex(),
-    )
-    try:
-        await ctx.jobs.create(job_id, job)
-    except BatchApiError as exc:
-        for member in batch.live_members():
-            error = BatchApiError(str(exc))
-            error.__cause__ = exc.__cause__
-            member.fail(error)
-        return
-    logger.info("created Batch job %s with %d tasks", job_id, len(batch.members))
     monitor = _JobMonitor(batch, extras, ctx, launched)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(monitor.mark_cancellations)
-        await monitor.poll_until_resolved(tg)
-        tg.cancel_scope.cancel()
+    try:
+        await _write_manifest_and_markers(batch, extras, ctx, launched)
+        if extras.config.orphan_timeout:
+            # Written before the job exists, so that its tasks always find one.
+            await ctx.run_blocking(ctx.store.renew_lease, job_id)
+        job = build_job(
+            extras.config.shape,
+            task_count=len(batch.members),
+            job_prefix=ctx.store.layout(job_id).folder,
+            hmac_key=extras.key.hex(),
+        )
+        try:
+            await ctx.jobs.create(job_id, job)
+        except BatchApiError as exc:
+            for member in batch.live_members():
+                error = BatchApiError(str(exc))
+                error.__cause__ = exc.__cause__
+                member.fail(error)
+            return
+        logger.info("created Batch job %s with %d tasks", job_id, len(batch.members))
+        monitor.created_at = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(monitor.mark_cancellations)
+            tg.start_soon(monitor.renew_lease)
+            await monitor.poll_until_resolved(tg)
+            tg.cancel_scope.cancel()
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + STOP_SECONDS
+            await monitor.stop()
+        raise
     await monitor.finish()
 
 
@@ -384,6 +402,45 @@ class _JobMonitor:
                     what = f"mark task {ref.index} of job {ref.job_id} cancelled"
                     tg.start_soon(self.ctx.housekeeping, what, self.ctx.store.write_cancelled, ref)
 
+    async def renew_lease(self) -> None:
+        """Renew the job's lease until cancelled: a few times per ``orphan_timeout``.
+
+        Its tasks stop once it is older than ``orphan_timeout``, e.g. after this process died.
+        """
+        timeout = self.config.orphan_timeout
+        if not timeout:
+            return
+        what = f"renew the lease of job {self.job_id}"
+        while True:
+            await anyio.sleep(min(self.config.poll_freq, timeout / 4))
+            await self.ctx.housekeeping(what, self.ctx.store.renew_lease, self.job_id)
+
+    async def stop(self) -> None:
+        """The executor is stopping: delete the job if it may still run tasks, fail the
+        electrons still waiting on it, and delete its tasks' objects."""
+        self._fail_live(
+            TaskInfrastructureError(
+                f"the executor stopped (its process was interrupted or terminated, or the "
+                f"Covalent server shut down) while this electron waited on Batch job "
+                f"{self.job_id}: the job was deleted; dispatch the electron again"
+            )
+        )
+        if len(self.finished) < len(self.batch.members):
+            await self._delete_job("the executor is stopping")
+        await self._clean_up()
+
+    async def _delete_job(self, why: str) -> None:
+        logger.info("deleting job %s: %s", self.job_id, why)
+        try:
+            await self.ctx.jobs.delete(self.job_id)
+        except BatchApiError as exc:
+            logger.warning("could not delete job %s: %s", self.job_id, exc)
+
+    async def _clean_up(self) -> None:
+        if not self.config.keep_objects:
+            what = f"delete the task objects of job {self.job_id}"
+            await self.ctx.housekeeping(what, self.ctx.store.delete_tasks, self.job_id)
+
     def _fail_live(self, error: TaskInfrastructureError) -> None:
         for member in self.batch.live_members():
             member.fail(type(error)(error.reason, exit_code=error.exit_code, events=error.events))
@@ -397,11 +454,5 @@ class _JobMonitor:
         job = self.job
         unfinished = len(self.finished) < len(self.batch.members)
         if job is not None and unfinished and job.status.state not in _TERMINAL_JOB_STATES:
-            logger.info("deleting job %s: no electron is waiting on it", self.job_id)
-            try:
-                await self.ctx.jobs.delete(self.job_id)
-            except BatchApiError as exc:
-                logger.warning("could not delete job %s: %s", self.job_id, exc)
-        if not self.config.keep_objects:
-            what = f"delete the task objects of job {self.job_id}"
-            await self.ctx.housekeeping(what, self.ctx.store.delete_tasks, self.job_id)
+            await self._delete_job("no electron is waiting on it")
+        await self._clean_up()

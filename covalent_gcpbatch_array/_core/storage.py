@@ -49,6 +49,7 @@ __all__ = [
 
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_FORMAT = 1
+_LEASE_NAME = "lease"
 _BATCH_CALLS = 100  # calls per batch request: the most Cloud Storage takes in one
 
 
@@ -109,6 +110,11 @@ class JobLayout:
     def manifest(self) -> str:
         """The name of the job's manifest object."""
         return f"{self.folder}/{_MANIFEST_NAME}"
+
+    @property
+    def lease(self) -> str:
+        """The name of the job's lease: rewritten by the executor while it waits on the job."""
+        return f"{self.folder}/{_LEASE_NAME}"
 
     @property
     def tasks_folder(self) -> str:
@@ -269,6 +275,21 @@ class TaskStore:
     def write_cancelled(self, ref: TaskRef) -> None:
         """Mark task ``ref`` cancelled (an empty marker; writing it twice is harmless)."""
         self.write_if_absent(ref, TaskObject.CANCELLED, b"")
+
+    def renew_lease(self, job_id: str) -> None:
+        """Rewrite job ``job_id``'s lease (an empty object): its update time says "still owned"."""
+        with self._errors(f"renew the lease of job {job_id}"):
+            self._bucket.blob(self.layout(job_id).lease).upload_from_string(
+                b"", content_type="application/octet-stream", retry=self._retry
+            )
+
+    def lease_age(self, job_id: str, now: datetime) -> float | None:
+        """Seconds since job ``job_id``'s lease was last renewed, or ``None`` without a lease."""
+        with self._errors(f"read the lease of job {job_id}"):
+            blob = self._bucket.get_blob(self.layout(job_id).lease, retry=self._retry)
+        if blob is None or blob.updated is None:
+            return None
+        return (now - blob.updated).total_seconds()
 
     def download(self, ref: TaskRef, obj: TaskObject) -> bytes | None:
         """Read ``obj`` of task ``ref``, or ``None`` if it does not exist."""
