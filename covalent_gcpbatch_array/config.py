@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from covalent_gcpbatch_array._core.catalogue import catalogue
 from covalent_gcpbatch_array._core.contract import validate_prefix
 from covalent_gcpbatch_array.exceptions import ConfigError
 
@@ -181,6 +182,28 @@ class ExecutorConfig:
                 "accelerator_count",
                 f"is 0 but accelerator_type is {self.accelerator_type!r}",
                 "set accelerator_count to the number of accelerators per VM",
+            )
+        self._check_catalogue()
+
+    def _check_catalogue(self) -> None:
+        """Refuse a shape Google cannot allocate (its job would FAIL at scheduling)."""
+        problem = catalogue().check(
+            region=self.region,
+            machine_type=self.machine_type,
+            accelerator_type=self.accelerator_type,
+            accelerator_count=self.accelerator_count,
+            vcpus=self.vcpus,
+            memory_mib=self.memory,
+        )
+        if problem is not None:
+            key = {"zone": "region", "vcpus": "vcpus", "memory": "memory"}.get(
+                problem.part, problem.part
+            )
+            raise ConfigError(
+                key,
+                problem.message,
+                f"change {key}; the shapes known are in covalent_gcpbatch_array/_core/"
+                f"compute_catalogue.json (read {catalogue().retrieved}), which names its sources",
             )
 
     @property

@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 import pytest
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry, if_exception_type
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
 from google.protobuf import duration_pb2
+
+from covalent_gcpbatch_array._core.clients import make_batch_client
 
 PARENT = "projects/test-project/locations/us-east1"
 STORAGE_ENDPOINT = "http://127.0.0.1:9"  # never contacted: no test script uses GCS
@@ -50,11 +51,7 @@ class Emulator:
     stderr_path: Path
 
     def client(self) -> batch_v1.BatchServiceClient:
-        return batch_v1.BatchServiceClient(
-            transport="rest",
-            credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": self.endpoint},
-        )
+        return make_batch_client(self.endpoint)
 
     def http(
         self,
@@ -303,7 +300,7 @@ class TestJobLifecycle:
         assert done.uid == created.uid and done.uid
         assert done.update_time >= done.create_time
         # What the emulator does not act on is echoed, and Google's defaults are filled in.
-        assert done.labels == {"team": "science"}
+        assert done.labels == {"team": "science", "batch-job-id": job_id}  # Batch adds its own
         assert done.allocation_policy.instances[0].policy.machine_type == "e2-standard-4"
         assert done.logs_policy.destination == batch_v1.LogsPolicy.Destination.CLOUD_LOGGING
         assert done.task_groups[0].task_spec.compute_resource.cpu_milli == 2000
@@ -943,7 +940,7 @@ class TestRobustness:
     def test_bad_paths_and_parameters_get_google_errors(self, emulator: Emulator) -> None:
         status, error = emulator.http("GET", "/v2/nothing/here")
         assert status == 404 and error["error"]["status"] == "NOT_FOUND"
-        status, error = emulator.http("POST", f"/v1/{PARENT}/jobs/some-job:cancel", raw=b"{}")
+        status, error = emulator.http("POST", f"/v1/{PARENT}/operations/some-op:cancel", raw=b"{}")
         assert status == 501 and error["error"]["status"] == "UNIMPLEMENTED"
         status, error = emulator.http("GET", f"/v1/{PARENT}/jobs?pageToken=garbage")
         assert status == 400 and "page_token" in error["error"]["message"]

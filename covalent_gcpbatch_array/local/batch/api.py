@@ -214,6 +214,13 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
         Route(_TASKS, rpc("ListTasks", _TASKS_TYPE, list_tasks), methods=["GET"]),
         Route(_TASKS + "/{task}", rpc("GetTask", _TASK_TYPE, get_task), methods=["GET"]),
         Route(_OPERATION, rpc("GetOperation", _OPERATION_TYPE, get_operation), methods=["GET"]),
+        # Methods of Google's discovery document the emulator does not reproduce: 501, loudly.
+        Route("/v1/projects/{project}/locations", _not_reproduced, methods=["GET"]),
+        Route(_LOCATION, _not_reproduced, methods=["GET"]),
+        Route(_LOCATION + "/operations", _not_reproduced, methods=["GET"]),
+        Route(_OPERATION + ":cancel", _not_reproduced, methods=["POST"]),
+        Route(_OPERATION, _not_reproduced, methods=["DELETE"]),
+        Route(_LOCATION + "/state:report", _not_reproduced, methods=["POST"]),
         Route("/_emulator/stats", admin(stats), methods=["GET"]),
         Route("/_emulator/fail_calls", admin(fail_calls), methods=["POST"]),
         Route("/_emulator/fail_task", admin(fail_task), methods=["POST"]),
@@ -228,6 +235,16 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+
+
+async def _not_reproduced(request: Request) -> Response:
+    return _error(
+        ApiError(
+            501,
+            f"Method {request.method} {request.url.path} is not implemented by the emulator "
+            f"(not supported by the local cloud; see docs/local-cloud.md)",
+        )
     )
 
 

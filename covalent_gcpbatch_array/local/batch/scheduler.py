@@ -167,7 +167,10 @@ class Operation:
         body: dict[str, Any] = {"name": self.name, "metadata": metadata, "done": self.done}
         if self.end_time is not None:
             metadata["endTime"] = self.end_time
-            body["response"] = {"@type": "type.googleapis.com/google.protobuf.Empty"}
+            response = "google.cloud.batch.v1.CancelJobResponse"
+            if self.verb == "delete":
+                response = "google.protobuf.Empty"
+            body["response"] = {"@type": f"type.googleapis.com/{response}"}
         return body
 
 
