@@ -26,8 +26,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1
+
+from covalent_gcpbatch_array._core.clients import make_batch_client
 
 PARENT = "projects/bench/locations/us-east1"
 FINAL = {batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED}
@@ -98,11 +99,7 @@ def main() -> None:
         process, endpoint, startup = start_emulator(folder / "emulator", options.preload)
         try:
             print(f"start-up (preload {options.preload}): {startup:.2f} s")
-            client = batch_v1.BatchServiceClient(
-                transport="rest",
-                credentials=AnonymousCredentials(),
-                client_options={"api_endpoint": endpoint},
-            )
+            client = make_batch_client(endpoint)
 
             latencies = []
             for i in range(20):

@@ -127,10 +127,9 @@ class TestExitCodes:
         (policy,) = job.task_groups[0].task_spec.lifecycle_policies
         assert policy.action == batch_v1.LifecyclePolicy.Action.FAIL_TASK
         assert tuple(policy.action_condition.exit_codes) == contract.NEVER_RETRIED_EXIT_CODES
-        assert contract.NEVER_RETRIED_EXIT_CODES == (
-            contract.EXIT_USER_ERROR,
-            contract.EXIT_MAX_RUN_DURATION,
-        )
+        assert contract.EXIT_USER_ERROR in contract.NEVER_RETRIED_EXIT_CODES
+        assert contract.EXIT_MAX_RUN_DURATION in contract.NEVER_RETRIED_EXIT_CODES
+        assert contract.EXIT_INFRA_ERROR not in contract.NEVER_RETRIED_EXIT_CODES
 
     def test_the_runners_codes_are_distinct_and_not_reserved(self) -> None:
         codes = {contract.EXIT_OK, contract.EXIT_INFRA_ERROR, contract.EXIT_USER_ERROR}

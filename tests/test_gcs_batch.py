@@ -3,12 +3,11 @@ really builds, and answers its own parser reads."""
 
 from __future__ import annotations
 
-import google.cloud.storage as storage
 import pytest
 import requests
-from google.auth.credentials import AnonymousCredentials
 from google.cloud.storage.batch import Batch, _unpack_batch_response
 
+from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array.local.gcs.batch_requests import (
     MAX_BATCH_CALLS,
     BatchFormatError,
@@ -22,11 +21,7 @@ from covalent_gcpbatch_array.local.gcs.batch_requests import (
 
 def client_batch(names: list[str]) -> tuple[str, bytes]:
     """The Content-Type and body google-cloud-storage sends to delete ``names`` in a batch."""
-    client = storage.Client(
-        project="p",
-        credentials=AnonymousCredentials(),
-        client_options={"api_endpoint": "http://127.0.0.1:9"},
-    )
+    client = make_storage_client("p", "http://127.0.0.1:9")
     batch = Batch(client, raise_exception=False)
     client._push_batch(batch)
     try:

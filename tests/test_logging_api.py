@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 from google.api_core import exceptions as api_exceptions
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import batch_v1, logging_v2
 
+from covalent_gcpbatch_array._core.clients import make_logging_client
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.logging.api import (
     GENERIC_TASK,
@@ -140,12 +140,7 @@ class TestFilter:
 @pytest.fixture(scope="module")
 def logging_client(local_cloud: LocalCloud) -> logging_v2.Client:
     """google-cloud-logging's real client, over HTTP, pointed at the Batch emulator."""
-    return logging_v2.Client(
-        project=local_cloud.project_id,
-        credentials=AnonymousCredentials(),
-        _use_grpc=False,
-        client_options={"api_endpoint": local_cloud.batch_endpoint},
-    )
+    return make_logging_client(local_cloud.project_id, local_cloud.batch_endpoint)
 
 
 def _run_job(
