@@ -245,3 +245,36 @@ class TestLocalDemo:
     def test_demo_refuses_a_single_task(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["local", "demo", "--tasks", "1"]) == 2
         assert "at least 2" in capsys.readouterr().err
+
+
+class TestCovalentDeployOptions:
+    """What Covalent 0.240 answers to a misspelt option, as docs/troubleshooting.md quotes it."""
+
+    DOCS = Path(__file__).parent.parent / "docs" / "troubleshooting.md"
+
+    def deploy_up(self, tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+        # --help: Covalent checks the options, prints the settings and stops before Terraform.
+        covalent = Path(sys.executable).parent / "covalent"
+        return subprocess.run(
+            [str(covalent), "deploy", "up", "gcpbatch_array", *options, "--help"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COVALENT_CONFIG_DIR": str(tmp_path), "HOME": str(tmp_path)},
+            timeout=120,
+            check=False,
+        )
+
+    def test_a_dash_in_project_id_leaves_it_unset(self, tmp_path: Path) -> None:
+        result = self.deploy_up(tmp_path, "--project-id=my-project-1")
+        output = result.stdout + result.stderr
+        assert (
+            "1 validation error for ExecutorInfraDefaults\nproject_id\n  Field required" in output
+        )
+        assert "`project_id  Field required`" in self.DOCS.read_text()
+
+    def test_a_dash_in_another_option_is_no_such_option(self, tmp_path: Path) -> None:
+        result = self.deploy_up(tmp_path, "--project_id=my-project-1", "--bucket-name=b")
+        assert result.returncode == 1
+        message = "No such option 'bucket-name'. Use --help for available options"
+        assert message in result.stdout + result.stderr
+        assert f"`{message}`" in self.DOCS.read_text().replace("\n", " ")
