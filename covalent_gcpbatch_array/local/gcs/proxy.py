@@ -30,10 +30,9 @@ the plan), ``GET /_proxy/stats``.
 It is its own process, not a thread of the test or of the Batch emulator: the executor under
 test and the tasks (other processes) both reach it, a 100 MB body does not compete for the
 GIL with the executor it is testing, and LocalCloud starts and stops it with the same
-plumbing as the other two servers. HTTP/1.1 framing is h11's (keep-alive, chunked bodies),
-bodies stream through in chunks, and upstream connections are kept alive for the next request
-only when the exchange ended cleanly and unfaulted, so no connection state leaks from a faulted
-request into the next one.
+plumbing as the other two servers. The client side's HTTP/1.1 framing is h11's (keep-alive,
+chunked bodies); requests to fake-gcs-server go through httpcore's connection pool, which keeps
+a connection alive only when its exchange was read to the end. Bodies stream through in chunks.
 """
 
 from __future__ import annotations
@@ -48,13 +47,14 @@ import signal
 import sys
 import urllib.parse
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
 import h11
+import httpcore
 
 from covalent_gcpbatch_array.local.gcs.batch_requests import (
     BATCH_PATH,
@@ -77,6 +77,13 @@ _CHUNK = 256 * 1024  # bytes read from a socket at a time
 _MAX_HEAD = 64 * 1024  # largest request or response head h11 accepts
 _FAULT_LOG = 200  # how many faulted requests the stats remember
 _IDLE_CONNECTIONS = 32  # kept-alive upstream connections kept for reuse, at most
+#: What httpcore raises when fake-gcs-server cannot be reached or breaks off an answer.
+_UPSTREAM_ERRORS = (
+    OSError,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.TimeoutException,
+)
 _UPLOAD_NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # in a multipart upload's metadata
 _REASONS = {
     400: "badRequest",
@@ -249,13 +256,11 @@ class GcsProxy:
         self.endpoint = ""  # our own base URL, set once listening (for Location rewrites)
         self.faults = StorageFaults()
         self.stats = ProxyStats()
-        self._idle: list[_Peer] = []  # kept-alive connections to fake-gcs-server, not in use
+        self._pool = httpcore.AsyncConnectionPool(max_keepalive_connections=_IDLE_CONNECTIONS)
 
     async def aclose(self) -> None:
         """Close the kept-alive connections to fake-gcs-server."""
-        idle, self._idle = self._idle, []
-        for upstream in idle:
-            await upstream.stream.aclose()
+        await self._pool.aclose()
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
         """Serve one client connection until it closes (keep-alive)."""
@@ -351,17 +356,17 @@ class GcsProxy:
                 return _error_answer(fault.status, f"Injected fault: {call.method} {described}")
         headers = inner_headers(request.headers, call)
         try:
-            upstream, response = await self._send_upstream(
+            response = await self._send_upstream(
                 call.method.encode("ascii"), call.target.encode("latin-1"), headers, call.body
             )
             try:
-                body = await _read_body(upstream)
+                body = await _read_upstream(response)
             finally:
-                await self._release(upstream, reusable=True)
+                await response.aclose()
         except (OSError, _Closed) as exc:
             return _error_answer(502, f"the proxy could not reach {self.upstream}: {exc}")
         self.stats.forwarded += 1
-        status = response.status_code
+        status = response.status
         kept = tuple(
             (name.lower(), value)
             for name, value in response.headers
@@ -386,7 +391,7 @@ class GcsProxy:
         if body is None and not _declares_body(request):
             body = await _read_body(client)  # only the end of the message: nothing to stream
         try:
-            upstream, response = await self._send_upstream(
+            response = await self._send_upstream(
                 request.method, request.target, request.headers, client if body is None else body
             )
         except OSError as exc:
@@ -395,34 +400,32 @@ class GcsProxy:
             await _send_error(client, 502, f"the proxy could not reach {self.upstream}: {exc}")
             return True
         self.stats.forwarded += 1
+        head = _head(response)
         try:
-            if fault is None and not _is_json(response):
+            if fault is None and not _is_json(head):
                 # Media (up to 100 MB here) streams through, in writes of about _CHUNK bytes.
-                pending: list[Any] = [self._rewritten(response)]
+                pending: list[Any] = [self._rewritten(head)]
                 size = 0
-                while True:
-                    event = await upstream.next_event()
-                    pending.append(event)
-                    size += len(event.data) if isinstance(event, h11.Data) else 0
-                    if isinstance(event, h11.EndOfMessage) or size >= _CHUNK:
+                async for chunk in _upstream_chunks(response):
+                    pending.append(h11.Data(data=chunk))
+                    size += len(chunk)
+                    if size >= _CHUNK:
                         await client.send(*pending)
                         pending, size = [], 0
-                    if isinstance(event, h11.EndOfMessage):
-                        return True
+                await client.send(*pending, h11.EndOfMessage())
+                return True
             # Metadata carries links (mediaLink, selfLink) a client may follow: make them ours.
-            answer = self._rewrite_links(await _read_body(upstream))
+            answer = self._rewrite_links(await _read_upstream(response))
             if fault is not None and fault.corrupt and answer:
                 self.stats.corrupted += 1
                 answer = _flip_a_byte(answer)
             elif fault is not None:
-                return await self._lose_answer(client, response, answer, fault)
+                return await self._lose_answer(client, head, answer, fault)
             body_events = [h11.Data(data=answer)] if answer else []
-            await client.send(
-                self._rewritten(response, len(answer)), *body_events, h11.EndOfMessage()
-            )
+            await client.send(self._rewritten(head, len(answer)), *body_events, h11.EndOfMessage())
             return True
         finally:
-            await self._release(upstream, reusable=fault is None)
+            await response.aclose()
 
     async def _send_upstream(
         self,
@@ -430,17 +433,13 @@ class GcsProxy:
         target: bytes,
         headers: Iterable[tuple[bytes, bytes]],
         body: bytes | _Peer,
-    ) -> tuple[_Peer, h11.Response]:
-        """Send a request to fake-gcs-server; the connection and the answer's head.
+    ) -> httpcore.Response:
+        """Send a request to fake-gcs-server through the pool; its answer, body unread.
 
         :param headers: the request's headers; ``Host`` is set to fake-gcs-server's
-        :param body: the request's body, or the client to stream it from. A request whose body
-            is in hand may take an idle kept-alive connection (:meth:`_release` keeps them); if
-            the server had closed that one meanwhile, it is sent once more on a new connection.
-            A body still to stream from the client always gets a new one.
-
+        :param body: the request's body, or the client to stream it from
         :raises OSError: fake-gcs-server cannot be reached
-        :raises _Closed: the client or a new upstream connection went away mid-request
+        :raises _Closed: the client went away while its body streamed
         """
         sent = [
             (name, value)
@@ -448,46 +447,18 @@ class GcsProxy:
             if name.lower() not in (b"host", b"connection", b"keep-alive")
         ]
         sent.append((b"host", f"{self._upstream_host}:{self._upstream_port}".encode()))
-        head = h11.Request(method=method, target=target, headers=sent)
-        while True:
-            reused = isinstance(body, bytes) and bool(self._idle)
-            if reused:
-                upstream = self._idle.pop()
-            else:
-                stream = await anyio.connect_tcp(self._upstream_host, self._upstream_port)
-                upstream = _Peer(stream, h11.CLIENT)
-            try:
-                if isinstance(body, _Peer):
-                    await upstream.send(head)
-                    while not isinstance(event := await body.next_event(), h11.EndOfMessage):
-                        await upstream.send(event)
-                    await upstream.send(h11.EndOfMessage())
-                else:
-                    body_events = [h11.Data(data=body)] if body else []
-                    await upstream.send(head, *body_events, h11.EndOfMessage())
-                response = await upstream.next_event()
-                while isinstance(response, h11.InformationalResponse):
-                    response = await upstream.next_event()
-            except BaseException as exc:
-                await upstream.stream.aclose()
-                if isinstance(exc, _Closed) and reused:
-                    continue  # a stale kept-alive connection: nothing reached the server
-                raise
-            return upstream, response
-
-    async def _release(self, upstream: _Peer, *, reusable: bool) -> None:
-        """Keep a cleanly finished upstream connection for the next request, or close it."""
-        conn = upstream.conn
-        if (
-            reusable
-            and len(self._idle) < _IDLE_CONNECTIONS
-            and conn.our_state is h11.DONE
-            and conn.their_state is h11.DONE
-        ):
-            conn.start_next_cycle()
-            self._idle.append(upstream)
-        else:
-            await upstream.stream.aclose()
+        url = httpcore.URL(
+            scheme=b"http",
+            host=self._upstream_host.encode(),
+            port=self._upstream_port,
+            target=target,
+        )
+        content = body if isinstance(body, bytes) else _client_body(body)
+        request = httpcore.Request(method, url, headers=sent, content=content)
+        try:
+            return await self._pool.handle_async_request(request)
+        except _UPSTREAM_ERRORS as exc:
+            raise OSError(f"{type(exc).__name__}: {exc}") from exc
 
     async def _lose_answer(
         self, client: _Peer, response: h11.Response, body: bytes, fault: StorageFault
@@ -579,6 +550,34 @@ def _declares_body(request: h11.Request) -> bool:
     """Whether a request has a body to stream (a GET or DELETE normally has none)."""
     length = _header(request, b"content-length")
     return bool(_header(request, b"transfer-encoding")) or (bool(length) and length != b"0")
+
+
+def _head(response: httpcore.Response) -> h11.Response:
+    """An upstream answer's status line and headers, as h11 sends them to our client."""
+    reason = response.extensions.get("reason_phrase", b"")
+    return h11.Response(status_code=response.status, headers=response.headers, reason=reason)
+
+
+async def _client_body(client: _Peer) -> AsyncIterator[bytes]:
+    """The client's request body as it arrives, for httpcore to stream upstream."""
+    while not isinstance(event := await client.next_event(), h11.EndOfMessage):
+        yield event.data
+
+
+async def _upstream_chunks(response: httpcore.Response) -> AsyncIterator[bytes]:
+    """An upstream answer's body as it arrives.
+
+    :raises _Closed: fake-gcs-server broke the answer off (the client's connection must close)
+    """
+    try:
+        async for chunk in response.aiter_stream():
+            yield chunk
+    except _UPSTREAM_ERRORS as exc:
+        raise _Closed(f"fake-gcs-server broke off its answer: {exc}") from exc
+
+
+async def _read_upstream(response: httpcore.Response) -> bytes:
+    return b"".join([chunk async for chunk in _upstream_chunks(response)])
 
 
 def _is_json(response: h11.Response) -> bool:
