@@ -20,12 +20,12 @@ from typing import Literal, Protocol
 
 import anyio
 
+from covalent_gcpbatch_array._core.contract import EXIT_MAX_RUN_DURATION
 from covalent_gcpbatch_array.local.batch.faults import TaskFault
 from covalent_gcpbatch_array.local.batch.spec import JobSpec, RunnableSpec
 
 __all__ = [
     "EXIT_GENERIC_FAILURE",
-    "EXIT_MAX_RUN_DURATION",
     "Launcher",
     "TaskProcessHandle",
     "attempt_output",
@@ -35,9 +35,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Google's reserved exit codes the emulator produces itself.
+# Google's reserved exit codes the emulator produces itself (and EXIT_MAX_RUN_DURATION: past
+# maxRunDuration or a runnable's timeout).
 EXIT_GENERIC_FAILURE = 50000  # the runnable could not be started at all
-EXIT_MAX_RUN_DURATION = 50005  # maxRunDuration or a runnable's timeout was exceeded
 # How long to wait for a SIGKILLed process to be reaped before giving up on it.
 _REAP_TIMEOUT = 5.0
 

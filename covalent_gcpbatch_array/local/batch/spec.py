@@ -28,11 +28,11 @@ from google.cloud import batch_v1
 from google.protobuf import json_format
 
 from covalent_gcpbatch_array._core.catalogue import ShapeProblem, catalogue
+from covalent_gcpbatch_array._core.contract import JOB_ID_PATTERN  # Google's rule for job ids
 from covalent_gcpbatch_array.local.api_errors import ApiError
 
 __all__ = [
     "BATCH_JOB_ID_LABEL",
-    "JOB_ID_PATTERN",
     "MAX_JOB_BYTES",
     "MAX_LABELS",
     "MAX_RETRY_COUNT",
@@ -45,8 +45,6 @@ __all__ = [
     "validate_job_id",
 ]
 
-# Google's rule for job ids: lowercase letter first, then letters, digits, '-', not ending in '-'.
-JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Google Batch limits (cloud.google.com/batch/quotas and batch.proto).
 MAX_TASK_COUNT = 100_000
 MAX_RETRY_COUNT = 10
