@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench image clean
+.PHONY: install demo test test-gcp lint bench image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# The end-to-end suite on a real project (docs/real-cloud.md): skipped with one line unless
+# GOOGLE_CLOUD_PROJECT, GCPBATCH_TEST_BUCKET and GCPBATCH_TEST_IMAGE are set.
+test-gcp: install
+	GCPBATCH_ARRAY_TEST_TARGET=gcp $(PY) -m pytest tests/test_on_cloud.py -p no:cacheprovider
 
 image: install
 	$(MAKE) -C runner_image cloud-build
