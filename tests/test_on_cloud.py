@@ -101,7 +101,7 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
             "poll_freq": 5,
             "batch_window": 10.0,
             "batch_idle_gap": 3.0,
-            "retries": 0,
+            "retries": 2,  # for Spot preemptions: user errors and time limits are never retried
         }
         project = settings["project_id"]
         yield Target(
