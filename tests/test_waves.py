@@ -36,6 +36,7 @@ class Graphs:
     nodes: dict[str, dict[int, GraphNode]] = field(default_factory=dict)
     status: dict[str, dict[int, str]] = field(default_factory=dict)
     broken: set[str] = field(default_factory=set)  # dispatches whose reads fail
+    crash: bool = False  # reads raise an unexpected error (not GraphUnreadable)
     reads: int = 0
 
     def add(self, dispatch: str, node: int, parents: tuple[int, ...] = (), **kw: Any) -> None:
@@ -57,6 +58,8 @@ class Graphs:
     async def _read(self, dispatch_id: str) -> None:
         self.reads += 1
         await anyio.sleep(READ_TIME)
+        if self.crash:
+            raise AttributeError("'Connection' object has no attribute 'rollback'")
         if dispatch_id in self.broken or dispatch_id not in self.nodes:
             raise GraphUnreadable(f"dispatch {dispatch_id} is not readable")
 
@@ -178,6 +181,15 @@ async def test_without_a_graph_the_timers_alone_decide_exactly_as_before() -> No
             await anyio.sleep(3.0)
             await arrive(h, "d", [6], gap=0)
         assert h.flushes() == [(FlushReason.IDLE, 3.0, 3), (FlushReason.IDLE, 6.5, 1)]
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_error_while_reading_leaves_the_timers_in_charge() -> None:
+    graphs = Graphs(crash=True)
+    nodes = fan_out(graphs, "d", 3)
+    async with Run(graphs) as h:
+        await arrive(h, "d", nodes[:2], gap=0.5)
+    assert h.flushes() == [(FlushReason.IDLE, 2.5, 2)]
 
 
 @pytest.mark.anyio

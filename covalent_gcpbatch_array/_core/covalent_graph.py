@@ -209,16 +209,13 @@ def read_statuses(engine: sqlalchemy.engine.Engine, dispatch_id: str) -> dict[in
 
 @contextlib.contextmanager
 def _connection(engine: sqlalchemy.engine.Engine) -> Iterator[sqlalchemy.engine.Connection]:
-    """A read-only connection (rolled back, never committed); a database error is
+    """A connection for reads only (nothing here writes or commits); a database error is
     GraphUnreadable."""
     if problem := check_schema(engine):
         raise GraphUnreadable(f"Covalent's database is not as expected: {problem}")
     try:
         with engine.connect() as connection:
-            try:
-                yield connection
-            finally:
-                connection.rollback()
+            yield connection
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise GraphUnreadable(f"reading Covalent's database failed: {exc}") from exc
 

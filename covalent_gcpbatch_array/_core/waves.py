@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 
 from covalent_gcpbatch_array._core import covalent_graph
 from covalent_gcpbatch_array._core.coalescer import Batch, BatchPhase, BatchPolicy
-from covalent_gcpbatch_array._core.covalent_graph import DispatchGraph, GraphNode, GraphUnreadable
+from covalent_gcpbatch_array._core.covalent_graph import DispatchGraph, GraphNode
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 from covalent_gcpbatch_array.exceptions import ConfigError
 
@@ -214,12 +214,12 @@ class WaveTracker:
         try:
             graph = await self._reader.graph(dispatch_id)
             statuses = await self._reader.statuses(dispatch_id)
-        except GraphUnreadable as exc:
+            keys = {node_id: self._key_of(node) for node_id, node in graph.nodes.items()}
+        except Exception as exc:  # whatever went wrong, the timers still work
             logger.debug("dispatch %s: timers only (%s)", dispatch_id, exc)
             dispatch.state = _Known.UNREADABLE
         else:
-            dispatch.graph, dispatch.statuses = graph, statuses
-            dispatch.keys = {node_id: self._key_of(node) for node_id, node in graph.nodes.items()}
+            dispatch.graph, dispatch.statuses, dispatch.keys = graph, statuses, keys
             dispatch.state = _Known.READY
         self._recompute_dispatch(dispatch_id)
 
@@ -235,7 +235,7 @@ class WaveTracker:
                     continue
                 try:
                     dispatch.statuses = await self._reader.statuses(dispatch_id)
-                except GraphUnreadable as exc:
+                except Exception as exc:  # whatever went wrong, the timers still work
                     logger.debug("dispatch %s: timers only from now on (%s)", dispatch_id, exc)
                     dispatch.state = _Known.UNREADABLE
                 self._recompute_dispatch(dispatch_id)
