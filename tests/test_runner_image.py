@@ -99,7 +99,8 @@ class TestSettings:
         words = shlex.split(installs[0])
         assert "--no-cache-dir" in words
         assert "covalent==${COVALENT_VERSION}" in words
-        assert "/src" in words
+        assert "/src" in words  # the core install: no [local] extra in a task's image
+        assert not [word for word in words if word.startswith("/src[")]
 
     def test_copies_only_what_exists(self, instructions: list[tuple[str, str]]) -> None:
         copies = [arguments.split() for keyword, arguments in instructions if keyword == "COPY"]
