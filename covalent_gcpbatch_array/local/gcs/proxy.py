@@ -65,6 +65,12 @@ from covalent_gcpbatch_array.local.gcs.batch_requests import (
     inner_headers,
     parse_batch_request,
 )
+from covalent_gcpbatch_array.local.gcs.checksums import (
+    HashHeaderError,
+    declared_in_header,
+    multipart_parts,
+    upload_mismatch,
+)
 
 __all__ = ["ProxyStats", "StorageFault", "StorageFaults", "main", "serve"]
 
@@ -180,6 +186,7 @@ class ProxyStats:
     answers_lost: int = 0  # of those failed or dropped: requests forwarded first
     corrupted: int = 0  # answers passed on with a flipped byte
     batches: int = 0  # batch requests answered (their calls count as requests of their own)
+    refused: int = 0  # uploads refused here as Google would (a checksum that does not match)
     faulted: deque[str] = field(default_factory=lambda: deque(maxlen=_FAULT_LOG))  # recent hits
 
     def to_json(self, pending: int) -> dict[str, Any]:
@@ -191,6 +198,7 @@ class ProxyStats:
             "answers_lost": self.answers_lost,
             "corrupted": self.corrupted,
             "batches": self.batches,
+            "refused": self.refused,
             "pending": pending,
             "faulted": list(self.faulted),
         }
@@ -310,6 +318,15 @@ class GcsProxy:
             return True
         if method == "POST" and urllib.parse.urlsplit(target).path == BATCH_PATH:
             return await self._batch(client, request, fault)
+        if target.startswith("/upload/"):
+            if body is None and _header(request, b"x-goog-hash"):
+                body = await _read_body(client)  # a media upload declaring its checksum
+            if refusal := _upload_refusal(request, body):
+                if body is None:
+                    await _read_body(client)
+                self.stats.refused += 1
+                await _send_error(client, 400, refusal, reason="invalid")
+                return True
         return await self._forward(client, request, body, fault)
 
     async def _batch(self, client: _Peer, request: h11.Request, fault: StorageFault | None) -> bool:
@@ -373,6 +390,8 @@ class GcsProxy:
             if name.lower() not in (b"connection", b"keep-alive")
         )
         body = self._rewrite_links(body)
+        if call.method == "DELETE" and status == 200:
+            status, kept, body = 204, (), b""  # Google's answer to a delete has no body
         if fault is not None and fault.corrupt:
             self.stats.corrupted += 1
             body = _flip_a_byte(body)
@@ -401,8 +420,9 @@ class GcsProxy:
             return True
         self.stats.forwarded += 1
         head = _head(response)
+        deleted = request.method == b"DELETE" and head.status_code == 200
         try:
-            if fault is None and not _is_json(head):
+            if fault is None and not _is_json(head) and not deleted:
                 # Media (up to 100 MB here) streams through, in writes of about _CHUNK bytes.
                 pending: list[Any] = [self._rewritten(head)]
                 size = 0
@@ -416,6 +436,8 @@ class GcsProxy:
                 return True
             # Metadata carries links (mediaLink, selfLink) a client may follow: make them ours.
             answer = self._rewrite_links(await _read_upstream(response))
+            if deleted:  # fake-gcs-server answers 200 "null"; Google 204 and no body
+                head, answer = _no_content(head), b""
             if fault is not None and fault.corrupt and answer:
                 self.stats.corrupted += 1
                 answer = _flip_a_byte(answer)
@@ -580,6 +602,36 @@ async def _read_upstream(response: httpcore.Response) -> bytes:
     return b"".join([chunk async for chunk in _upstream_chunks(response)])
 
 
+def _no_content(response: h11.Response) -> h11.Response:
+    """``response`` as a 204 without a body."""
+    framing = (b"content-length", b"content-type", b"transfer-encoding")
+    headers = [(name, value) for name, value in response.headers if name.lower() not in framing]
+    return h11.Response(status_code=204, headers=headers, reason=b"No Content")
+
+
+def _upload_refusal(request: h11.Request, body: bytes | None) -> str | None:
+    """Why Cloud Storage would refuse this upload (a checksum its bytes lack), or None.
+
+    :param body: the request's body, if the proxy read it ahead (multipart, or X-Goog-Hash)
+    """
+    hash_header = _header(request, b"x-goog-hash").decode("latin-1")
+    parts = None if body is None else multipart_parts(_header(request, b"content-type"), body)
+    if hash_header and body is None:
+        return (
+            "X-Goog-Hash on a resumable upload is not supported by the local cloud: "
+            "declare the checksum in a single-request (multipart or media) upload"
+        )
+    declared: dict[str, object] = dict(parts[0]) if parts is not None else {}
+    if hash_header:
+        try:
+            declared.update(declared_in_header(hash_header))
+        except HashHeaderError as exc:
+            return str(exc)
+    if not declared or body is None:
+        return None
+    return upload_mismatch(declared, parts[1] if parts is not None else body)
+
+
 def _is_json(response: h11.Response) -> bool:
     return any(
         name.lower() == b"content-type" and value.lower().startswith(b"application/json")
@@ -602,13 +654,13 @@ async def _send_json(peer: _Peer, status: int, payload: dict[str, Any]) -> None:
     )
 
 
-async def _send_error(peer: _Peer, status: int, message: str) -> None:
+async def _send_error(peer: _Peer, status: int, message: str, reason: str = "") -> None:
     """Answer with Cloud Storage's error JSON, which google-cloud-storage maps by status."""
-    await _send_json(peer, status, {"error": _error_document(status, message)})
+    await _send_json(peer, status, {"error": _error_document(status, message, reason)})
 
 
-def _error_document(status: int, message: str) -> dict[str, Any]:
-    reason = _REASONS.get(status, "backendError")
+def _error_document(status: int, message: str, reason: str = "") -> dict[str, Any]:
+    reason = reason or _REASONS.get(status, "backendError")
     return {"code": status, "message": message, "errors": [{"message": message, "reason": reason}]}
 
 
