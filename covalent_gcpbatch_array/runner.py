@@ -13,15 +13,20 @@ Exit codes (defined in :mod:`._core.contract`; the job's lifecycle policy maps
   or an earlier attempt already wrote its result);
 - ``EXIT_USER_ERROR`` (3): ``error.pkl`` is written: the function raised, or the input
   cannot run in this image (versions, missing modules, a tampered input). Retrying cannot help;
+- ``EXIT_ORPHANED`` (4): the job's lease is older than ``CGA_ORPHAN_TIMEOUT_SECONDS``: the
+  executor that owns the job is gone, nobody will take the result; never retried;
+- ``EXIT_NO_INPUT`` (5): the task has no input (its upload failed, or the job was cleaned up);
+  never retried;
 - anything else, e.g. ``EXIT_INFRA_ERROR`` (1): an infrastructure failure (storage down
-  after retries, input missing, a bad task environment): Batch may retry the task.
+  after retries, a bad task environment): Batch may retry the task.
 
-Cancellation: a watcher thread checks the ``cancelled`` marker every
-``CGA_CANCEL_POLL_SECONDS``. When it appears, the watcher sends SIGUSR1 to the main thread,
-whose handler raises :class:`TaskCancelled` inside the function (this interrupts sleeps and
-waits on subprocesses too); the runner then uploads the outputs and exits 0 without writing an
-outcome. A function that swallows that exception, or is stuck in C code, gets
-``CGA_CANCEL_GRACE_SECONDS`` (default 5) before the watcher ends the process with ``os._exit``.
+Stopping: a watcher thread checks the ``cancelled`` marker, and the job's lease, every
+``CGA_CANCEL_POLL_SECONDS``. When the marker appears or the lease is too old, the watcher sends
+SIGUSR1 to the main thread, whose handler raises :class:`TaskCancelled` inside the function
+(this interrupts sleeps and waits on subprocesses too); the runner then uploads the outputs and
+exits without writing an outcome: 0 when cancelled, ``EXIT_ORPHANED`` when orphaned. A function
+that swallows that exception, or is stuck in C code, gets ``CGA_CANCEL_GRACE_SECONDS``
+(default 5) before the watcher ends the process with ``os._exit``.
 The function stays in the main thread, where signals, ``signal.alarm`` and C libraries that
 assume the main thread behave as they would locally.
 
@@ -43,6 +48,7 @@ import threading
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
@@ -109,6 +115,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("it must be a number >= 0")
+    return value
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
     """What the runner reads from its environment."""
@@ -120,6 +133,7 @@ class RunnerSettings:
     key: bytes  # from CGA_HMAC_KEY
     cancel_poll_seconds: float  # CGA_CANCEL_POLL_SECONDS
     cancel_grace_seconds: float  # CGA_CANCEL_GRACE_SECONDS
+    orphan_timeout: float  # CGA_ORPHAN_TIMEOUT_SECONDS (0: never stop for an old lease)
 
     @property
     def task(self) -> TaskRef:
@@ -144,6 +158,7 @@ class RunnerSettings:
             cancel_grace_seconds=_read(
                 environ, contract.ENV_CANCEL_GRACE, _positive, _DEFAULT_CANCEL_GRACE
             ),
+            orphan_timeout=_read(environ, contract.ENV_ORPHAN_TIMEOUT, _non_negative, 0.0),
         )
         try:
             TaskRef(settings.layout.job_id, settings.index)
@@ -167,29 +182,57 @@ class _Log:
         self._stream.close()
 
 
-class _CancelWatcher:
-    """Polls the cancel marker in a daemon thread and interrupts the main thread."""
+@dataclass(frozen=True)
+class _Stop:
+    """Why the task must stop before its function ends, and the exit code that says so."""
 
-    def __init__(self, is_cancelled: Callable[[], bool], settings: RunnerSettings, log: _Log):
-        self._is_cancelled = is_cancelled
+    exit_code: int
+    why: str
+
+
+def _why_stop(store: TaskStore, settings: RunnerSettings) -> _Stop | None:
+    """Whether the task must stop: its cancel marker is set, or its job is orphaned."""
+    if store.exists(settings.task, TaskObject.CANCELLED):
+        return _Stop(contract.EXIT_OK, "cancel marker found")
+    return _orphaned(store, settings)
+
+
+def _orphaned(store: TaskStore, settings: RunnerSettings) -> _Stop | None:
+    """A stop when the job's lease is older than ``orphan_timeout`` (or missing), else None."""
+    timeout = settings.orphan_timeout
+    if not timeout:
+        return None
+    age = store.lease_age(settings.layout.job_id, datetime.now(timezone.utc))
+    if age is not None and age <= timeout:
+        return None
+    lease = "has no lease" if age is None else f"has a lease last renewed {age:.0f} s ago"
+    return _Stop(
+        contract.EXIT_ORPHANED,
+        f"orphaned: job {settings.layout.job_id} {lease} (orphan_timeout={timeout:g} s): the "
+        "executor that owns it is gone and nobody will take this task's result",
+    )
+
+
+class _CancelWatcher:
+    """Checks for a reason to stop in a daemon thread and interrupts the main thread."""
+
+    def __init__(
+        self, why_stop: Callable[[], _Stop | None], settings: RunnerSettings, log: _Log
+    ) -> None:
+        self._why_stop = why_stop
         self._poll = settings.cancel_poll_seconds
         self._grace = settings.cancel_grace_seconds
         self._log = log
         self._armed = False  # True while the function runs: the handler may raise then
-        self._requested = threading.Event()  # the marker was seen
+        self.stop: _Stop | None = None  # why the function was stopped, once it was
         self._finished = threading.Event()  # the function returned or raised: stand down
         self._main = threading.main_thread().ident
         self._can_signal = False  # our SIGUSR1 handler is installed (we run in the main thread)
-        self._give_up: Callable[[], None] = lambda: None
+        self._give_up: Callable[[int], None] = lambda exit_code: None
         self._thread = threading.Thread(target=self._watch, name="cga-cancel-watcher", daemon=True)
 
-    @property
-    def cancel_requested(self) -> bool:
-        """Whether the executor cancelled this task."""
-        return self._requested.is_set()
-
     def call(
-        self, give_up: Callable[[], None], fn: Callable[..., Any], *args: Any, **kw: Any
+        self, give_up: Callable[[int], None], fn: Callable[..., Any], *args: Any, **kw: Any
     ) -> Any:
         """Run ``fn`` in this (main) thread while watching; ``give_up`` runs on a hard stop."""
         self._give_up = give_up
@@ -216,33 +259,35 @@ class _CancelWatcher:
         failures = 0
         while not self._finished.wait(self._poll):
             try:
-                cancelled = self._is_cancelled()
+                stop = self._why_stop()
             except StorageError as exc:
                 failures += 1
                 if failures == 1:
                     self._log(f"cannot check the cancel marker (will keep trying): {exc}")
                 continue
-            if cancelled:
+            if stop is not None:
                 break
         else:
             return
-        self._requested.set()
-        self._log("cancel marker found: stopping the function")
+        self.stop = stop
+        self._log(f"{stop.why}: stopping the function")
         if self._armed and self._can_signal and self._main is not None:
             signal.pthread_kill(self._main, signal.SIGUSR1)
         if not self._finished.wait(self._grace):
             self._log(f"the function did not stop within {self._grace:g} s: ending the process")
-            self._give_up()
+            self._give_up(stop.exit_code)
 
 
-def _hard_stop(capture: OutputCapture, store: TaskStore, task: TaskRef, log: _Log) -> None:
-    """Upload what the function printed so far and end the process (cancel, grace over)."""
+def _hard_stop(
+    capture: OutputCapture, store: TaskStore, task: TaskRef, log: _Log, exit_code: int
+) -> None:
+    """Upload what the function printed so far and end the process (stopped, grace over)."""
     try:
         _upload_streams(store, task, *capture.snapshot())
     except Exception as exc:
         log(f"could not upload the outputs: {exc}")
     log.close()
-    os._exit(contract.EXIT_OK)
+    os._exit(exit_code)
 
 
 def _upload_streams(store: TaskStore, task: TaskRef, stdout: bytes, stderr: bytes) -> None:
@@ -294,11 +339,17 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
     if outcome is not TaskOutcome.UNFINISHED:
         log(f"already {outcome.value}: nothing to do")
         return contract.EXIT_USER_ERROR if outcome is TaskOutcome.FAILED else contract.EXIT_OK
+    if (stop := _orphaned(store, settings)) is not None:
+        log(f"{stop.why}: not running the function")
+        return stop.exit_code
     data = store.download(task, TaskObject.INPUT)
     if data is None:
         name = settings.layout.object_name(task.index, TaskObject.INPUT)
-        log(f"no input at gs://{settings.bucket}/{name}: the executor did not upload it")
-        return contract.EXIT_INFRA_ERROR
+        log(
+            f"no input at gs://{settings.bucket}/{name}: its upload failed or the job was "
+            "cleaned up; nothing to run (never retried)"
+        )
+        return contract.EXIT_NO_INPUT
     try:
         task_input = decode_input(data, key=settings.key, task=task)
     except (ResultIntegrityError, TaskEnvironmentError) as exc:
@@ -310,9 +361,9 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
     del task_input
 
     _upload_streams(store, task, run.stdout, run.stderr)
-    if run.cancelled:
-        log("cancelled: no outcome written")
-        return contract.EXIT_OK
+    if run.stop is not None:
+        log(f"{run.stop.why}: no outcome written")
+        return run.stop.exit_code
     error = run.error
     if error is None:
         try:
@@ -339,7 +390,7 @@ class _Run:
 
     value: Any  # what it returned (None if it raised)
     error: BaseException | None  # what it raised, if it did
-    cancelled: bool  # the executor cancelled the task meanwhile: record no outcome
+    stop: _Stop | None  # why the function was stopped (cancelled, orphaned): record no outcome
     stdout: bytes  # what it wrote to file descriptor 1
     stderr: bytes  # what it wrote to file descriptor 2
 
@@ -349,13 +400,13 @@ def _call_watched(
 ) -> _Run:
     """Call the function in this thread, outputs captured, while watching for a cancel."""
     task = settings.task
-    watcher = _CancelWatcher(lambda: watch_store.exists(task, TaskObject.CANCELLED), settings, log)
+    watcher = _CancelWatcher(lambda: _why_stop(watch_store, settings), settings, log)
     value: Any = None
     error: BaseException | None = None
     with OutputCapture() as capture:
         try:
             value = watcher.call(
-                lambda: _hard_stop(capture, watch_store, task, log),
+                lambda exit_code: _hard_stop(capture, watch_store, task, log, exit_code),
                 task_input.fn,
                 *task_input.args,
                 **task_input.kwargs,
@@ -364,7 +415,7 @@ def _call_watched(
             pass
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the user's too
             error = exc
-    return _Run(value, error, watcher.cancel_requested, capture.stdout, capture.stderr)
+    return _Run(value, error, watcher.stop, capture.stdout, capture.stderr)
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:

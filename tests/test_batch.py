@@ -13,7 +13,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core import jobs as batch
 from covalent_gcpbatch_array._core.clients import make_batch_client
-from covalent_gcpbatch_array._core.contract import EXIT_USER_ERROR
+from covalent_gcpbatch_array._core.contract import EXIT_NO_INPUT, EXIT_ORPHANED, EXIT_USER_ERROR
 from covalent_gcpbatch_array._core.jobs import (
     CANCEL_CHECKS_PER_SECOND,
     CREATED_BY_LABEL,
@@ -62,6 +62,7 @@ class TestBuildJob:
             "CGA_JOB_PREFIX": "pfx/j",
             "CGA_HMAC_KEY": "00ff",
             "CGA_CANCEL_POLL_SECONDS": "2",
+            "CGA_ORPHAN_TIMEOUT_SECONDS": "600.0",
         }
 
     @pytest.mark.parametrize(
@@ -88,8 +89,14 @@ class TestBuildJob:
             .task_spec.lifecycle_policies
         )
         assert policy.action == batch_v1.LifecyclePolicy.Action.FAIL_TASK
-        # The function raised, or the attempt ran past time_limit: retries are for VM faults.
-        assert list(policy.action_condition.exit_codes) == [EXIT_USER_ERROR, 50005]
+        # The function raised, the job is orphaned, the task has no input, or the attempt ran
+        # past time_limit: retries are for VM faults.
+        assert list(policy.action_condition.exit_codes) == [
+            EXIT_USER_ERROR,
+            EXIT_ORPHANED,
+            EXIT_NO_INPUT,
+            50005,
+        ]
 
     def test_job_shape_settings_reach_the_allocation_policy(self) -> None:
         job = build_job(

@@ -26,8 +26,9 @@ from electrons import FAST, executor_for
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_array._core.contract import TaskRef
+from covalent_gcpbatch_array._core.contract import EXIT_ORPHANED, TaskRef
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi
+from covalent_gcpbatch_array._core.outcome import task_exit_code
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
 from covalent_gcpbatch_array.local import LocalCloud
@@ -155,7 +156,7 @@ class FanOutProcess:
     def job_ids(self) -> set[str]:
         return {job.name.rsplit("/", 1)[-1] for job in self.client.list_jobs(parent=self.parent)}
 
-    def wait_for_job(self, *states: batch_v1.JobStatus.State) -> batch_v1.Job:
+    def wait_for_job(self, *states: int) -> batch_v1.Job:
         """Wait until the process created its job and the job is in one of ``states``."""
 
         def found() -> bool:
@@ -176,6 +177,11 @@ class FanOutProcess:
             return True
         return state == batch_v1.JobStatus.State.DELETION_IN_PROGRESS
 
+    def exit_codes(self) -> set[int | None]:
+        """The last exit code of each of the job's tasks."""
+        tasks = self.client.list_tasks(parent=f"{self.parent}/jobs/{self.job_id}/taskGroups/group0")
+        return {task_exit_code(task) for task in tasks}
+
     def stop(self, signum: int) -> int:
         self.process.send_signal(signum)
         return self.process.wait(timeout=120)
@@ -195,3 +201,34 @@ class TestGracefulStop:
         # Deleted by the stopping process itself, not later by anyone else.
         assert child.job_gone()
         assert cloud.stats()["api_calls"].get("DeleteJob", 0) - deletes == 1
+
+
+#: A short orphan_timeout for the tests: the lease is renewed every poll_freq (0.2 s).
+ORPHAN_TIMEOUT = 3.0
+_STATE = batch_v1.JobStatus.State
+
+
+class TestKilledExecutor:
+    """kill -9 of the process that owns a job: its tasks stop by themselves (the lease)."""
+
+    def test_killed_while_running(self, cloud: LocalCloud) -> None:
+        child = FanOutProcess(cloud, orphan_timeout=ORPHAN_TIMEOUT)
+        child.wait_for_job(_STATE.RUNNING)
+        child.stop(signal.SIGKILL)
+        # Each task sees the lease age past orphan_timeout at its next check and exits with a
+        # code the lifecycle policy never retries: the job ends, no task runs for nobody.
+        assert wait_until(lambda: child.job().status.state in (_STATE.FAILED,), timeout=120)
+        assert child.exit_codes() == {EXIT_ORPHANED}
+
+    def test_killed_while_scheduled(self, cloud: LocalCloud) -> None:
+        settings = cloud.settings()
+        cloud.configure(provisioning_delay=ORPHAN_TIMEOUT + 3)
+        try:
+            child = FanOutProcess(cloud, orphan_timeout=ORPHAN_TIMEOUT)
+            child.wait_for_job(_STATE.QUEUED, _STATE.SCHEDULED)
+            child.stop(signal.SIGKILL)
+            # When its VMs come, the tasks find the lease stale and exit before running.
+            assert wait_until(lambda: child.job().status.state in (_STATE.FAILED,), timeout=120)
+            assert child.exit_codes() == {EXIT_ORPHANED}
+        finally:
+            cloud.configure(provisioning_delay=settings["provisioning_delay"])

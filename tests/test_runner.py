@@ -23,8 +23,11 @@ from covalent_gcpbatch_array._core import contract
 from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array._core.contract import (
     EXIT_INFRA_ERROR,
+    EXIT_NO_INPUT,
     EXIT_OK,
+    EXIT_ORPHANED,
     EXIT_USER_ERROR,
+    NEVER_RETRIED_EXIT_CODES,
     TaskRef,
 )
 from covalent_gcpbatch_array._core.envelopes import (
@@ -489,7 +492,9 @@ class TestInfrastructureFailures:
 
     def test_missing_input(self, job: Job) -> None:
         done = job.run()
-        assert done.returncode == EXIT_INFRA_ERROR
+        # Not an infrastructure fault that another attempt could fix: never retried.
+        assert done.returncode == EXIT_NO_INPUT
+        assert done.returncode in NEVER_RETRIED_EXIT_CODES
         assert "no input at" in done.stderr
         assert job.objects() == frozenset()
 
@@ -552,6 +557,39 @@ class TestCancellation:
         }
         # What it printed up to the hard stop is kept (a loaded machine may cut the last line).
         assert job.output(TaskObject.STDOUT).startswith("before the cancel\n")
+
+
+class TestOrphanedJob:
+    """The job's lease: a task whose executor is gone stops, and never starts the function."""
+
+    def test_no_lease_no_run(self, job: Job, tmp_path: Path) -> None:
+        job.submit(sleep_until_cancelled, str(tmp_path / "started"), str(tmp_path / "f"), False)
+        done = job.run(**{contract.ENV_ORPHAN_TIMEOUT: "60"})
+        assert done.returncode == EXIT_ORPHANED, done.stderr
+        assert EXIT_ORPHANED in NEVER_RETRIED_EXIT_CODES
+        assert "has no lease" in done.stderr
+        assert not (tmp_path / "started").exists()
+
+    def test_a_fresh_lease_runs_and_a_disabled_timeout_ignores_the_lease(self, job: Job) -> None:
+        job.submit(chatter)
+        job.store.renew_lease(job.layout.job_id)
+        assert job.run(**{contract.ENV_ORPHAN_TIMEOUT: "60"}).returncode == EXIT_OK
+        job.submit(chatter, index=1)  # no lease at all, but orphan_timeout=0
+        assert job.run(1, **{contract.ENV_ORPHAN_TIMEOUT: "0"}).returncode == EXIT_OK
+
+    def test_a_lease_that_stops_being_renewed_stops_the_function(
+        self, job: Job, tmp_path: Path
+    ) -> None:
+        started, finished = tmp_path / "started", tmp_path / "finished"
+        job.submit(sleep_until_cancelled, str(started), str(finished), False)
+        job.store.renew_lease(job.layout.job_id)
+        process = job.start(**{contract.ENV_ORPHAN_TIMEOUT: "1"})
+        _wait_for(started, process)  # then nobody renews the lease: its executor "died"
+        _, stderr = process.communicate(timeout=_RUN_TIMEOUT)
+        assert process.returncode == EXIT_ORPHANED, stderr
+        assert "has a lease last renewed" in stderr
+        assert not finished.exists()
+        assert job.objects() == {TaskObject.INPUT, TaskObject.STDOUT}  # no outcome recorded
 
 
 class TestUnderTheBatchEmulator:

@@ -5,10 +5,11 @@ them in each task (:mod:`covalent_gcpbatch_array.runner`), and the outcome modul
 the tests interpret what a task did through them. Nothing here imports a Google library.
 
 - the task's environment: :data:`ENV_BUCKET`, :data:`ENV_JOB_PREFIX`, :data:`ENV_HMAC_KEY`,
-  :data:`ENV_CANCEL_POLL`, :data:`ENV_CANCEL_GRACE` (ours) and :data:`ENV_TASK_INDEX`,
-  :data:`ENV_TASK_ATTEMPT` (set by Batch);
-- the runner's exit codes (:data:`EXIT_OK`, :data:`EXIT_USER_ERROR`, :data:`EXIT_INFRA_ERROR`)
-  and Batch's reserved ones (:data:`RESERVED_EXIT_CODES`);
+  :data:`ENV_CANCEL_POLL`, :data:`ENV_CANCEL_GRACE`, :data:`ENV_ORPHAN_TIMEOUT` (ours) and
+  :data:`ENV_TASK_INDEX`, :data:`ENV_TASK_ATTEMPT` (set by Batch);
+- the runner's exit codes (:data:`EXIT_OK`, :data:`EXIT_USER_ERROR`, :data:`EXIT_INFRA_ERROR`,
+  :data:`EXIT_ORPHANED`, :data:`EXIT_NO_INPUT`) and Batch's reserved ones
+  (:data:`RESERVED_EXIT_CODES`);
 - which task an object belongs to (:class:`TaskRef`), and the rules for job ids and bucket
   prefixes, the only parts of an object name that are not fixed.
 """
@@ -24,11 +25,14 @@ __all__ = [
     "ENV_CANCEL_POLL",
     "ENV_HMAC_KEY",
     "ENV_JOB_PREFIX",
+    "ENV_ORPHAN_TIMEOUT",
     "ENV_TASK_ATTEMPT",
     "ENV_TASK_INDEX",
     "EXIT_INFRA_ERROR",
     "EXIT_MAX_RUN_DURATION",
+    "EXIT_NO_INPUT",
     "EXIT_OK",
+    "EXIT_ORPHANED",
     "EXIT_USER_ERROR",
     "JOB_ID_PATTERN",
     "MAX_PREFIX_LENGTH",
@@ -49,6 +53,7 @@ ENV_JOB_PREFIX = "CGA_JOB_PREFIX"  # the job's folder, "{prefix}/{job_id}"
 ENV_HMAC_KEY = "CGA_HMAC_KEY"  # the job's key, 64 hex digits
 ENV_CANCEL_POLL = "CGA_CANCEL_POLL_SECONDS"  # how often to look for the cancel marker
 ENV_CANCEL_GRACE = "CGA_CANCEL_GRACE_SECONDS"  # how long a cancelled function may linger
+ENV_ORPHAN_TIMEOUT = "CGA_ORPHAN_TIMEOUT_SECONDS"  # stop when the job's lease is this old
 # ... and by Batch in every task.
 ENV_TASK_INDEX = "BATCH_TASK_INDEX"  # 0 .. taskCount-1
 ENV_TASK_ATTEMPT = "BATCH_TASK_RETRY_ATTEMPT"  # 0 on the first attempt
@@ -57,6 +62,8 @@ ENV_TASK_ATTEMPT = "BATCH_TASK_RETRY_ATTEMPT"  # 0 on the first attempt
 EXIT_OK = 0  # the outcome is recorded, or there was nothing to do
 EXIT_INFRA_ERROR = 1  # no outcome: storage or the task's set-up failed; Batch may retry
 EXIT_USER_ERROR = 3  # error.pkl is recorded: another attempt would fail the same way
+EXIT_ORPHANED = 4  # no outcome: the job's lease is older than orphan_timeout (its executor died)
+EXIT_NO_INPUT = 5  # no outcome: the task has no input (its upload failed, or it was cleaned up)
 
 #: Batch's reserved exit codes (cloud.google.com/batch/docs/troubleshooting#reserved-exit-codes).
 RESERVED_EXIT_CODES = {
@@ -70,9 +77,10 @@ RESERVED_EXIT_CODES = {
 EXIT_MAX_RUN_DURATION = 50005  # the attempt ran past the job's maxRunDuration (time_limit)
 
 #: Exit codes whose task fails at once, whatever ``retries`` says: the function raised (another
-#: attempt would raise again), or the attempt ran past ``time_limit`` (Batch would otherwise
-#: retry it with the same limit). ``retries`` is for preemptions and other VM faults.
-NEVER_RETRIED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_MAX_RUN_DURATION)
+#: attempt would raise again), nobody waits for the task any more, it has no input, or the
+#: attempt ran past ``time_limit`` (Batch would otherwise retry it with the same limit).
+#: ``retries`` is for preemptions and other VM faults.
+NEVER_RETRIED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_ORPHANED, EXIT_NO_INPUT, EXIT_MAX_RUN_DURATION)
 
 #: A valid Batch job id, the only kind of job id this package makes.
 JOB_ID_PATTERN = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")

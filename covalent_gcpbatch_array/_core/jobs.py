@@ -30,6 +30,7 @@ from covalent_gcpbatch_array._core.contract import (
     ENV_CANCEL_POLL,
     ENV_HMAC_KEY,
     ENV_JOB_PREFIX,
+    ENV_ORPHAN_TIMEOUT,
     NEVER_RETRIED_EXIT_CODES,
     RUNNER_MODULE,
 )
@@ -40,6 +41,8 @@ __all__ = ["TASK_STATE_FIELDS", "JobsApi", "build_job", "new_job_id"]
 
 #: Label every job carries, so `gcpbatch-array jobs` and `gc` find ours and only ours.
 CREATED_BY_LABEL = ("created-by", "covalent-gcpbatch-array")
+#: The label that says why the coalescer stopped filling the job ("idle-gap", "full", ...).
+FLUSH_REASON_LABEL = "cga-flush-reason"
 #: Largest ListTasks page; a job of up to this many tasks costs one call per poll.
 TASK_PAGE_SIZE = 1000
 #: The ListTasks fields a poller needs: each task's name (its index) and state, and the paging
@@ -154,6 +157,7 @@ def build_job(shape: JobShape, *, task_count: int, job_prefix: str, hmac_key: st
                 ENV_JOB_PREFIX: job_prefix,
                 ENV_HMAC_KEY: hmac_key,
                 ENV_CANCEL_POLL: f"{cancel_poll_seconds(task_count, shape.parallelism):g}",
+                ENV_ORPHAN_TIMEOUT: repr(float(shape.orphan_timeout)),
             }
         ),
     )

@@ -14,6 +14,8 @@ from google.cloud import batch_v1
 from covalent_gcpbatch_array._core.contract import (
     EXIT_INFRA_ERROR,
     EXIT_MAX_RUN_DURATION,
+    EXIT_NO_INPUT,
+    EXIT_ORPHANED,
     RESERVED_EXIT_CODES,
 )
 from covalent_gcpbatch_array.exceptions import TaskInfrastructureError, TimeLimitExceeded
@@ -88,6 +90,17 @@ def infrastructure_error(
         reason = (
             "the task process exited with code 0 without writing a result or an error (did "
             "the function end its own process, e.g. with os._exit()?)"
+        )
+    elif code == EXIT_ORPHANED:
+        reason = (
+            f"the task stopped because its job's lease was older than orphan_timeout (exit code "
+            f"{code}): the executor that owned the job stopped renewing it (killed, or its "
+            "machine lost)"
+        )
+    elif code == EXIT_NO_INPUT:
+        reason = (
+            f"the task found no input (exit code {code}): its upload failed or the job's "
+            "objects were deleted"
         )
     elif code == EXIT_INFRA_ERROR and task is not None:
         job_id, index = task.name.split("/jobs/", 1)[-1].split("/")[0], task_index(task)
