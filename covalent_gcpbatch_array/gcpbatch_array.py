@@ -1,8 +1,8 @@
 """Covalent plugin module: ``GCPBatchArrayExecutor``, short name ``gcpbatch_array``.
 
 Each electron's ``run()`` joins the process's coalescer, uploads its input while its batch is
-open, and waits for its own task of the batch's array job; see :mod:`.service` and
-:mod:`.array_job` for what happens in between.
+open, and waits for its own task of the batch's array job; see :mod:`._core.runtime` and
+:mod:`._core.job_monitor` for what happens in between.
 """
 
 from __future__ import annotations
@@ -26,19 +26,16 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 from covalent._shared_files.config import get_config
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 
-from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, encode_input
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
-from covalent_gcpbatch_array._core.storage import TaskStore
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 
 # `covalent deploy up gcpbatch_array` looks these two models up on the plugin module.
@@ -176,7 +173,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
                     task=ref,
                     origin=origin,
                 )
-                await service.upload_input(config, ref, data)
+                await service.clients.store(config).upload_input(ref, data)
                 del data
                 member.set_ready()
                 outcome = await member.wait()
@@ -218,16 +215,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         if not isinstance(job_handle, dict) or "job_id" not in job_handle:
             return False
         ref = TaskRef(str(job_handle["job_id"]), int(job_handle["task_index"]))
-        config = self.config
-        store = TaskStore(
-            make_storage_client(config.project_id, config.storage_api_endpoint),
-            config.bucket_name,
-            config.bucket_prefix,
-        )
-        await anyio.to_thread.run_sync(store.write_cancelled, ref)
-        member = ExecutorRuntime.find_member(ref.job_id, ref.index)
-        if member is not None:
-            member.cancel()
+        await ExecutorRuntime.cancel_task(self.config, ref)
         return True
 
     async def receive(self, task_group_metadata: dict[str, Any], data: Any) -> list[TaskUpdate]:

@@ -30,12 +30,14 @@ from covalent_gcpbatch_array._core.coalescer import (
     FlushReason,
     Member,
     MemberState,
+    fresh_copy,
 )
 from covalent_gcpbatch_array.exceptions import (
     BatchLaunchError,
     CoalescerClosedError,
     ElectronCancelledError,
     GCPBatchArrayError,
+    TaskInfrastructureError,
 )
 
 Key = str
@@ -683,6 +685,69 @@ class TestMemberApi:
         assert seen == [member]
         assert member.state is MemberState.RESOLVED
         assert repr(member) == f"<Member {member.batch_id}[0] resolved>"
+
+    @pytest.mark.anyio
+    @fails_if_stuck
+    async def test_the_launch_code_finds_its_payload_on_the_batch(self) -> None:
+        policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
+        payloads: list[object] = []
+
+        async def launch(batch: Batch[Key, Value]) -> None:
+            payloads.append(batch.payload)
+            for member in batch.live_members():
+                member.resolve(("done", member.index))
+
+        async with Coalescer(launch) as coalescer:
+            first, second = coalescer.join("shape", policy), coalescer.join("shape", policy)
+            assert first.batch is second.batch and first.batch.payload is None
+            first.batch.payload = {"key": b"k"}
+            first.set_ready()
+            second.set_ready()
+            assert await second.wait() == ("done", 1)
+        assert payloads == [{"key": b"k"}]
+
+    @pytest.mark.anyio
+    @fails_if_stuck
+    async def test_fail_live_gives_each_live_member_an_error_of_its_own(self) -> None:
+        policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100)
+        cause = OSError("quota")
+        error = GCPBatchArrayError("creating the job failed")
+        error.__cause__ = cause
+
+        async def launch(batch: Batch[Key, Value]) -> None:
+            batch.live_members()[0].resolve(("done", 0))
+            batch.fail_live(error)
+
+        async with Coalescer(launch) as coalescer:
+            members = [coalescer.join("shape", policy) for _ in range(3)]
+            for member in members:
+                member.set_ready()
+            assert await members[0].wait() == ("done", 0)
+            raised = []
+            for member in members[1:]:
+                with pytest.raises(GCPBatchArrayError, match="creating the job failed") as info:
+                    await member.wait()
+                raised.append(info.value)
+        first, second = raised
+        assert first is not second and error not in raised
+        assert first.__cause__ is second.__cause__ is cause
+
+    def test_fresh_copy_keeps_type_arguments_attributes_and_cause(self) -> None:
+        error = TaskInfrastructureError("lost VM", exit_code=50001, events=("preempted",))
+        error.__cause__ = OSError("x")
+        try:
+            raise error
+        except TaskInfrastructureError:
+            pass
+        copied = fresh_copy(error)
+        assert type(copied) is TaskInfrastructureError and copied is not error
+        assert (str(copied), copied.exit_code, copied.events) == (
+            str(error),
+            50001,
+            ("preempted",),
+        )
+        assert copied.__cause__ is error.__cause__
+        assert copied.__traceback__ is None and error.__traceback__ is not None
 
     @pytest.mark.anyio
     @fails_if_stuck

@@ -14,7 +14,8 @@ import os
 import pytest
 
 from benchmarks.load import run_load
-from covalent_gcpbatch_array._core.runtime import BATCH_API_THREADS, STORAGE_THREADS
+from covalent_gcpbatch_array._core.runtime import BATCH_API_THREADS
+from covalent_gcpbatch_array._core.storage import INPUT_THREADS, OTHER_THREADS
 from covalent_gcpbatch_array.local import LocalCloud
 
 ELECTRONS = int(os.environ.get("CGA_LOAD_ELECTRONS", "200"))
@@ -22,7 +23,7 @@ MAX_TASKS_PER_JOB = 1000
 #: A burst joins its batch at once: a short window and poll period only cut the waiting.
 EXECUTOR_OPTIONS = {"max_tasks_per_job": MAX_TASKS_PER_JOB, "batch_window": 0.5, "poll_freq": 0.5}
 #: Connections the executor may hold: one per worker thread, plus the odd one being replaced.
-CONNECTION_BUDGET = STORAGE_THREADS + BATCH_API_THREADS + 16
+CONNECTION_BUDGET = INPUT_THREADS + OTHER_THREADS + BATCH_API_THREADS + 16
 #: Memory per electron in flight (its executor, coroutine, batch slot and outcome), generous:
 #: about 45 KB was measured.
 KB_PER_ELECTRON = 100

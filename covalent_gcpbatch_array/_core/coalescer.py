@@ -23,6 +23,7 @@ it on trio's ``MockClock``. A join is O(1): no task per member, one timer task p
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import math
@@ -55,6 +56,7 @@ __all__ = [
     "FlushReason",
     "Member",
     "MemberState",
+    "fresh_copy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -314,6 +316,7 @@ class Batch(Generic[K, T]):
         self.flush_reason: FlushReason | None = None  # why it stopped taking members
         self.opened_at = now  # anyio.current_time() of the first join
         self.flushed_at: float | None = None  # anyio.current_time() of the flush
+        self.payload: Any = None  # the launch code's own data about the batch (never read here)
         self._coalescer = coalescer
         self._last_join_at = now  # the idle deadline is this plus policy.idle_gap
         self._unready = 0  # members still JOINED: the launch waits for this to be 0
@@ -331,6 +334,15 @@ class Batch(Generic[K, T]):
     def live_members(self) -> list[Member[T]]:
         """The members launched and still without an outcome."""
         return [member for member in self._launched if member.state is MemberState.LAUNCHED]
+
+    def fail_live(self, error: BaseException) -> None:
+        """Fail every live member with ``error``, each with a copy of its own (launch code only).
+
+        A copy per member: an exception object raised in several electrons' tasks at once
+        would collect every one of their tracebacks and contexts.
+        """
+        for member in self.live_members():
+            member.fail(fresh_copy(error))
 
     async def wait_cancelled(self) -> list[Member[T]]:
         """Wait until launched members are cancelled, and return those not reported yet.
@@ -459,6 +471,14 @@ class Batch(Generic[K, T]):
         if self._change is None:
             self._change = anyio.Event()
         await self._change.wait()
+
+
+def fresh_copy(error: BaseException) -> BaseException:
+    """A new exception object equal to ``error``: same type, arguments, attributes and cause."""
+    copied = copy.copy(error)
+    copied.__cause__ = error.__cause__
+    copied.__traceback__ = None
+    return copied
 
 
 def _random_batch_id(key: object) -> str:

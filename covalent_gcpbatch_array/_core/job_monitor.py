@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,7 +26,7 @@ from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, decode_error, decode_result
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi, build_job
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome, infrastructure_error, task_index
-from covalent_gcpbatch_array._core.storage import ManifestEntry, TaskObject, TaskStore
+from covalent_gcpbatch_array._core.storage import AsyncTaskStore, ManifestEntry, TaskObject
 from covalent_gcpbatch_array.config import ExecutorConfig, JobShape
 from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
@@ -45,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover  (google-cloud-storage 2.x)
     from google.resumable_media.common import DataCorruption
 
-__all__ = ["STOP_SECONDS", "ArrayJobContext", "BatchExtras", "run_array_job"]
+__all__ = ["STOP_SECONDS", "ArrayJobContext", "BatchPayload", "run_array_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ STOP_SECONDS = 30.0
 
 
 @dataclass
-class BatchExtras:
-    """What the executor adds to a coalescer batch: its signing key and its electrons."""
+class BatchPayload:
+    """What the executor keeps in a coalescer batch (``Batch.payload``): its key and electrons."""
 
     key: bytes  # the job's HMAC key: reaches the tasks through the job definition only
     config: ExecutorConfig  # the config of the electron that opened the batch (poll_freq, ...)
@@ -77,24 +77,23 @@ class ArrayJobContext:
     """The clients one batch's job runs with."""
 
     jobs: JobsApi  # the Batch API of the batch's project and region
-    store: TaskStore  # the batch's bucket and prefix
-    run_blocking: Callable[..., Coroutine[Any, Any, Any]]  # runs a blocking store call in a thread
+    store: AsyncTaskStore  # the batch's bucket and prefix
 
-    async def housekeeping(self, what: str, func: Callable[..., Any], *args: Any) -> None:
+    async def housekeeping(
+        self, what: str, func: Callable[..., Awaitable[Any]], *args: Any
+    ) -> None:
         """A store call no electron's outcome depends on: its failure is logged, not raised.
 
         The manifest, the cancel markers and the cleanup help the executor and its users, but
         an electron whose result is known must still get it, and its job-mates too.
         """
         try:
-            await self.run_blocking(func, *args)
+            await func(*args)
         except GCPBatchArrayError as exc:
             logger.warning("could not %s (carrying on): %s", what, exc)
 
 
-async def run_array_job(
-    batch: Batch[JobShape, ElectronOutcome], extras: BatchExtras, ctx: ArrayJobContext
-) -> None:
+async def run_array_job(batch: Batch[JobShape, ElectronOutcome], ctx: ArrayJobContext) -> None:
     """Create the batch's job and resolve each launched electron as its task ends.
 
     Cancelled (the executor's loop is stopping: SIGINT, SIGTERM, the Covalent server shutting
@@ -102,26 +101,26 @@ async def run_array_job(
     within :data:`STOP_SECONDS`, before the cancellation goes on.
     """
     job_id = batch.batch_id
+    ``batch.payload`` is the batch's :class:`BatchPayload`.
+
     launched = {member.index: member for member in batch.launched_members()}
-    monitor = _JobMonitor(batch, extras, ctx, launched)
+    monitor = _JobMonitor(batch, ctx, launched)
     try:
-        await _write_manifest_and_markers(batch, extras, ctx, launched)
-        if extras.config.orphan_timeout:
+        await _write_manifest_and_markers(batch, payload, ctx, launched)
+        if payload.config.orphan_timeout:
+    payload: BatchPayload = batch.payload
             # Written before the job exists, so that its tasks always find one.
-            await ctx.run_blocking(ctx.store.renew_lease, job_id)
+            await ctx.store.renew_lease(job_id)
         job = build_job(
-            extras.config.shape,
+            payload.config.shape,
             task_count=len(batch.members),
             job_prefix=ctx.store.layout(job_id).folder,
-            hmac_key=extras.key.hex(),
+            hmac_key=payload.key.hex(),
         )
         try:
             await ctx.jobs.create(job_id, job)
         except BatchApiError as exc:
-            for member in batch.live_members():
-                error = BatchApiError(str(exc))
-                error.__cause__ = exc.__cause__
-                member.fail(error)
+            batch.fail_live(exc)
             return
         logger.info("created Batch job %s with %d tasks", job_id, len(batch.members))
         monitor.created_at = anyio.current_time()
@@ -140,15 +139,16 @@ async def run_array_job(
 
 async def _write_manifest_and_markers(
     batch: Batch[JobShape, ElectronOutcome],
-    extras: BatchExtras,
+    payload: BatchPayload,
     ctx: ArrayJobContext,
     launched: dict[int, Member[ElectronOutcome]],
 ) -> None:
     entries = {
         index: ManifestEntry(
-            extras.origins[index].dispatch_id,
-            extras.origins[index].node_id,
-            extras.submitted_at[index],
+            payload.origins[index].dispatch_id,
+            payload.origins[index].node_id,
+            payload.submitted_at[index],
+            payload.origins[index].name,
         )
         for index in launched
     }
@@ -195,12 +195,11 @@ class _JobMonitor:
     def __init__(
         self,
         batch: Batch[JobShape, ElectronOutcome],
-        extras: BatchExtras,
         ctx: ArrayJobContext,
         launched: dict[int, Member[ElectronOutcome]],
     ) -> None:
         self.batch = batch  # the coalescer's batch: its members are the electrons
-        self.extras = extras  # key and config of the batch
+        self.payload: BatchPayload = batch.payload  # key and config of the batch
         self.ctx = ctx  # clients
         self.launched = launched  # index -> member, for the tasks that run an electron
         self.handled: set[int] = set()  # indices whose finished task was already collected
@@ -215,7 +214,7 @@ class _JobMonitor:
 
     @property
     def config(self) -> ExecutorConfig:
-        return self.extras.config
+        return self.payload.config
 
     async def poll_until_resolved(self, tg: anyio.abc.TaskGroup) -> None:
         """Poll every ``poll_freq`` until no launched electron is waiting for its task."""
@@ -231,7 +230,7 @@ class _JobMonitor:
             self.job = await self.ctx.jobs.get(self.job_id)
         except BatchApiError as exc:
             if isinstance(exc.__cause__, api_exceptions.NotFound):
-                self._fail_live(
+                self.batch.fail_live(
                     TaskInfrastructureError(
                         f"Batch job {self.job_id} was deleted outside this executor before "
                         "its task finished"
@@ -279,7 +278,7 @@ class _JobMonitor:
         ):
             return False
         state = batch_v1.JobStatus.State(self.job.status.state).name
-        self._fail_live(
+        self.batch.fail_live(
             TaskInfrastructureError(
                 f"Batch job {self.job_id} started no task within queue_timeout={limit:g}s (it "
                 f"is still {state}): Batch is waiting for VMs it cannot get, usually for lack "
@@ -355,11 +354,11 @@ class _JobMonitor:
         object is read only when the expected one is absent (a result written by an attempt
         that Batch then counted as failed is still the electron's result).
         """
-        store, key = self.ctx.store, self.extras.key
+        store, key = self.ctx.store, self.payload.key
         succeeded = task.status.state == batch_v1.TaskStatus.State.SUCCEEDED
         reads = (TaskObject.RESULT, TaskObject.ERROR)
         for obj in reads if succeeded else reversed(reads):
-            data = await self.ctx.run_blocking(store.download, ref, obj)
+            data = await store.download(ref, obj)
             if data is None:
                 continue
             if obj is TaskObject.RESULT:
@@ -372,7 +371,7 @@ class _JobMonitor:
                 stdout=failure.stdout,
                 stderr=failure.stderr,
             )
-        if await self.ctx.run_blocking(store.exists, ref, TaskObject.CANCELLED):
+        if await store.exists(ref, TaskObject.CANCELLED):
             # Cancelled by whoever wrote the marker (another process too): the runner stopped
             # the function and recorded no outcome.
             return ElectronCancelledError(
@@ -418,7 +417,7 @@ class _JobMonitor:
     async def stop(self) -> None:
         """The executor is stopping: delete the job if it may still run tasks, fail the
         electrons still waiting on it, and delete its tasks' objects."""
-        self._fail_live(
+        self.batch.fail_live(
             TaskInfrastructureError(
                 f"the executor stopped (its process was interrupted or terminated, or the "
                 f"Covalent server shut down) while this electron waited on Batch job "
@@ -440,10 +439,6 @@ class _JobMonitor:
         if not self.config.keep_objects:
             what = f"delete the task objects of job {self.job_id}"
             await self.ctx.housekeeping(what, self.ctx.store.delete_tasks, self.job_id)
-
-    def _fail_live(self, error: TaskInfrastructureError) -> None:
-        for member in self.batch.live_members():
-            member.fail(type(error)(error.reason, exit_code=error.exit_code, events=error.events))
 
     async def finish(self) -> None:
         """Delete the job if it still runs tasks nobody waits for; delete its tasks' objects.

@@ -10,8 +10,8 @@ Object names are built only from ids the executor made (a validated job id, a no
 index, a validated prefix, and the fixed names of :class:`TaskObject`): nothing a user function
 returns can choose a path.
 
-The I/O here is synchronous on purpose: the runner calls it directly and the executor wraps each
-call in ``anyio.to_thread.run_sync``. Every request is retried by the client's ``DEFAULT_RETRY``
+The I/O of :class:`TaskStore` is synchronous on purpose: the runner calls it directly; the
+executor goes through :class:`AsyncTaskStore`, which runs each call in a worker thread. Every request is retried by the client's ``DEFAULT_RETRY``
 (429, 5xx, dropped connections), and every failure that remains is translated to
 :class:`~covalent_gcpbatch_array.exceptions.StorageError` in one place, :func:`_storage_errors`.
 Deleting a folder is the exception to the retry: it sends batch requests of 100 deletes, which
@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
+import anyio
 import google.auth.exceptions
 import google.cloud.exceptions
 import google.cloud.storage as storage
@@ -40,6 +43,7 @@ from covalent_gcpbatch_array._core.contract import TaskRef, validate_job_id, val
 from covalent_gcpbatch_array.exceptions import StorageError
 
 __all__ = [
+    "AsyncTaskStore",
     "JobLayout",
     "ManifestEntry",
     "TaskObject",
@@ -50,6 +54,7 @@ __all__ = [
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_FORMAT = 1
 _LEASE_NAME = "lease"
+_T = TypeVar("_T")
 _BATCH_CALLS = 100  # calls per batch request: the most Cloud Storage takes in one
 
 
@@ -472,3 +477,75 @@ class TaskStore:
                 self._bucket.blob(name).delete(retry=self._retry)
                 deleted += 1
         return deleted
+
+
+#: Worker threads (and so HTTP connections) of an :class:`AsyncTaskStore` for inputs, and for
+#: everything else (results, markers, the manifest, clean-up): the results of a running job
+#: never queue behind the inputs of the next batches.
+INPUT_THREADS = 16
+OTHER_THREADS = 16
+
+
+class AsyncTaskStore:
+    """Async access to a :class:`TaskStore`: each call runs in a worker thread.
+
+    :param store: the synchronous store
+    :param limiter: bounds the threads of every call but input uploads (default: a limiter of
+        :data:`OTHER_THREADS` of its own)
+    :param input_limiter: bounds the threads of input uploads, kept apart so that reading a
+        running job's results never waits behind the inputs of the next batches (default: a
+        limiter of :data:`INPUT_THREADS` of its own)
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        limiter: anyio.CapacityLimiter | None = None,
+        input_limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self.sync = store
+        self._limiter = limiter or anyio.CapacityLimiter(OTHER_THREADS)
+        self._input_limiter = input_limiter or anyio.CapacityLimiter(INPUT_THREADS)
+
+    def layout(self, job_id: str) -> JobLayout:
+        """The object names of job ``job_id``."""
+        return self.sync.layout(job_id)
+
+    async def _call(
+        self,
+        method: Callable[..., _T],
+        /,
+        *args: Any,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> _T:
+        return await anyio.to_thread.run_sync(
+            functools.partial(method, *args), limiter=limiter or self._limiter
+        )
+
+    async def upload_input(self, ref: TaskRef, data: bytes) -> None:
+        """Write the input envelope of task ``ref``, on the threads kept for inputs."""
+        await self._call(self.sync.upload_input, ref, data, limiter=self._input_limiter)
+
+    async def download(self, ref: TaskRef, obj: TaskObject) -> bytes | None:
+        """Read ``obj`` of task ``ref``, or ``None`` if it does not exist."""
+        return await self._call(self.sync.download, ref, obj)
+
+    async def exists(self, ref: TaskRef, obj: TaskObject) -> bool:
+        """Whether ``obj`` of task ``ref`` exists."""
+        return await self._call(self.sync.exists, ref, obj)
+
+    async def write_cancelled(self, ref: TaskRef) -> None:
+        """Mark task ``ref`` cancelled."""
+        await self._call(self.sync.write_cancelled, ref)
+
+    async def write_manifest(self, job_id: str, entries: Mapping[int, ManifestEntry]) -> None:
+        """Write the manifest of job ``job_id``."""
+        await self._call(self.sync.write_manifest, job_id, entries)
+
+    async def renew_lease(self, job_id: str) -> None:
+        """Rewrite job ``job_id``'s lease."""
+        await self._call(self.sync.renew_lease, job_id)
+
+    async def delete_tasks(self, job_id: str) -> int:
+        """Delete the objects of every task of job ``job_id``; returns the count."""
+        return await self._call(self.sync.delete_tasks, job_id)
