@@ -96,19 +96,19 @@ class ArrayJobContext:
 async def run_array_job(batch: Batch[JobShape, ElectronOutcome], ctx: ArrayJobContext) -> None:
     """Create the batch's job and resolve each launched electron as its task ends.
 
+    ``batch.payload`` is the batch's :class:`BatchPayload`.
+
     Cancelled (the executor's loop is stopping: SIGINT, SIGTERM, the Covalent server shutting
     down), it deletes the job, fails the electrons still waiting and cleans up, shielded and
     within :data:`STOP_SECONDS`, before the cancellation goes on.
     """
     job_id = batch.batch_id
-    ``batch.payload`` is the batch's :class:`BatchPayload`.
-
+    payload: BatchPayload = batch.payload
     launched = {member.index: member for member in batch.launched_members()}
     monitor = _JobMonitor(batch, ctx, launched)
     try:
         await _write_manifest_and_markers(batch, payload, ctx, launched)
         if payload.config.orphan_timeout:
-    payload: BatchPayload = batch.payload
             # Written before the job exists, so that its tasks always find one.
             await ctx.store.renew_lease(job_id)
         job = build_job(
