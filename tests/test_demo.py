@@ -101,7 +101,8 @@ class TestDemo:
 
         # 9 electrons (load + 4 train + 4 score), each one task of some job.
         packing = re.search(
-            r"Packing: (\d+) electrons -> (\d+) Batch jobs \(tasks per job: ([\d, ]+)\); "
+            r"Packing: (\d+) electrons -> (\d+) Batch jobs \(tasks per job: ([\d, ]+); "
+            r"flushed: ([a-z ,]+)\); "
             r"(\d+) Batch API calls by the executor \(([^)]*)\)",
             out,
         )
@@ -109,10 +110,20 @@ class TestDemo:
         assert int(packing[1]) == 9
         sizes = [int(size) for size in packing[3].split(", ")]
         assert len(sizes) == int(packing[2]) and sum(sizes) == 9
-        calls = dict(part.rsplit(" ", 1) for part in packing[5].split(", "))
+        reasons = packing[4].split(", ")
+        assert len(reasons) == len(sizes)
+        assert set(reasons) <= {"wave complete", "window cap", "full", "idle gap", "closing"}
+        calls = dict(part.rsplit(" ", 1) for part in packing[6].split(", "))
         assert int(calls["CreateJob"]) == int(packing[2])
         assert "ListJobs" not in calls  # the progress display's own calls are not counted
-        assert sum(int(count) for count in calls.values()) == int(packing[4])
+        assert sum(int(count) for count in calls.values()) == int(packing[5])
+
+        # Progress in a log: one short line per new job (with why it was flushed), then totals.
+        progress = [line for line in out.splitlines() if re.match(r"^  \[\s*\d+\.\d s\] ", line)]
+        new_jobs = [line for line in progress if " new job " in line]
+        assert len(new_jobs) == len(sizes)
+        assert all(re.search(r"task\(s\), flushed: [a-z ]+$", line) for line in new_jobs)
+        assert max(len(line) for line in progress) <= 100, progress
         assert re.search(r"Workflow \d+\.\d s; total \d+\.\d s", out)
 
         # The private Covalent server and its HOME are gone.

@@ -244,6 +244,8 @@ class TestJobs:
         assert jobs[kept_job]["state"] == "FAILED"  # one of its tasks failed
         assert jobs[kept_job]["task_count"] == 3
         assert jobs[kept_job]["task_states"] == {"SUCCEEDED": 2, "FAILED": 1}
+        # FAST's zero idle gap does not flush; the 0.5 s window does.
+        assert jobs[kept_job]["flush_reason"] == "window cap"
         assert jobs[cleaned_job]["task_states"] == {"SUCCEEDED": 1, "FAILED": 1}
         order = [job["job_id"] for job in run_json(cloud, capsys, "jobs")]
         assert order.index(cleaned_job) < order.index(kept_job)  # newest first
@@ -370,11 +372,13 @@ class TestTables:
             {"SUCCEEDED": 99_999, "FAILED": 1},
             when,
             when,
+            "full",
         )
         row = self.row(render_jobs([job], wide=False, width=80, now=self.NOW), job.job_id)
         assert row == [job.job_id, "DELETING", "100000", "99999", "1", "0", "0", "1d6h"]
-        wide = render_jobs([job], wide=True, width=80, now=self.NOW)
-        assert "DELETION_IN_PROGRESS" in self.row(wide, job.job_id)
+        wide = self.row(render_jobs([job], wide=True, width=80, now=self.NOW), job.job_id)
+        assert wide[1] == "DELETION_IN_PROGRESS"
+        assert wide[8] == "full"
 
     @pytest.mark.parametrize("command", ["jobs", "tasks"])
     def test_piped_output_is_neither_cut_nor_padded(

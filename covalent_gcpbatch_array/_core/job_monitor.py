@@ -24,7 +24,12 @@ from google.cloud import batch_v1
 from covalent_gcpbatch_array._core.coalescer import Batch, Member
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, decode_error, decode_result
-from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi, build_job
+from covalent_gcpbatch_array._core.jobs import (
+    FLUSH_REASON_LABEL,
+    TASK_STATE_FIELDS,
+    JobsApi,
+    build_job,
+)
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome, infrastructure_error, task_index
 from covalent_gcpbatch_array._core.storage import AsyncTaskStore, ManifestEntry, TaskObject
 from covalent_gcpbatch_array.config import ExecutorConfig, JobShape
@@ -117,6 +122,8 @@ async def run_array_job(batch: Batch[JobShape, ElectronOutcome], ctx: ArrayJobCo
             job_prefix=ctx.store.layout(job_id).folder,
             hmac_key=payload.key.hex(),
         )
+        if batch.flush_reason is not None:  # for `gcpbatch-array jobs -o wide` and the demo
+            job.labels[FLUSH_REASON_LABEL] = batch.flush_reason.value.replace(" ", "-")
         try:
             await ctx.jobs.create(job_id, job)
         except BatchApiError as exc:

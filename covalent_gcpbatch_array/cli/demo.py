@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from covalent_gcpbatch_array._core.jobs import FLUSH_REASON_LABEL
 from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.cli.local_up import stop_requested
 from covalent_gcpbatch_array.local.cloud import LocalCloud
@@ -61,7 +62,7 @@ class JobProgress:
     running: int  # RUNNING
     succeeded: int  # SUCCEEDED
     failed: int  # FAILED
-    state: str  # the job's state (QUEUED, RUNNING, SUCCEEDED, ...)
+    flushed: str  # why the executor stopped filling it ("idle gap", "full", ...; "" unknown)
 
 
 class BatchProgress:
@@ -87,7 +88,7 @@ class BatchProgress:
                     running=counts.get("RUNNING", 0),
                     succeeded=counts.get("SUCCEEDED", 0),
                     failed=counts.get("FAILED", 0),
-                    state=job.status.state.name,
+                    flushed=job.labels.get(FLUSH_REASON_LABEL, "").replace("-", " "),
                 )
             )
         return sorted(jobs, key=lambda job: job.job_id)
@@ -205,12 +206,20 @@ def _show_progress(
                 if status in _FINISHED:
                     return status, jobs
                 time.sleep(_REFRESH_SECONDS)
+    # A log gets short lines: one per new job (its size and why it was flushed), then one
+    # line of totals per change, never one per refresh nor one listing every job.
+    seen: set[str] = set()
     last = ""
     while True:
         status, jobs = _poll(watcher, address, dispatch_id)
+        stamp = f"  [{time.monotonic() - since:5.1f} s]"
+        for job in jobs:
+            if job.job_id not in seen:
+                seen.add(job.job_id)
+                console.print(f"{stamp} new job {job.job_id}: {_packed(job)}")
         line = _progress_line(status, jobs)
-        if line != last:  # a log gets one line per change, not one per refresh
-            console.print(f"  [{time.monotonic() - since:5.1f} s] {line}")
+        if line != last:
+            console.print(f"{stamp} {line}")
             last = line
         if status in _FINISHED:
             return status, jobs
@@ -238,7 +247,8 @@ def _progress_view(status: str, jobs: list[JobProgress], elapsed: float) -> Tabl
     # Short headings keep the table in 80 columns: waiting = PENDING + ASSIGNED.
     for name in ("tasks", "wait", "run", "done", "fail"):
         table.add_column(name, justify="right")
-    table.add_column("state", no_wrap=True)
+    # Why the executor stopped filling the job (the counts say how far it is).
+    table.add_column("flushed", no_wrap=True)
     for job in jobs:
         table.add_row(
             job.job_id,
@@ -247,18 +257,27 @@ def _progress_view(status: str, jobs: list[JobProgress], elapsed: float) -> Tabl
             str(job.running),
             str(job.succeeded),
             str(job.failed) if job.failed else "",
-            job.state,
+            job.flushed or "?",
         )
     return table
 
 
 def _progress_line(status: str, jobs: list[JobProgress]) -> str:
-    parts = [
-        f"{job.job_id[-6:]}: {job.pending} pending {job.running} running {job.succeeded} done"
-        + (f" {job.failed} failed" if job.failed else "")
-        for job in jobs
-    ]
-    return f"dispatch {status}; " + ("; ".join(parts) if parts else "no Batch job yet")
+    """The dispatch's status and the tasks of all its jobs, totalled: one short line."""
+    if not jobs:
+        return f"dispatch {status}; no Batch job yet"
+    pending, running, done, failed = (
+        sum(getattr(job, name) for job in jobs)
+        for name in ("pending", "running", "succeeded", "failed")
+    )
+    return (
+        f"dispatch {status}; {len(jobs)} job(s): {pending} pending, {running} running, "
+        f"{done} done" + (f", {failed} failed" if failed else "")
+    )
+
+
+def _packed(job: JobProgress) -> str:
+    return f"{job.tasks} task(s), flushed: {job.flushed or 'reason unknown'}"
 
 
 def _print_scores(
@@ -305,8 +324,12 @@ def _print_packing(
     calls["ListJobs"] = calls.get("ListJobs", 0) - watcher.calls
     used = {name: count for name, count in sorted(calls.items()) if count}
     sizes = ", ".join(str(job.tasks) for job in jobs)
+    # Why each job stopped filling: a row of one-task jobs flushed by "idle gap" says the
+    # electrons came further apart than batch_idle_gap.
+    reasons = ", ".join(job.flushed or "?" for job in jobs)
     console.print(
-        f"Packing: {electrons} electrons -> {len(jobs)} Batch jobs (tasks per job: {sizes}); "
+        f"Packing: {electrons} electrons -> {len(jobs)} Batch jobs (tasks per job: {sizes}; "
+        f"flushed: {reasons}); "
         f"{sum(used.values())} Batch API calls by the executor "
         f"({', '.join(f'{name} {count}' for name, count in used.items())})."
     )

@@ -315,7 +315,7 @@ def render_jobs(
         Column("AGE", right=True),
     ]
     if wide:
-        columns += [Column("CREATED"), Column("UPDATED"), Column("UID")]
+        columns += [Column("FLUSHED"), Column("CREATED"), Column("UPDATED"), Column("UID")]
     rows = []
     for job in jobs:
         states = {**job.task_states}
@@ -328,7 +328,8 @@ def render_jobs(
             _age(now - job.created),
         ]
         if wide:
-            row += [job.created.isoformat(), job.updated.isoformat(), job.uid]
+            flushed = job.flush_reason or "-"
+            row += [flushed, job.created.isoformat(), job.updated.isoformat(), job.uid]
         rows.append(row)
     return f"{len(jobs)} job(s)\n" + render(columns, rows, None if wide else width)
 

@@ -19,7 +19,7 @@ from google.api_core import exceptions as api_exceptions
 
 from covalent_gcpbatch_array._core.contract import ENV_HMAC_KEY, JOB_ID_PATTERN, TaskRef
 from covalent_gcpbatch_array._core.envelopes import decode_error, parse_job_key
-from covalent_gcpbatch_array._core.jobs import JobsApi
+from covalent_gcpbatch_array._core.jobs import FLUSH_REASON_LABEL, JobsApi
 from covalent_gcpbatch_array._core.outcome import task_exit_code, task_index
 from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
 from covalent_gcpbatch_array.exceptions import CloudApiError, GCPBatchArrayError
@@ -71,6 +71,7 @@ class JobSummary:
     task_states: dict[str, int]  # tasks per state, as Batch counts them
     created: datetime  # when the job was created
     updated: datetime  # its last state change (for finished jobs: about when it finished)
+    flush_reason: str  # why the executor stopped filling it ("idle gap", "full", ...; "" unknown)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ def _summary(job: batch_v1.Job) -> JobSummary:
         task_states={state: int(n) for state, n in counts.items()},
         created=job.create_time,
         updated=job.update_time or job.create_time,
+        flush_reason=job.labels.get(FLUSH_REASON_LABEL, "").replace("-", " "),
     )
 
 
