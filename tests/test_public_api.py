@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import covalent_gcpbatch_array
 from covalent_gcpbatch_array import exceptions
@@ -21,6 +23,19 @@ class TestExportedMembers:
     def test_every_export_resolves(self) -> None:
         for name in covalent_gcpbatch_array.__all__:
             assert getattr(covalent_gcpbatch_array, name) is not None
+
+    def test_star_import_gives_all_of_it(self) -> None:
+        namespace: dict[str, object] = {}
+        exec("from covalent_gcpbatch_array import *", namespace)
+        assert set(namespace) - {"__builtins__"} == set(covalent_gcpbatch_array.__all__)
+
+    def test_the_package_imports_without_covalent(self) -> None:
+        # Covalent takes seconds to import: only the executor class needs it.
+        code = "import sys, covalent_gcpbatch_array\nassert 'covalent' not in sys.modules"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
 
     def test_executor_is_loaded_lazily_and_is_the_plugin_class(self) -> None:
         from covalent_gcpbatch_array import gcpbatch_array
