@@ -1,7 +1,8 @@
 """Covalent executor that coalesces electrons into Google Cloud Batch array jobs.
 
 ``GCPBatchArrayExecutor`` imports covalent (seconds), so it is loaded on first use;
-``LocalCloud`` lives in :mod:`covalent_gcpbatch_array.local`.
+``LocalCloud`` lives in :mod:`covalent_gcpbatch_array.local`, which needs the ``[local]`` extra:
+``pip install 'covalent-gcpbatch-array[local]'``.
 """
 
 from __future__ import annotations
