@@ -17,6 +17,10 @@ fake-gcs-server as a request of its own, on the same kept-alive connections as e
 forwarded request, and meets the planned faults as one (a ``drop`` loses the whole batch's
 answer); a fault can also hit the batch request itself (``method="POST", path="/batch/"``).
 
+Where fake-gcs-server answers otherwise than Cloud Storage, the proxy answers as Google does: an
+upload whose declared CRC32C or MD5 does not match its bytes is refused with 400
+(:mod:`.checksums`), and an object DELETE answers 204 without a body (in batch requests too).
+
 Process contract (like the Batch emulator's)::
 
     python -m covalent_gcpbatch_array.local.gcs.proxy --upstream http://127.0.0.1:G \\
