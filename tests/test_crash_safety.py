@@ -25,6 +25,7 @@ from covalent._shared_files.exceptions import TaskCancelledError
 from electrons import FAST, executor_for
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
+from test_inspect_cli import run_json  # a sibling test module (tests/ is on sys.path)
 
 from covalent_gcpbatch_array._core.contract import EXIT_ORPHANED, TaskRef
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi
@@ -230,5 +231,33 @@ class TestKilledExecutor:
             # When its VMs come, the tasks find the lease stale and exit before running.
             assert wait_until(lambda: child.job().status.state in (_STATE.FAILED,), timeout=120)
             assert child.exit_codes() == {EXIT_ORPHANED}
+        finally:
+            cloud.configure(provisioning_delay=settings["provisioning_delay"])
+
+
+class TestGcEndsOrphans:
+    """`gcpbatch-array gc` deletes unfinished jobs whose lease is stale, and only those."""
+
+    def test_a_killed_executors_queued_job(
+        self, cloud: LocalCloud, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        settings = cloud.settings()
+        cloud.configure(provisioning_delay=300)  # its tasks would not start before gc
+        try:
+            child = FanOutProcess(cloud, orphan_timeout=ORPHAN_TIMEOUT)
+            child.wait_for_job(_STATE.QUEUED, _STATE.SCHEDULED)
+            # Its owner is alive and renews the lease: never touched.
+            assert child.job_id not in run_json(cloud, capsys, "gc", "--dry-run")["deleted_orphans"]
+            child.stop(signal.SIGKILL)
+
+            def listed() -> bool:
+                report = run_json(cloud, capsys, "gc", "--dry-run")
+                return child.job_id in report["deleted_orphans"]
+
+            assert wait_until(listed, timeout=60, interval=0.5)
+            assert child.job().status.state in (_STATE.QUEUED, _STATE.SCHEDULED)  # a dry run
+            report = run_json(cloud, capsys, "gc")
+            assert child.job_id in report["deleted_orphans"]
+            assert child.job_gone()
         finally:
             cloud.configure(provisioning_delay=settings["provisioning_delay"])

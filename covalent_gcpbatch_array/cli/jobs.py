@@ -420,6 +420,12 @@ def _gc_text(report: GcReport, older_than: timedelta) -> str:
         f"{verb} {len(report.deleted_folders)} folder(s) whose job is gone"
         + "".join(f"\n  {folder}" for folder in report.deleted_folders),
     ]
+    if report.deleted_orphans:
+        lines.append(
+            f"{verb} {len(report.deleted_orphans)} unfinished job(s) whose executor is gone "
+            "(lease older than orphan_timeout)"
+            + "".join(f"\n  {job}" for job in report.deleted_orphans)
+        )
     if not report.dry_run:
         lines.append(f"deleted {report.deleted_objects} object(s) from the bucket")
     if report.kept_unfinished:

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 from google.api_core import exceptions as api_exceptions
 
-from covalent_gcpbatch_array._core.contract import ENV_HMAC_KEY, JOB_ID_PATTERN, TaskRef
+from covalent_gcpbatch_array._core.contract import (
+    ENV_HMAC_KEY,
+    ENV_ORPHAN_TIMEOUT,
+    JOB_ID_PATTERN,
+    TaskRef,
+)
 from covalent_gcpbatch_array._core.envelopes import decode_error, parse_job_key
 from covalent_gcpbatch_array._core.jobs import FLUSH_REASON_LABEL, JobsApi
 from covalent_gcpbatch_array._core.outcome import task_exit_code, task_index
@@ -40,6 +45,8 @@ __all__ = [
 
 #: Job states after which nothing runs any more: safe to delete.
 FINISHED_JOB_STATES = frozenset({"SUCCEEDED", "FAILED"})
+#: Job states that may still start or run tasks: gc ends them once their executor is gone.
+UNFINISHED_JOB_STATES = frozenset({"QUEUED", "SCHEDULED", "RUNNING"})
 #: The log Batch writes task output to.
 TASK_LOG = "batch_task_logs"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
@@ -106,6 +113,8 @@ class GcReport:
     deleted_folders: list[str] = field(default_factory=list)  # job folders emptied
     deleted_objects: int = 0  # objects deleted from the bucket
     kept_unfinished: list[str] = field(default_factory=list)  # old jobs still running
+    #: unfinished jobs whose lease is older than their orphan_timeout: their executor is gone
+    deleted_orphans: list[str] = field(default_factory=list)
     dry_run: bool = False  # nothing was deleted
 
 
@@ -171,8 +180,11 @@ class Inspector:
 
     async def jobs(self) -> list[JobSummary]:
         """The executor's jobs in the project and region, newest first."""
-        found = [_summary(job) for job in await self._jobs.list_jobs()]
-        return sorted(found, key=lambda job: job.created, reverse=True)
+        return [summary for summary, _ in await self._listed_jobs()]
+
+    async def _listed_jobs(self) -> list[tuple[JobSummary, batch_v1.Job]]:
+        found = [(_summary(job), job) for job in await self._jobs.list_jobs()]
+        return sorted(found, key=lambda pair: pair[0].created, reverse=True)
 
     async def tasks(self, job_id: str) -> list[TaskSummary]:
         """Every task of ``job_id`` with the electron it ran (when the manifest is still there).
@@ -270,10 +282,14 @@ class Inspector:
         orphan_grace: timedelta = timedelta(hours=1),
         dry_run: bool = False,
     ) -> GcReport:
-        """Delete finished jobs, and their bucket folders, older than ``older_than``.
+        """Delete finished jobs, and their bucket folders, older than ``older_than``; and
+        orphaned jobs, whatever their age.
 
         A job counts from its last state change (for a finished job, about when it finished).
-        Jobs still running are never deleted, only reported. Folders whose job is no longer in
+        Jobs still running are deleted only when orphaned: QUEUED, SCHEDULED or RUNNING with
+        a lease older than the job's own ``orphan_timeout`` (the executor that owned it is
+        gone); a job with a fresh lease, no lease or ``orphan_timeout=0`` is only reported.
+        Folders whose job is no longer in
         Batch are deleted when their newest object is older than both ``older_than`` and
         ``orphan_grace``: a batch's inputs are uploaded before its job is created, so a young
         folder without a job may belong to a batch that is still filling.
@@ -281,8 +297,14 @@ class Inspector:
         report = GcReport(dry_run=dry_run)
         now = self._now()
         known: set[str] = set()
-        for job in await self.jobs():
+        for job, listed in await self._listed_jobs():
             known.add(job.job_id)
+            if job.state in UNFINISHED_JOB_STATES and await self._orphaned(listed, now):
+                if not dry_run:
+                    await self._jobs.delete(job.job_id)
+                    report.deleted_objects += await self._delete_folder(job.job_id)
+                report.deleted_orphans.append(job.job_id)
+                continue
             if now - job.updated < older_than:
                 continue
             if job.state not in FINISHED_JOB_STATES:
@@ -300,6 +322,18 @@ class Inspector:
                 report.deleted_objects += await self._delete_folder(job_id)
             report.deleted_folders.append(job_id)
         return report
+
+    async def _orphaned(self, job: batch_v1.Job, now: datetime) -> bool:
+        """Whether the job's lease is older than the ``orphan_timeout`` it was created with."""
+        variables = job.task_groups[0].task_spec.environment.variables if job.task_groups else {}
+        try:
+            timeout = float(variables.get(ENV_ORPHAN_TIMEOUT, "0"))
+        except ValueError:
+            return False
+        if not timeout > 0:
+            return False
+        age = await anyio.to_thread.run_sync(self._store.lease_age, _job_id(job), now)
+        return age is not None and age > timeout
 
     async def _delete_folder(self, job_id: str) -> int:
         return await anyio.to_thread.run_sync(self._store.delete_job, job_id)
