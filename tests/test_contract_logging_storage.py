@@ -81,7 +81,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Exchange]]:
             Exchange(
                 method=str(request.method),
                 url=str(request.url),
-                headers=dict(request.headers),
+                headers={key: str(value) for key, value in request.headers.items()},
                 body=body.encode() if isinstance(body, str) else body,
                 status=response.status_code,
                 answer=response.content,

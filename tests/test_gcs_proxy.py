@@ -124,7 +124,12 @@ def bucket_via(endpoint: str) -> storage.Bucket:
 
 
 async def admin(endpoint: str, method: str, path: str, body: Any = None) -> requests.Response:
-    return await call(requests.request, method, f"{endpoint}/_proxy/{path}", json=body, timeout=10)
+    return await http(method, f"{endpoint}/_proxy/{path}", json=body)
+
+
+async def http(method: str, url: str, **kwargs: Any) -> requests.Response:
+    """A plain HTTP request (in a thread), for what the storage client never sends."""
+    return await call(requests.request, method, url, timeout=10, **kwargs)
 
 
 async def plan(endpoint: str, **fault: Any) -> None:
@@ -289,22 +294,14 @@ class TestAnswersAsGoogle:
 
     @pytest.mark.anyio
     async def test_a_media_upload_with_a_wrong_x_goog_hash_is_400(self, proxy: str) -> None:
-        answer = await call(
-            requests.post,
-            f"{proxy}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=hashed",
-            data=b"hello",
-            headers={"X-Goog-Hash": "crc32c=AAAAAQ=="},
-            timeout=10,
+        upload = f"{proxy}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=hashed"
+        answer = await http(
+            "POST", upload, data=b"hello", headers={"X-Goog-Hash": "crc32c=AAAAAQ=="}
         )
         assert answer.status_code == 400
         assert answer.json()["error"]["errors"][0]["reason"] == "invalid"
-        right = await call(
-            requests.post,
-            f"{proxy}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=hashed",
-            data=b"hello",
-            headers={"X-Goog-Hash": "crc32c=mnG7TA==,md5=XUFAKrxLKna5cZ2REBfFkg=="},
-            timeout=10,
-        )
+        both = "crc32c=mnG7TA==,md5=XUFAKrxLKna5cZ2REBfFkg=="
+        right = await http("POST", upload, data=b"hello", headers={"X-Goog-Hash": both})
         assert right.status_code == 200, right.text
 
     @pytest.mark.anyio
@@ -319,11 +316,9 @@ class TestAnswersAsGoogle:
         self, proxy: str, gcs: GcsEmulator
     ) -> None:
         await upload_each(gcs.endpoint, ["deleted"])
-        answer = await call(requests.delete, f"{proxy}/storage/v1/b/{BUCKET}/o/deleted", timeout=10)
+        answer = await http("DELETE", f"{proxy}/storage/v1/b/{BUCKET}/o/deleted")
         assert (answer.status_code, answer.content) == (204, b"")
-        missing = await call(
-            requests.delete, f"{proxy}/storage/v1/b/{BUCKET}/o/deleted", timeout=10
-        )
+        missing = await http("DELETE", f"{proxy}/storage/v1/b/{BUCKET}/o/deleted")
         assert missing.status_code == 404
 
 
@@ -364,12 +359,11 @@ class TestBatch:
 
     @pytest.mark.anyio
     async def test_a_malformed_batch_is_a_400(self, proxy: str) -> None:
-        answer = await call(
-            requests.post,
+        answer = await http(
+            "POST",
             f"{proxy}/batch/storage/v1",
             data=b"{}",
             headers={"Content-Type": "application/json"},
-            timeout=10,
         )
         assert answer.status_code == 400
         assert "multipart/mixed" in answer.json()["error"]["message"]
