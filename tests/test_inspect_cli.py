@@ -353,7 +353,7 @@ class TestTables:
         text = render_tasks(kept_job, tasks, wide=False, width=width)
         lines = text.splitlines()
         assert max(len(line) for line in lines) <= width
-        assert lines[0].endswith(f"of dispatch {DISPATCH}")  # whole, once, in the title
+        assert lines[1] == f"dispatch {DISPATCH}"  # whole, once, above the table
         for task in tasks:
             row = self.row(text, str(task.index))
             index, node, exit_code = str(task.index), str(task.node_id), str(task.exit_code)

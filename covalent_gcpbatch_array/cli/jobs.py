@@ -351,12 +351,12 @@ async def _tasks(inspector: Inspector, args: argparse.Namespace, out: TextIO) ->
 
 
 def render_tasks(job_id: str, tasks: list[TaskSummary], *, wide: bool, width: int | None) -> str:
-    """The ``tasks`` table; the dispatch goes in the title when every task shares one."""
+    """The ``tasks`` table; the dispatch goes above it when every task shares one."""
     dispatches = {task.dispatch_id for task in tasks if task.dispatch_id}
     title = f"job {job_id}: {len(tasks)} task(s)"
     one_dispatch = len(dispatches) == 1 and not wide
     if one_dispatch:
-        title += f" of dispatch {next(iter(dispatches))}"
+        title += f"\ndispatch {next(iter(dispatches))}"
     columns = [
         Column("INDEX", right=True),
         Column("NODE", right=True),
