@@ -244,7 +244,11 @@ class TestPlainInstall:
         _run([python, "-c", "from covalent_gcpbatch_array.local import LocalCloud"], env, tmp_path)
         # Past the extra's check: the command's own argument check answers.
         demo = subprocess.run(
-            [cli, "local", "demo", "--tasks", "1"], env=env, capture_output=True, text=True
+            [cli, "local", "demo", "--tasks", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert demo.returncode == 2
         assert "--tasks must be at least 2" in demo.stderr
