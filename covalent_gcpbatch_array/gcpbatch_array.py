@@ -157,6 +157,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
             raise TaskCancelledError(f"{origin} was cancelled before it was submitted")
         service = await ExecutorRuntime.current()
         member = service.join(config, origin)
+        uploading = False  # once True, the input may be in the bucket
         try:
             with member:
                 ref = TaskRef(member.batch_id, member.index)
@@ -173,6 +174,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
                     task=ref,
                     origin=origin,
                 )
+                uploading = True
                 await service.clients.store(config).upload_input(ref, data)
                 del data
                 member.set_ready()
@@ -187,6 +189,8 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
             raise TaskRuntimeError(f"{origin} failed: {text}") from exc
         finally:
             service.leave(member)
+            if uploading:
+                await service.discard_unlaunched(config, member)
         return self._deliver(outcome)
 
     def _deliver(self, outcome: ElectronOutcome) -> Any:

@@ -261,3 +261,52 @@ class TestGcEndsOrphans:
             assert child.job_gone()
         finally:
             cloud.configure(provisioning_delay=settings["provisioning_delay"])
+
+
+def folder_objects(cloud: LocalCloud, job_id: str) -> list[str]:
+    bucket = cloud.storage_client().bucket(cloud.bucket_name)
+    return sorted(b.name for b in bucket.list_blobs(prefix=f"covalent-gcpbatch-array/{job_id}/"))
+
+
+class TestCancelLeavesNothing:
+    """Cancelling leaves no object behind, and a late cancel writes nothing."""
+
+    @pytest.mark.anyio
+    async def test_every_electron_cancelled_before_the_flush(self, cloud: LocalCloud) -> None:
+        jobs_before = cloud.stats()["jobs_created"]
+        executors = [executor_for(cloud, batch_window=600.0, batch_idle_gap=0.0) for _ in range(3)]
+        store = store_of(cloud)
+
+        async def one(index: int) -> None:
+            with pytest.raises(TaskCancelledError):
+                await executors[index].run(
+                    square, [index], {}, {"dispatch_id": "early", "node_id": index}
+                )
+
+        async with anyio.create_task_group() as tg:
+            for index in range(3):
+                tg.start_soon(one, index)
+            for ex in executors:
+                await ex.handle_set.wait()
+            refs = [TaskRef(ex.handle["job_id"], ex.handle["task_index"]) for ex in executors]
+            for ref in refs:  # each input uploaded, then its electron cancelled
+                uploaded = functools.partial(store.exists, ref, TaskObject.INPUT)
+                while not await anyio.to_thread.run_sync(uploaded):  # noqa: ASYNC110 (bucket)
+                    await anyio.sleep(0.1)
+            for ex in executors:
+                assert await ex.cancel({}, ex.handle)
+        await ExecutorRuntime.wait_idle()
+        assert cloud.stats()["jobs_created"] == jobs_before  # no job for nobody
+        assert folder_objects(cloud, refs[0].job_id) == []  # no input, no marker
+
+    @pytest.mark.anyio
+    async def test_a_cancel_after_the_clean_up_writes_no_marker(self, cloud: LocalCloud) -> None:
+        ex = executor_for(cloud)
+        assert await ex.run(square, [3], {}, {"dispatch_id": "late", "node_id": 1}) == 9
+        await ExecutorRuntime.wait_idle()
+        assert ex.handle is not None
+        assert await ex.cancel({}, ex.handle)
+        assert folder_objects(cloud, ex.handle["job_id"]) == [
+            f"covalent-gcpbatch-array/{ex.handle['job_id']}/lease",
+            f"covalent-gcpbatch-array/{ex.handle['job_id']}/manifest.json",
+        ]

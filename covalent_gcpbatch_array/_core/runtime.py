@@ -19,7 +19,13 @@ import anyio
 from anyio.lowlevel import RunVar
 
 from covalent_gcpbatch_array._core.clients import make_batch_client, make_storage_client
-from covalent_gcpbatch_array._core.coalescer import Batch, BatchPolicy, Coalescer, Member
+from covalent_gcpbatch_array._core.coalescer import (
+    Batch,
+    BatchPolicy,
+    Coalescer,
+    Member,
+    MemberState,
+)
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, new_job_key
 from covalent_gcpbatch_array._core.job_monitor import ArrayJobContext, BatchPayload, run_array_job
@@ -29,10 +35,12 @@ from covalent_gcpbatch_array._core.storage import (
     INPUT_THREADS,
     OTHER_THREADS,
     AsyncTaskStore,
+    TaskObject,
     TaskStore,
 )
 from covalent_gcpbatch_array._core.waves import WaveTracker, node_keys, server_reader
 from covalent_gcpbatch_array.config import MAX_TASKS_PER_JOB, ExecutorConfig, JobShape
+from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
 
 __all__ = ["ExecutorRuntime", "LoopClients"]
 
@@ -44,6 +52,10 @@ _CURRENT: RunVar[ExecutorRuntime | None] = RunVar("gcpbatch_array_runtime", defa
 #: Threads (and so HTTP connections) per event loop for the Batch API; Cloud Storage's are
 #: storage.INPUT_THREADS for inputs and storage.OTHER_THREADS for the rest.
 BATCH_API_THREADS = 8
+#: How long deleting the input of an electron that gave up before launch may take.
+DISCARD_SECONDS = 10.0
+#: Member states of an electron that gave up (before launch, for discard_unlaunched).
+_GAVE_UP = (MemberState.WITHDRAWN, MemberState.CANCELLED)
 
 
 def batch_policy(config: ExecutorConfig) -> BatchPolicy:
@@ -144,17 +156,39 @@ class ExecutorRuntime:
 
     @classmethod
     async def cancel_task(cls, config: ExecutorConfig, ref: TaskRef) -> None:
-        """Mark task ``ref`` cancelled, and cancel the electron waiting on it in this loop.
+        """Cancel the electron waiting on task ``ref`` in this loop, or mark the task cancelled.
 
-        The marker makes a pending task skip and a running one stop; the electron's ``run()``
-        wakes with :class:`~covalent_gcpbatch_array.exceptions.ElectronCancelledError`.
+        The electron's ``run()`` wakes with
+        :class:`~covalent_gcpbatch_array.exceptions.ElectronCancelledError`, and its job's
+        monitor (or its batch's launch) writes the task's ``cancelled`` marker, which makes a
+        pending task skip and a running one stop. With no such electron here (another process
+        runs it, or it is over), the marker is written only while the task still has its
+        input: after the clean-up there is nothing left to stop, nor to leave behind.
         """
-        await LoopClients.current().store(config).write_cancelled(ref)
         service = _CURRENT.get()
         coalescer = None if service is None else service._coalescer
         member = None if coalescer is None else coalescer.member(ref.job_id, ref.index)
-        if member is not None:
-            member.cancel()
+        if member is not None and member.cancel():
+            return
+        store = LoopClients.current().store(config)
+        if await store.exists(ref, TaskObject.INPUT):
+            await store.write_cancelled(ref)
+
+    async def discard_unlaunched(self, config: ExecutorConfig, member: Member[Any]) -> None:
+        """Delete the input of an electron that gave up before its batch launched.
+
+        A batch none of whose electrons is left never launches, and so never cleans up; a
+        batch that launches gives the slot a ``cancelled`` marker, checked before the input.
+        Shielded and bounded: it runs while the electron's ``run()`` is being cancelled.
+        """
+        if member.state not in _GAVE_UP or member in member.batch.launched_members():
+            return
+        ref = TaskRef(member.batch_id, member.index)
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + DISCARD_SECONDS):
+            try:
+                await self.clients.store(config).delete(ref, TaskObject.INPUT)
+            except GCPBatchArrayError as exc:
+                logger.warning("could not delete the input of %s (carrying on): %s", member, exc)
 
     def _spawn(self) -> None:
         # A root task of the loop, not a child of the electron that happened to start it.

@@ -281,6 +281,11 @@ class TaskStore:
         """Mark task ``ref`` cancelled (an empty marker; writing it twice is harmless)."""
         self.write_if_absent(ref, TaskObject.CANCELLED, b"")
 
+    def delete(self, ref: TaskRef, obj: TaskObject) -> None:
+        """Delete ``obj`` of task ``ref``; one already gone is not an error."""
+        with self._errors(f"delete {obj.value} of task {ref.index} of job {ref.job_id}"):
+            self._delete_each([self._blob(ref, obj).name])
+
     def renew_lease(self, job_id: str) -> None:
         """Rewrite job ``job_id``'s lease (an empty object): its update time says "still owned"."""
         with self._errors(f"renew the lease of job {job_id}"):
@@ -537,6 +542,10 @@ class AsyncTaskStore:
     async def write_cancelled(self, ref: TaskRef) -> None:
         """Mark task ``ref`` cancelled."""
         await self._call(self.sync.write_cancelled, ref)
+
+    async def delete(self, ref: TaskRef, obj: TaskObject) -> None:
+        """Delete ``obj`` of task ``ref``."""
+        await self._call(self.sync.delete, ref, obj)
 
     async def write_manifest(self, job_id: str, entries: Mapping[int, ManifestEntry]) -> None:
         """Write the manifest of job ``job_id``."""
