@@ -5,7 +5,10 @@ electron it is about. The hierarchy::
 
     GCPBatchArrayError
     ├── ConfigError                 a missing or bad configuration value (also a ValueError)
-    ├── ElectronInputError          an electron's function or arguments cannot be sent to a task
+    ├── ElectronInputError          an electron's call cannot be sent to a task (not a call, or
+    │                               its function or arguments cannot be pickled)
+    ├── ElectronResultError         an electron's return value cannot be sent back (unpicklable
+    │                               in the task, or not loadable on the Covalent server)
     ├── CloudApiError               Google Batch or Cloud Storage refused or failed a request
     │   ├── BatchApiError           ... the Batch API (quota, permission, bad job definition)
     │   └── StorageError            ... Cloud Storage (missing bucket, permission)
@@ -36,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ElectronCancelledError",
     "ElectronInputError",
+    "ElectronResultError",
     "GCPBatchArrayError",
     "LocalCloudError",
     "RemoteTaskError",
@@ -75,7 +79,13 @@ class ConfigError(GCPBatchArrayError, ValueError):
 
 
 class ElectronInputError(GCPBatchArrayError):
-    """An electron's function, arguments or result cannot be serialized."""
+    """An electron's call cannot be sent to a task: its function or arguments cannot be pickled,
+    or it is not a call at all (the function is not callable, the arguments are malformed)."""
+
+
+class ElectronResultError(GCPBatchArrayError):
+    """An electron's return value cannot be sent back: the task cannot pickle it, or the
+    Covalent server cannot unpickle it (a module the result needs is missing there)."""
 
 
 class CloudApiError(GCPBatchArrayError):

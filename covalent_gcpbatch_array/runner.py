@@ -70,7 +70,7 @@ from covalent_gcpbatch_array._core.storage import (
     TaskStore,
 )
 from covalent_gcpbatch_array.exceptions import (
-    ElectronInputError,
+    ElectronResultError,
     ResultIntegrityError,
     StorageError,
     TaskEnvironmentError,
@@ -370,7 +370,7 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
             result = encode_result(
                 run.value, key=settings.key, task=task, stdout=run.stdout, stderr=run.stderr
             )
-        except ElectronInputError as exc:
+        except ElectronResultError as exc:
             error = exc
         else:
             run.value = None

@@ -34,6 +34,7 @@ from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
     ConfigError,
     ElectronInputError,
+    ElectronResultError,
     RemoteTaskError,
     StorageError,
     TaskEnvironmentError,
@@ -322,7 +323,7 @@ class TestBadElectronInput:
         fan = await fan_out(cloud, [Spec(0, new_token())], fn=returns_a_lock, retries=2)
         check_exactly_one_outcome(fan)
         cause = fan[0].cause
-        assert isinstance(cause, RemoteTaskError | ElectronInputError), repr(cause)
+        assert isinstance(cause, ElectronResultError), repr(cause)
         assert "cannot be pickled" in str(cause) and "return picklable values" in str(cause)
 
     @pytest.mark.anyio

@@ -31,6 +31,7 @@ from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
     ConfigError,
     ElectronInputError,
+    ElectronResultError,
     RemoteTaskError,
     StorageError,
     TaskInfrastructureError,
@@ -410,7 +411,7 @@ class TestBadInput:
         with pytest.raises(TaskRuntimeError) as info:
             await run_electron(executor(cloud, batch_window=0), returns_lock)
         cause = info.value.__cause__
-        assert isinstance(cause, RemoteTaskError | ElectronInputError)
+        assert isinstance(cause, ElectronResultError)
         assert "pickle" in str(cause)
 
     @pytest.mark.anyio

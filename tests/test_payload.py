@@ -31,6 +31,7 @@ from covalent_gcpbatch_array._core.envelopes import (
 )
 from covalent_gcpbatch_array.exceptions import (
     ElectronInputError,
+    ElectronResultError,
     RemoteTaskError,
     ResultIntegrityError,
     TaskEnvironmentError,
@@ -225,7 +226,7 @@ class TestUnpicklable:
             encode_input(uses_lock, (), {}, key=key, task=TASK, origin=ORIGIN)
 
     def test_unpicklable_result(self, key: bytes) -> None:
-        with pytest.raises(ElectronInputError, match="result of task 7 of job job-payload"):
+        with pytest.raises(ElectronResultError, match="result of task 7 of job job-payload"):
             encode_result((x for x in range(3)), key=key, task=TASK)
 
     @pytest.mark.parametrize(
@@ -267,7 +268,9 @@ class TestUnpicklable:
         monkeypatch.setitem(sys.modules, "cga_only_in_the_image", module)
         data = encode_result(module.Thing(), key=key, task=TASK)
         monkeypatch.delitem(sys.modules, "cga_only_in_the_image")
-        with pytest.raises(ElectronInputError, match="cannot be unpickled on the Covalent") as info:
+        with pytest.raises(
+            ElectronResultError, match="cannot be unpickled on the Covalent"
+        ) as info:
             decode_result(data, key=key, task=TASK)
         assert isinstance(info.value.__cause__, ModuleNotFoundError)
 

@@ -50,7 +50,7 @@ from covalent_gcpbatch_array._core.storage import (
 )
 from covalent_gcpbatch_array.config import ExecutorConfig
 from covalent_gcpbatch_array.exceptions import (
-    ElectronInputError,
+    ElectronResultError,
     LocalCloudError,
     RemoteTaskError,
     ResultIntegrityError,
@@ -310,7 +310,7 @@ class TestOutcomes:
         done = job.run()
         assert done.returncode == EXIT_USER_ERROR, done.stderr
         exc = job.failure().to_exception()
-        assert isinstance(exc, ElectronInputError)
+        assert isinstance(exc, ElectronResultError)
         assert "cannot be pickled" in str(exc)
         assert f"task 0 of job {job.layout.job_id}" in str(exc)
 

@@ -39,6 +39,7 @@ import cloudpickle
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array.exceptions import (
     ElectronInputError,
+    ElectronResultError,
     RemoteTaskError,
     ResultIntegrityError,
     TaskEnvironmentError,
@@ -321,12 +322,12 @@ def encode_result(
 ) -> bytes:
     """The signed result envelope of a return value and the task's streams (task side).
 
-    :raises ElectronInputError: the value cannot be pickled
+    :raises ElectronResultError: the value cannot be pickled
     """
     try:
         body = cloudpickle.dumps(value)
     except Exception as exc:
-        raise ElectronInputError(
+        raise ElectronResultError(
             f"the result of task {task.index} of job {task.job_id} cannot be pickled with "
             f"cloudpickle ({type(value).__qualname__}: {type(exc).__name__}: {exc}); return "
             f"picklable values (no open files, sockets, locks, generators or clients)"
@@ -338,13 +339,13 @@ def decode_result(data: bytes, *, key: bytes, task: TaskRef) -> TaskResult:
     """Verify and unpickle a result envelope (executor side).
 
     :raises ResultIntegrityError: the envelope does not verify; nothing was unpickled
-    :raises ElectronInputError: it verifies but cannot be unpickled in this process
+    :raises ElectronResultError: it verifies but cannot be unpickled in this process
     """
     _, stdout, stderr, body = _open_with_streams(_RESULT, task, key, data)
     try:
         return TaskResult(cloudpickle.loads(body), stdout, stderr)
     except Exception as exc:
-        raise ElectronInputError(
+        raise ElectronResultError(
             f"the result of task {task.index} of job {task.job_id} cannot be unpickled on the "
             f"Covalent server ({type(exc).__name__}: {exc}); install on the server the modules "
             f"that define the returned objects, or return plain Python values"
