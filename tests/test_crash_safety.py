@@ -135,6 +135,7 @@ async def main(config, n):
         await executor.run(sleeper, [i], {}, {"dispatch_id": "crash", "node_id": i})
     await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
 
+
 asyncio.run(main(json.loads(sys.argv[1]), int(sys.argv[2])))
 """
 
@@ -191,7 +192,7 @@ class FanOutProcess:
 class TestGracefulStop:
     """SIGINT or SIGTERM of a process using the executor deletes the jobs it owns at once."""
 
-    @pytest.mark.parametrize("signum", [signal.SIGINT])
+    @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
     def test_a_signal_while_running_deletes_the_job(
         self, cloud: LocalCloud, signum: signal.Signals
     ) -> None:

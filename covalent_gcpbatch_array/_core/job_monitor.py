@@ -422,8 +422,11 @@ class _JobMonitor:
             await self.ctx.housekeeping(what, self.ctx.store.renew_lease, self.job_id)
 
     async def stop(self) -> None:
-        """The executor is stopping: delete the job if it may still run tasks, fail the
-        electrons still waiting on it, and delete its tasks' objects."""
+        """The executor is stopping: delete the job if it may still run tasks, then fail the
+        electrons still waiting on it (a process may end once they have their errors), and
+        delete its tasks' objects."""
+        if len(self.finished) < len(self.batch.members):
+            await self._delete_job("the executor is stopping")
         self.batch.fail_live(
             TaskInfrastructureError(
                 f"the executor stopped (its process was interrupted or terminated, or the "
@@ -431,8 +434,6 @@ class _JobMonitor:
                 f"{self.job_id}: the job was deleted; dispatch the electron again"
             )
         )
-        if len(self.finished) < len(self.batch.members):
-            await self._delete_job("the executor is stopping")
         await self._clean_up()
 
     async def _delete_job(self, why: str) -> None:

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
+import anyio.abc
 from anyio.lowlevel import RunVar
 
 from covalent_gcpbatch_array._core.clients import make_batch_client, make_storage_client
@@ -56,6 +60,18 @@ BATCH_API_THREADS = 8
 DISCARD_SECONDS = 10.0
 #: Member states of an electron that gave up (before launch, for discard_unlaunched).
 _GAVE_UP = (MemberState.WITHDRAWN, MemberState.CANCELLED)
+
+
+def _sigterm_is_ours() -> bool:
+    """Whether SIGTERM is left to its default (it kills the process without a clean-up).
+
+    A host that handles it already (the Covalent server, through uvicorn) stops the loop
+    itself, which cancels the runtime: its job monitors clean up then.
+    """
+    return (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
 
 
 def batch_policy(config: ExecutorConfig) -> BatchPolicy:
@@ -128,6 +144,7 @@ class ExecutorRuntime:
         self.clients = LoopClients.current()  # the loop's API facades
         self._root_task: Any = None  # keeps the asyncio root task referenced
         self._stopped = anyio.Event()  # set when the service has nothing left to do
+        self._terminated = False  # SIGTERM arrived: the process ends once cleaned up
 
     # -- finding the service of the running loop --
 
@@ -202,22 +219,43 @@ class ExecutorRuntime:
             self._root_task = loop.create_task(self._serve())
 
     async def _serve(self) -> None:
-        async with (
-            WaveTracker(server_reader(), node_keys(batch_policy)) as self._waves,
-            Coalescer(self._launch, new_batch_id=lambda _key: new_job_id()) as coalescer,
-        ):
-            self._coalescer = coalescer
-            self._started.set()
-            # The electron that started the service joins right after `_started`; from then
-            # on every electron that leaves and every launch that ends wakes this check.
-            while True:
-                await self._changed.wait()
-                self._changed = anyio.Event()
-                if not self._active and not self._launches:
-                    self._closing = True
-                    break
+        async with anyio.create_task_group() as tg:
+            if _sigterm_is_ours():
+                await tg.start(self._stop_on_sigterm, tg.cancel_scope)
+            async with (
+                WaveTracker(server_reader(), node_keys(batch_policy)) as self._waves,
+                Coalescer(self._launch, new_batch_id=lambda _key: new_job_id()) as coalescer,
+            ):
+                self._coalescer = coalescer
+                self._started.set()
+                # The electron that started the service joins right after `_started`; from
+                # then on every electron that leaves and every launch that ends wakes this.
+                while True:
+                    await self._changed.wait()
+                    self._changed = anyio.Event()
+                    if not self._active and not self._launches:
+                        self._closing = True
+                        break
+            tg.cancel_scope.cancel()  # idle: stop watching for SIGTERM
         self._stopped.set()
         logger.debug("batch service idle: stopped")
+        if self._terminated:
+            # Cleaned up: now end the process as SIGTERM would have.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _stop_on_sigterm(
+        self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        """On SIGTERM, cancel ``scope``: every job monitor deletes its job and cleans up."""
+        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+            task_status.started()
+            async for _ in signals:
+                logger.warning("SIGTERM: deleting the Batch jobs this process owns, then exiting")
+                self._terminated = True
+                self._closing = True
+                scope.cancel()
+                return
 
     def _notify(self) -> None:
         self._changed.set()
