@@ -174,6 +174,7 @@ class LocalCloud:
         self._gcs: GcsEmulator | None = None
         self._batch_process: subprocess.Popen[bytes] | None = None
         self._batch_endpoint: str | None = None
+        self._batch_grpc_endpoint: str | None = None
         self._proxy_process: subprocess.Popen[bytes] | None = None  # with gcs_proxy only
         self._proxy_endpoint: str | None = None
         self.state = CloudState.NEW
@@ -283,9 +284,14 @@ class LocalCloud:
             argv += ["--image-map", json.dumps({k: list(v) for k, v in self.image_map.items()})]
         if self.preload is not None:
             argv += ["--preload", ",".join(self.preload)]
-        self._batch_process, self._batch_endpoint = self._start_server(
-            spawn, argv, what="the Batch emulator", log_path=workdir / "batch-server.log"
+        self._batch_process, ready = self._start_server(
+            spawn,
+            argv,
+            what="the Batch emulator",
+            log_path=workdir / "batch-server.log",
+            keys=("endpoint", "grpc_endpoint"),
         )
+        self._batch_endpoint, self._batch_grpc_endpoint = ready["endpoint"], ready["grpc_endpoint"]
 
     def _start_gcs_proxy(self, spawn: Spawner, upstream: str, workdir: Path) -> None:
         argv = [
@@ -293,14 +299,21 @@ class LocalCloud:
             *("-m", _GCS_PROXY_MODULE),
             *("--upstream", upstream, "--host", self.host, "--port", "0"),
         ]
-        self._proxy_process, self._proxy_endpoint = self._start_server(
+        self._proxy_process, ready = self._start_server(
             spawn, argv, what="the GCS proxy", log_path=workdir / "gcs-proxy.log"
         )
+        self._proxy_endpoint = ready["endpoint"]
 
     def _start_server(
-        self, spawn: Spawner, argv: list[str], *, what: str, log_path: Path
-    ) -> tuple[subprocess.Popen[bytes], str]:
-        """Start one of our server processes and read the endpoint from its ready line.
+        self,
+        spawn: Spawner,
+        argv: list[str],
+        *,
+        what: str,
+        log_path: Path,
+        keys: tuple[str, ...] = ("endpoint",),
+    ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+        """Start one of our server processes and read its ready line's ``keys``.
 
         The process prints exactly one line on stdout, ``{"endpoint": "http://HOST:PORT", ...}``,
         and logs to ``log_path``.
@@ -310,18 +323,21 @@ class LocalCloud:
         try:
             line = read_ready_line(process, self.startup_timeout, what=what, log_path=log_path)
             try:
-                endpoint = json.loads(line)["endpoint"]
-                if not isinstance(endpoint, str) or not endpoint.startswith("http://"):
-                    raise ValueError(endpoint)
+                ready = {key: json.loads(line)[key] for key in keys}
+                if not all(isinstance(value, str) for value in ready.values()):
+                    raise ValueError(ready)
+                if not ready["endpoint"].startswith("http://"):
+                    raise ValueError(ready["endpoint"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise LocalCloudError(
                     f"{what} printed {line!r} instead of its ready line "
-                    f'{{"endpoint": "http://HOST:PORT", ...}}; its log:\n{read_tail(log_path)}'
+                    f'{{"endpoint": "http://HOST:PORT", ...}} with {", ".join(keys)}; its '
+                    f"log:\n{read_tail(log_path)}"
                 ) from exc
         except BaseException:
             stop_process(process, timeout=5.0)
             raise
-        return process, endpoint
+        return process, ready
 
     # -- where things are -----------------------------------------------------------------
 
@@ -329,6 +345,16 @@ class LocalCloud:
     def batch_endpoint(self) -> str:
         """The Batch emulator's base URL, for ``client_options={"api_endpoint": ...}``."""
         return self._running()[0]
+
+    @property
+    def batch_grpc_endpoint(self) -> str:
+        """The Batch emulator's gRPC address, ``HOST:PORT`` (no TLS: an insecure channel).
+
+        The same jobs as :attr:`batch_endpoint`; see :meth:`batch_grpc_client`.
+        """
+        self._running()
+        assert self._batch_grpc_endpoint is not None
+        return self._batch_grpc_endpoint
 
     @property
     def storage_endpoint(self) -> str:
@@ -398,6 +424,37 @@ class LocalCloud:
     def batch_client(self) -> batch_v1.BatchServiceClient:
         """A real ``batch_v1.BatchServiceClient`` (REST, anonymous) talking to the emulator."""
         return make_batch_client(self.batch_endpoint)
+
+    def batch_grpc_client(self) -> batch_v1.BatchServiceClient:
+        """A real ``batch_v1.BatchServiceClient`` on Google's default transport, gRPC.
+
+        Its channel is insecure (the emulator has no TLS); close it with ``with client:``.
+        """
+        import grpc
+        from google.cloud import batch_v1
+        from google.cloud.batch_v1.services.batch_service.transports import (
+            BatchServiceGrpcTransport,
+        )
+
+        channel = grpc.insecure_channel(self.batch_grpc_endpoint)
+        return batch_v1.BatchServiceClient(transport=BatchServiceGrpcTransport(channel=channel))
+
+    def batch_grpc_async_client(self) -> batch_v1.BatchServiceAsyncClient:
+        """A real ``batch_v1.BatchServiceAsyncClient`` (gRPC, insecure channel).
+
+        Make it on the event loop that uses it (``grpc.aio`` channels belong to one loop), and
+        close it there: ``async with client:``.
+        """
+        import grpc.aio
+        from google.cloud import batch_v1
+        from google.cloud.batch_v1.services.batch_service.transports import (
+            BatchServiceGrpcAsyncIOTransport,
+        )
+
+        channel = grpc.aio.insecure_channel(self.batch_grpc_endpoint)
+        return batch_v1.BatchServiceAsyncClient(
+            transport=BatchServiceGrpcAsyncIOTransport(channel=channel)
+        )
 
     def storage_client(self, *, direct: bool = False) -> storage.Client:
         """A real ``google.cloud.storage.Client`` (anonymous) talking to fake-gcs-server.

@@ -8,25 +8,16 @@ counted, and a call planned to fail with ``/_emulator/fail_calls`` fails before 
 Every RPC honours the response field mask (system parameter ``$fields`` / ``X-Goog-FieldMask``,
 see :mod:`covalent_gcpbatch_array.local.field_mask`): a poller asking ``ListTasks`` for
 ``tasks.name,tasks.status.state,nextPageToken`` gets neither status events nor timestamps.
-
-Our choices where Google's behaviour is not documented: ``pageSize`` defaults to 100 and larger
-values are clamped to 1000 (ListJobs and ListTasks); ListTasks' ``filter`` accepts state clauses
-joined by ``OR`` (``State=RUNNING OR State=FAILED``); ListJobs' ``filter`` and ``orderBy`` are
-Google's list syntax (see :mod:`.job_filter`); anything else is refused with 400, never ignored.
-ListJobs' page token is the position in the (filtered, ordered) list.
+The RPCs themselves, shared with the gRPC front end, are :class:`.rpcs.BatchRpcs`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from google.cloud import batch_v1
-from google.longrunning import operations_pb2
-from google.protobuf.descriptor import Descriptor
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -35,55 +26,36 @@ from starlette.routing import Route
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
 from covalent_gcpbatch_array.local.batch.attempt import attempt_output
-from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler
-from covalent_gcpbatch_array.local.batch.state import TaskState
-from covalent_gcpbatch_array.local.field_mask import FieldMask, field_mask_text
-from covalent_gcpbatch_array.local.logging.api import TaskLogIndex, logging_routes
+from covalent_gcpbatch_array.local.batch.rpcs import BatchRpcs
+from covalent_gcpbatch_array.local.field_mask import field_mask_text
+from covalent_gcpbatch_array.local.logging.api import logging_routes
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-
 _LOCATION = "/v1/projects/{project}/locations/{location}"
 _JOB = _LOCATION + "/jobs/{job}"
 _TASKS = _JOB + "/taskGroups/{group}/tasks"
 _OPERATION = _LOCATION + "/operations/{operation}"
-_STATE_CLAUSE = re.compile(r'^\(?\s*(?:status\.)?state\s*=\s*"?([A-Za-z_]+)"?\s*\)?$', re.I)
-
-# The response message of each RPC, which its field mask is checked against.
-_JOB_TYPE: Descriptor = batch_v1.Job.pb().DESCRIPTOR
-_JOBS_TYPE: Descriptor = batch_v1.ListJobsResponse.pb().DESCRIPTOR
-_TASK_TYPE: Descriptor = batch_v1.Task.pb().DESCRIPTOR
-_TASKS_TYPE: Descriptor = batch_v1.ListTasksResponse.pb().DESCRIPTOR
-_OPERATION_TYPE: Descriptor = operations_pb2.Operation.DESCRIPTOR
 
 Handler = Callable[[Request], Awaitable[Response]]
 #: An RPC's handler returns its response message in JSON form.
 RpcHandler = Callable[[Request], Awaitable[dict[str, Any]]]
 
 
-def create_app(scheduler: BatchScheduler) -> Starlette:
-    """The ASGI application serving ``scheduler`` over Google's REST API.
+def create_app(rpcs: BatchRpcs) -> Starlette:
+    """The ASGI application serving ``rpcs`` over Google's REST API.
 
     It also answers Cloud Logging's ``entries:list`` with the jobs' task output (see
     :mod:`covalent_gcpbatch_array.local.logging.api`).
     """
-    task_logs = TaskLogIndex()
+    scheduler = rpcs.scheduler
 
-    def rpc(method: str, response_type: Descriptor, handler: RpcHandler) -> Handler:
+    def rpc(method: str, handler: RpcHandler) -> Handler:
         async def endpoint(request: Request) -> Response:
-            scheduler.stats.api_calls[method] += 1
-            planned = scheduler.call_faults.take(method)
-            if planned is not None:
-                return _error(planned)
             try:
-                # A bad mask is refused before the call does anything (a create makes no job).
-                mask = FieldMask.parse(
-                    field_mask_text(request.headers, request.query_params), response_type
-                )
+                mask = rpcs.begin(method, field_mask_text(request.headers, request.query_params))
                 body = await handler(request)
             except ApiError as exc:
                 return _error(exc)
@@ -93,63 +65,47 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
 
     async def create_job(request: Request) -> dict[str, Any]:
         query = request.query_params
-        job = scheduler.create_job(
+        return rpcs.create_job(
             _parent(request), query.get("jobId"), query.get("requestId"), await request.body()
         )
-        task_logs.add(job)
-        return job.to_json()
 
     async def get_job(request: Request) -> dict[str, Any]:
-        return scheduler.get_job(_job_name(request)).to_json()
+        return rpcs.get_job(_job_name(request))
 
     async def list_jobs(request: Request) -> dict[str, Any]:
         query = request.query_params
-        size, start = _page(request)
-        jobs = scheduler.list_jobs(
-            _parent(request), query.get("filter", ""), query.get("orderBy", "")
+        return rpcs.list_jobs(
+            _parent(request),
+            query.get("filter", ""),
+            query.get("orderBy", ""),
+            _page_size(request),
+            query.get("pageToken", ""),
         )
-        body: dict[str, Any] = {"jobs": [job.to_json() for job in jobs[start : start + size]]}
-        if len(jobs) > start + size:
-            body["nextPageToken"] = str(start + size)
-        return body
 
     async def delete_job(request: Request) -> dict[str, Any]:
-        return scheduler.delete_job(_job_name(request)).to_json()
+        return rpcs.delete_job(_job_name(request))
 
     async def cancel_job(request: Request) -> dict[str, Any]:
         await _json_object(request)  # a CancelJobRequest: only requestId, which is optional
-        return scheduler.cancel_job(_job_name(request)).to_json()
+        return rpcs.cancel_job(_job_name(request))
 
     async def get_operation(request: Request) -> dict[str, Any]:
-        name = f"{_parent(request)}/operations/{request.path_params['operation']}"
-        return scheduler.get_operation(name).to_json()
+        return rpcs.get_operation(
+            f"{_parent(request)}/operations/{request.path_params['operation']}"
+        )
 
     async def list_tasks(request: Request) -> dict[str, Any]:
-        job = scheduler.task_group(_job_name(request), request.path_params["group"])
-        states = _state_filter(request.query_params.get("filter", ""))
-        size, start = _page(request)
-        if not scheduler.tasks_listed(job):
-            return {"tasks": []}
-        page: list[dict[str, Any]] = []
-        index = start
-        # Scan from the token's index until the page is full: O(page) without a filter.
-        while index < len(job.tasks) and len(page) < size:
-            task = job.tasks[index]
-            if states is None or task.state in states:
-                page.append(job.task_json(task))
-            index += 1
-        if states is not None:
-            while index < len(job.tasks) and job.tasks[index].state not in states:
-                index += 1
-        body: dict[str, Any] = {"tasks": page}
-        if index < len(job.tasks):
-            body["nextPageToken"] = str(index)
-        return body
+        return rpcs.list_tasks(
+            _job_name(request),
+            request.path_params["group"],
+            request.query_params.get("filter", ""),
+            _page_size(request),
+            request.query_params.get("pageToken", ""),
+        )
 
     async def get_task(request: Request) -> dict[str, Any]:
         params = request.path_params
-        job, task = scheduler.get_task(_job_name(request), params["group"], params["task"])
-        return job.task_json(task)
+        return rpcs.get_task(_job_name(request), params["group"], params["task"])
 
     # -- admin ----------------------------------------------------------------------------
 
@@ -206,14 +162,14 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
         return PlainTextResponse(text)
 
     routes = [
-        Route(_LOCATION + "/jobs", rpc("CreateJob", _JOB_TYPE, create_job), methods=["POST"]),
-        Route(_LOCATION + "/jobs", rpc("ListJobs", _JOBS_TYPE, list_jobs), methods=["GET"]),
-        Route(_JOB + ":cancel", rpc("CancelJob", _OPERATION_TYPE, cancel_job), methods=["POST"]),
-        Route(_JOB, rpc("GetJob", _JOB_TYPE, get_job), methods=["GET"]),
-        Route(_JOB, rpc("DeleteJob", _OPERATION_TYPE, delete_job), methods=["DELETE"]),
-        Route(_TASKS, rpc("ListTasks", _TASKS_TYPE, list_tasks), methods=["GET"]),
-        Route(_TASKS + "/{task}", rpc("GetTask", _TASK_TYPE, get_task), methods=["GET"]),
-        Route(_OPERATION, rpc("GetOperation", _OPERATION_TYPE, get_operation), methods=["GET"]),
+        Route(_LOCATION + "/jobs", rpc("CreateJob", create_job), methods=["POST"]),
+        Route(_LOCATION + "/jobs", rpc("ListJobs", list_jobs), methods=["GET"]),
+        Route(_JOB + ":cancel", rpc("CancelJob", cancel_job), methods=["POST"]),
+        Route(_JOB, rpc("GetJob", get_job), methods=["GET"]),
+        Route(_JOB, rpc("DeleteJob", delete_job), methods=["DELETE"]),
+        Route(_TASKS, rpc("ListTasks", list_tasks), methods=["GET"]),
+        Route(_TASKS + "/{task}", rpc("GetTask", get_task), methods=["GET"]),
+        Route(_OPERATION, rpc("GetOperation", get_operation), methods=["GET"]),
         # Methods of Google's discovery document the emulator does not reproduce: 501, loudly.
         Route("/v1/projects/{project}/locations", _not_reproduced, methods=["GET"]),
         Route(_LOCATION, _not_reproduced, methods=["GET"]),
@@ -230,7 +186,7 @@ def create_app(scheduler: BatchScheduler) -> Starlette:
             admin(task_output),
             methods=["GET"],
         ),
-        *logging_routes(task_logs),
+        *logging_routes(rpcs.task_logs),
     ]
     return Starlette(
         routes=routes,
@@ -279,41 +235,11 @@ def _job_name(request: Request) -> str:
     return f"{_parent(request)}/jobs/{request.path_params['job']}"
 
 
-def _page(request: Request) -> tuple[int, int]:
-    """(page size, start position) from ``pageSize`` and ``pageToken``."""
-    query = request.query_params
-    size_text = query.get("pageSize", "0")
-    token = query.get("pageToken", "")
-    if not size_text.isdigit():
-        raise ApiError.invalid_argument("page_size", f"must be an integer >= 0, got {size_text!r}")
-    if token and not token.isdigit():
-        raise ApiError.invalid_argument(
-            "page_token", f"{token!r} is not a page token this emulator handed out"
-        )
-    size = min(int(size_text) or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    return size, int(token or 0)
-
-
-def _state_filter(text: str) -> frozenset[TaskState] | None:
-    """The states a ``filter`` such as ``State=RUNNING OR State=FAILED`` selects (None: all)."""
-    if not text.strip():
-        return None
-    selected = set()
-    for clause in re.split(r"\s+OR\s+", text.strip()):
-        match = _STATE_CLAUSE.match(clause.strip())
-        if match is None:
-            raise ApiError.invalid_argument(
-                "filter",
-                f"unsupported filter {text!r}: the emulator understands state clauses joined by "
-                f"OR, e.g. 'State=RUNNING OR State=FAILED'",
-            )
-        name = match.group(1).upper()
-        if name not in TaskState.__members__:
-            raise ApiError.invalid_argument(
-                "filter", f"unknown state {name!r}; use one of {', '.join(TaskState.__members__)}"
-            )
-        selected.add(TaskState[name])
-    return frozenset(selected)
+def _page_size(request: Request) -> int:
+    text = request.query_params.get("pageSize", "0")
+    if not text.isdigit():
+        raise ApiError.invalid_argument("page_size", f"must be an integer >= 0, got {text!r}")
+    return int(text)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -6,13 +6,17 @@ Process contract (LocalCloud and the CLI rely on it)::
         --storage-endpoint http://127.0.0.1:G [--provisioning-delay S] \\
         [--max-running-tasks N] [--jobs-per-minute N] [--image-map JSON] [--workdir DIR]
         [--preload MODULE,MODULE] [--jobs-per-window N] [--quota-window-seconds S]
+        [--grpc-port P]
 
 ``--jobs-per-minute N`` is ``--jobs-per-window N --quota-window-seconds 60``.
 
 It binds the port (0: a free one), starts the task launcher, and once it serves prints exactly
-one JSON line on stdout, ``{"endpoint": "http://127.0.0.1:PORT", "pid": PID}``; logs go to
-stderr. SIGTERM or SIGINT stop it cleanly (every task killed), and it gets SIGTERM when its
-parent dies. One task group holds the HTTP server and the scheduler.
+one JSON line on stdout, ``{"endpoint": "http://127.0.0.1:PORT", "grpc_endpoint":
+"127.0.0.1:GRPC_PORT", "pid": PID}``; logs go to stderr. The same jobs are served over REST
+(``endpoint``, :mod:`.api`) and gRPC (``grpc_endpoint``, no TLS, :mod:`.grpc_api`; its port is
+``--grpc-port``, 0 by default: a free one). SIGTERM or SIGINT stop it cleanly (every task
+killed), and it gets SIGTERM when its parent dies. One task group holds the HTTP server and the
+scheduler; the gRPC server runs on the same event loop.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ import uvicorn
 
 from covalent_gcpbatch_array.local.batch.api import create_app
 from covalent_gcpbatch_array.local.batch.faults import DEFAULT_QUOTA_WINDOW_SECONDS
+from covalent_gcpbatch_array.local.batch.grpc_api import grpc_server
 from covalent_gcpbatch_array.local.batch.launcher import DEFAULT_PRELOAD, TaskLauncher
+from covalent_gcpbatch_array.local.batch.rpcs import BatchRpcs
 from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler, EmulatorSettings
+from covalent_gcpbatch_array.local.logging.api import TaskLogIndex
 from covalent_gcpbatch_array.local.process import set_parent_death_signal
 
 __all__ = ["main"]
@@ -115,6 +122,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument(
+        "--grpc-port", type=int, default=0, help="the gRPC server's port (0 picks a free one)"
+    )
+    parser.add_argument(
         "--storage-endpoint", required=True, help="GCS emulator URL, given to tasks"
     )
     parser.add_argument("--provisioning-delay", type=_non_negative_float, default=0.0)
@@ -171,8 +181,9 @@ async def _serve(options: argparse.Namespace, sock: socket.socket, workdir: Path
                 jobs_per_window=options.jobs_per_window,
                 quota_window_seconds=options.quota_window_seconds,
             )
+            rpcs = BatchRpcs(scheduler, TaskLogIndex())
             config = uvicorn.Config(
-                create_app(scheduler),
+                create_app(rpcs),
                 log_config=None,
                 log_level="warning",
                 access_log=False,
@@ -188,9 +199,12 @@ async def _serve(options: argparse.Namespace, sock: socket.socket, workdir: Path
                 finally:
                     stopped.set()
 
+            grpc = grpc_server(rpcs)
+            grpc_port = grpc.add_insecure_port(f"{options.host}:{options.grpc_port}")
             async with anyio.create_task_group() as tg:
                 await tg.start(scheduler.run)
                 tg.start_soon(serve_http)
+                await grpc.start()
                 await launcher.wait_ready()
                 await _first(started.wait, stopped.wait)
                 if not started.is_set():
@@ -198,7 +212,11 @@ async def _serve(options: argparse.Namespace, sock: socket.socket, workdir: Path
                 host, port = sock.getsockname()[:2]
                 if host in ("0.0.0.0", ""):
                     host = "127.0.0.1"
-                ready = {"endpoint": f"http://{host}:{port}", "pid": os.getpid()}
+                ready = {
+                    "endpoint": f"http://{host}:{port}",
+                    "grpc_endpoint": f"{host}:{grpc_port}",
+                    "pid": os.getpid(),
+                }
                 print(json.dumps(ready), flush=True)
                 logger.info("Batch emulator serving on %s, task outputs in %s", ready, workdir)
 
@@ -209,6 +227,7 @@ async def _serve(options: argparse.Namespace, sock: socket.socket, workdir: Path
 
                 await _first(wait_for_signal, stopped.wait)
                 server.should_exit = True
+                await grpc.stop(_HTTP_SHUTDOWN_TIMEOUT)
                 with anyio.move_on_after(_HTTP_SHUTDOWN_TIMEOUT + 1):
                     await stopped.wait()
                 # Cancelling the scheduler kills every running task.
