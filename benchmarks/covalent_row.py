@@ -134,7 +134,7 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
         storage = storage_log.operations()
         nodes = [
             result.get_node_result(node_id)
-            for node_id in result.lattice.transport_graph._graph.nodes
+            for node_id in result.lattice.transport_graph.get_internal_graph_copy().nodes
         ]
         electrons = [node for node in nodes if node["node_name"] == "sleepy_electron"]
         starts = [

@@ -62,7 +62,7 @@ def nodes_named(result: Result, name: str) -> list[dict[str, Any]]:
     """Status, output, stdout, stderr and error of every node called ``name``, by node id."""
     graph = result.lattice.transport_graph
     found = []
-    for node_id in sorted(graph._graph.nodes):
+    for node_id in sorted(graph.get_internal_graph_copy().nodes):
         if graph.get_node_value(node_id, "name") != name:
             continue
         output = graph.get_node_value(node_id, "output")

@@ -22,6 +22,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from benchmarks.storage_log import StorageLog
 from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.compat import batch_responses
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
@@ -264,7 +265,7 @@ def delete_in_a_batch(endpoint: str, names: list[str]) -> list[int]:
     with client.batch(raise_exception=False) as batch:
         for name in names:
             client.bucket(BUCKET).blob(name).delete(retry=None)
-    return [response.status_code for response in batch._responses]
+    return [response.status_code for response in batch_responses(batch)]
 
 
 async def upload_each(endpoint: str, names: list[str]) -> None:

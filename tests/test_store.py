@@ -232,8 +232,7 @@ class TestClient:
     ) -> None:
         monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
         client = make_client("test-project", gcs_endpoint + "/")
-        base_url = client._connection.API_BASE_URL
-        assert base_url == gcs_endpoint
+        assert client.api_endpoint == gcs_endpoint
         blob = client.bucket(bucket).blob("probe")
         blob.upload_from_string(b"x" * (9 * 1024 * 1024))  # resumable upload path too
         blob.upload_from_string(b"small")  # multipart upload path

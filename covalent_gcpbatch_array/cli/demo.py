@@ -304,7 +304,7 @@ def _print_scores(
 def _print_failure(console: Console, status: str, result: Result) -> None:
     console.print(f"[bold red]The workflow ended {status}.[/bold red] {result.error or ''}")
     graph = result.lattice.transport_graph
-    for node_id in graph._graph.nodes:
+    for node_id in graph.get_internal_graph_copy().nodes:
         if str(graph.get_node_value(node_id, "status")) != "FAILED":
             continue
         name = graph.get_node_value(node_id, "name")

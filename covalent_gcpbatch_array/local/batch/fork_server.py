@@ -36,14 +36,12 @@ only safe in a single-threaded process, and a child must not inherit a running e
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import gc
 import importlib
 import io
 import json
 import os
-import runpy
 import selectors
 import signal
 import socket
@@ -57,6 +55,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from covalent_gcpbatch_array._core.compat import (
+    join_non_daemon_threads,
+    run_exit_handlers,
+    run_module_as_main,
+)
 from covalent_gcpbatch_array.local.process import set_parent_death_signal
 
 __all__ = ["ForkServer", "ForkedTask", "main", "run_forked_task"]
@@ -313,7 +316,7 @@ def _run_main_module(module: str) -> int:
         # What the interpreter itself runs for `python -m` (Modules/main.c): the module runs in
         # sys.modules["__main__"], sys.argv[0] becomes its path, and a module that cannot be
         # found ends in SystemExit("<python>: No module named ..."), as from the command line.
-        runpy._run_module_as_main(module)  # type: ignore[attr-defined]
+        run_module_as_main(module)
     except SystemExit as exc:
         if exc.code is None:
             return 0
@@ -332,10 +335,8 @@ def _run_main_module(module: str) -> int:
 
 def _exit_like_python(code: int, main_module: types.ModuleType) -> NoReturn:
     """The steps of interpreter shutdown a task can observe, in Py_FinalizeEx's order."""
-    join_threads = getattr(threading, "_shutdown", None)
-    if join_threads is not None:
-        join_threads()
-    atexit._run_exitfuncs()
+    join_non_daemon_threads()
+    run_exit_handlers()
     # Clear __main__ as the interpreter does (names with one leading underscore first, then
     # the rest, keeping __builtins__): objects die by reference count in a sane order, so a
     # file left open is flushed before it is closed. A gc pass would finalize a file's layers

@@ -1,0 +1,81 @@
+"""The private attributes of other libraries this package needs, in one place.
+
+Each function below reaches into a library where no public API does the job; everything else
+uses public APIs only. ``tests/test_compat.py`` calls each against the installed libraries,
+so an upgrade that moves one of them fails there, loudly, instead of somewhere downstream.
+
+- google-cloud-storage: a client's credentials (to name the account in a permission error),
+  and the per-call responses of a batch request (its context manager keeps ``finish()``'s
+  return value only as ``_responses``);
+- google-api-core: a ``Retry``'s predicate (to judge the calls of a batch request as the
+  client would judge a request of their own);
+- the standard library (the Batch emulator's fork server, which runs a task's module in a
+  forked child as ``python -m`` would): :mod:`runpy`'s ``-m`` entry point, and the steps of
+  interpreter shutdown that :mod:`threading` and :mod:`atexit` run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import runpy
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import google.cloud.storage as storage
+    import requests
+    from google.api_core.retry import Retry
+    from google.auth.credentials import Credentials
+    from google.cloud.storage.batch import Batch
+
+__all__ = [
+    "batch_responses",
+    "join_non_daemon_threads",
+    "retry_predicate",
+    "run_exit_handlers",
+    "run_module_as_main",
+    "storage_credentials",
+]
+
+
+def storage_credentials(client: storage.Client) -> Credentials:
+    """The credentials a Cloud Storage client sends (``Client._credentials``)."""
+    credentials: Credentials = client._credentials
+    return credentials
+
+
+def batch_responses(batch: Batch) -> list[requests.Response]:
+    """The responses of a finished Cloud Storage batch request, one per call, in order.
+
+    ``Batch.finish()`` returns them, but ``with client.batch():`` calls it in ``__exit__``
+    and keeps its return value only as ``Batch._responses``.
+    """
+    responses: list[requests.Response] = batch._responses
+    return responses
+
+
+def retry_predicate(retry: Retry) -> Callable[[Exception], Any]:
+    """The predicate a ``google.api_core.retry.Retry`` retries on (``Retry._predicate``)."""
+    predicate: Callable[[Exception], Any] = retry._predicate
+    return predicate
+
+
+def run_module_as_main(module: str) -> None:
+    """Run ``module`` as ``python -m module`` does: in ``sys.modules["__main__"]`` itself.
+
+    ``runpy.run_module(module, run_name="__main__", alter_sys=True)`` runs it in a temporary
+    module instead, and puts the old ``__main__`` back when it returns.
+    """
+    runpy._run_module_as_main(module)  # type: ignore[attr-defined]
+
+
+def join_non_daemon_threads() -> None:
+    """Wait for the non-daemon threads, as the interpreter does first when it shuts down."""
+    shutdown: Callable[[], None] = threading._shutdown  # type: ignore[attr-defined]
+    shutdown()
+
+
+def run_exit_handlers() -> None:
+    """Run (and clear) the :mod:`atexit` handlers, as the interpreter does when it shuts down."""
+    atexit._run_exitfuncs()

@@ -1,0 +1,94 @@
+"""The shim over other libraries' private attributes works with the libraries installed.
+
+Each test fails if an upgrade renames or removes what :mod:`covalent_gcpbatch_array._core.compat`
+reaches for: fix the shim, nothing else.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry
+from google.auth.credentials import AnonymousCredentials
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from covalent_gcpbatch_array._core import compat
+from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array.local import LocalCloud
+
+
+def test_storage_credentials() -> None:
+    client = make_storage_client("p", "http://127.0.0.1:9")
+    try:
+        assert isinstance(compat.storage_credentials(client), AnonymousCredentials)
+    finally:
+        client.close()
+
+
+def test_batch_responses_one_per_call_in_order(local_cloud: LocalCloud) -> None:
+    client = local_cloud.storage_client()
+    bucket = client.bucket(local_cloud.bucket_name)
+    present = f"compat-{uuid.uuid4().hex}"
+    bucket.blob(present).upload_from_string(b"x")
+    with client.batch(raise_exception=False) as batch:
+        bucket.blob(f"compat-missing-{uuid.uuid4().hex}").delete(retry=None)
+        bucket.blob(present).delete(retry=None)
+    assert [response.status_code for response in compat.batch_responses(batch)] == [404, 204]
+
+
+def test_retry_predicate() -> None:
+    def predicate(exc: Exception) -> bool:
+        return isinstance(exc, KeyError)
+
+    assert compat.retry_predicate(Retry(predicate=predicate)) is predicate
+    judge = compat.retry_predicate(DEFAULT_RETRY)
+    assert judge(api_exceptions.ServiceUnavailable("try again"))
+    assert not judge(api_exceptions.NotFound("gone"))
+
+
+def test_the_interpreter_steps_the_fork_server_replays(tmp_path: Path) -> None:
+    """Run a module as `-m` does, join its threads, run its exit handlers: in a child."""
+    (tmp_path / "compat_probe.py").write_text(
+        textwrap.dedent(
+            """
+            import atexit, sys, threading
+
+            started, done = threading.Event(), []
+            def work():
+                started.wait()
+                done.append("thread joined")
+            threading.Thread(target=work).start()
+            atexit.register(lambda: print("exit handler ran", flush=True))
+            print(__name__, sys.modules["__main__"].__dict__ is globals(), flush=True)
+            """
+        )
+    )
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from covalent_gcpbatch_array._core import compat
+
+        compat.run_module_as_main("compat_probe")
+        probe = sys.modules["__main__"]
+        probe.started.set()
+        compat.join_non_daemon_threads()
+        print(*probe.done, flush=True)
+        compat.run_exit_handlers()
+        os._exit(0)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["__main__ True", "thread joined", "exit handler ran"]
