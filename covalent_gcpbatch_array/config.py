@@ -9,6 +9,7 @@ shapes are equal may share one job.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -20,6 +21,17 @@ from covalent_gcpbatch_array.exceptions import ConfigError
 
 __all__ = ["DEFAULTS", "REQUIRED_KEYS", "ExecutorConfig", "JobShape", "resolve_config"]
 
+_log = logging.getLogger(__name__)
+#: The config key for each part of a shape the compute catalogue can fault.
+_CATALOGUE_KEYS = {
+    "region": "region",
+    "zone": "region",
+    "machine_type": "machine_type",
+    "accelerator_type": "accelerator_type",
+    "accelerator_count": "accelerator_count",
+    "vcpus": "vcpus",
+    "memory": "memory",
+}
 #: Batch's limits (cloud.google.com/batch/quotas, batch.proto).
 MAX_TASKS_PER_JOB = 100_000
 MAX_RETRY_COUNT = 10
@@ -186,24 +198,39 @@ class ExecutorConfig:
         self._check_catalogue()
 
     def _check_catalogue(self) -> None:
-        """Refuse a shape Google cannot allocate (its job would FAIL at scheduling)."""
-        problem = catalogue().check(
+        """Refuse a shape that certainly cannot exist; warn about one the catalogue doubts.
+
+        Only certain problems (see :mod:`covalent_gcpbatch_array._core.catalogue`) raise: a
+        fact that changes over time, or that the catalogue could not confirm, must never refuse
+        a configuration Google would run, so it is logged, with the catalogue's source and date.
+        """
+        shapes = catalogue()
+        source = (
+            f"covalent_gcpbatch_array/_core/compute_catalogue.json, read {shapes.retrieved} "
+            f"from Google's documentation"
+        )
+        for problem in shapes.problems(
             region=self.region,
             machine_type=self.machine_type,
             accelerator_type=self.accelerator_type,
             accelerator_count=self.accelerator_count,
             vcpus=self.vcpus,
             memory_mib=self.memory,
-        )
-        if problem is not None:
-            key = {"zone": "region", "vcpus": "vcpus", "memory": "memory"}.get(
-                problem.part, problem.part
-            )
-            raise ConfigError(
+        ):
+            key = _CATALOGUE_KEYS[problem.part]
+            if problem.certain:
+                raise ConfigError(
+                    key,
+                    problem.message,
+                    f"set {key} to a value Google offers; the values known are in {source}",
+                )
+            _log.warning(
+                "gcpbatch_array config key %r: %s. Not refused, as this may have changed "
+                "since (source: %s); if Google's job fails at scheduling, change %s",
                 key,
                 problem.message,
-                f"change {key}; the shapes known are in covalent_gcpbatch_array/_core/"
-                f"compute_catalogue.json (read {catalogue().retrieved}), which names its sources",
+                source,
+                key,
             )
 
     @property
