@@ -24,6 +24,13 @@ older ``generic_task`` resource instead (``TaskLogIndex(resource_type=GENERIC_TA
 labels are ``project_id``, ``location``, ``namespace``, ``job`` (the uid) and ``task_id``
 (``task/<uid>-group0-<index>/0/0``).
 
+Checked 2026-12-03: the log names ``batch_task_logs`` (and ``batch_agent_logs``) and
+``logsPolicy.destination = CLOUD_LOGGING`` against
+https://cloud.google.com/batch/docs/analyze-job-using-logs; the ``labels.task_id`` value
+``<job uid>-group0-<index>`` against GoogleCloudPlatform/batch-samples issue 85. The other entry
+labels and both resources' label sets come from public code samples only (Google's monitored
+resource list could not be read here): unconfirmed.
+
 Where the emulator differs: ``location`` is the job's region (Google writes the VM's zone), every line of one stream of one attempt carries the time its file
 was last written (the files keep no per-line times), and logs never expire. Logs outlive their
 job, as on Google: a deleted job's lines are still listed.
