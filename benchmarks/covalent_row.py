@@ -20,7 +20,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from .harness import RunSpec, environment, sleepy_electron
+from .harness import RunSpec, environment
+from .measure import machine_load, sleepy_electron
 
 __all__ = ["run_covalent_fanout"]
 
@@ -91,6 +92,7 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
 
     from .storage_log import StorageLog, logging_every_request
 
+    load_before = machine_load()
     with contextlib.ExitStack() as stack:
         with logging_every_request():
             cloud = LocalCloud(
@@ -108,7 +110,7 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
         import covalent as ct
 
         # The tasks cannot import `benchmarks`: Covalent pickles the electron by value.
-        for module in ("benchmarks.harness", __name__):
+        for module in ("benchmarks.harness", "benchmarks.measure", __name__):
             cloudpickle.register_pickle_by_value(sys.modules[module])
         workflow = _make_workflow(ct)
         storage_log = StorageLog.of(cloud.workdir)
@@ -154,7 +156,7 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
     return {
         "kind": "fanout",
         "spec": spec.to_json(),
-        "environment": environment(),
+        "environment": environment(load_before),
         "electrons": spec.electrons,
         "workflow_status": status,
         "succeeded": spec.electrons - len(failed),

@@ -10,6 +10,11 @@ task of one event loop. What is measured:
   to the first and to the last result, CPU time (``time.process_time``, all threads) and
   resident memory (sampled from ``/proc/self/statm``; optionally ``tracemalloc``).
 
+The measuring itself is :mod:`benchmarks.measure`'s; for :attr:`Mode.ORIGINAL` it runs in a
+process of the original plugin's venv (:mod:`benchmarks.original_plugin`). Every result also
+records where it ran: the commit, the machine (cores, load averages before and after) and the
+settings the executor was given.
+
 A child process per run keeps these clean: ``ru_maxrss`` and the executor's module-level state
 start fresh. :mod:`benchmarks.suite` starts the children.
 """
@@ -21,15 +26,10 @@ import contextlib
 import dataclasses
 import enum
 import json
-import math
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
-import traceback
-import tracemalloc
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -40,12 +40,11 @@ import anyio
 
 from covalent_gcpbatch_array.config import DEFAULTS
 
-__all__ = ["Arrival", "Mode", "RunSpec", "run_fanout", "sleepy_electron"]
+from .measure import FanOut, FanOutLoad, machine_load, sleepy_electron
+from .original_plugin.run import cloud_options, run_original_burst
+from .original_plugin.venv import ensure_seed_venv
 
-#: How often the memory sampler reads the resident set size.
-MEMORY_SAMPLE_SECONDS = 0.25
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-_MB = 1024 * 1024
+__all__ = ["Arrival", "Mode", "RunSpec", "environment", "run_fanout", "sleepy_electron"]
 
 
 class Mode(str, enum.Enum):
@@ -53,6 +52,7 @@ class Mode(str, enum.Enum):
 
     BATCHED = "batched"  # the executor's coalescing (the knobs of the spec)
     BASELINE = "baseline"  # one job per electron: max_tasks_per_job = 1
+    ORIGINAL = "original"  # covalent-gcpbatch-plugin 0.15.0 itself: one job per electron
 
 
 class Arrival(str, enum.Enum):
@@ -114,6 +114,11 @@ class RunSpec:
             + self.poll_freq
         )
 
+    def load(self) -> FanOutLoad:
+        """What reaches the executor in a burst or a simulated trickle."""
+        rate = self.rate if self.arrival is Arrival.TRICKLE else None
+        return FanOutLoad(self.electrons, rate, self.task_seconds, self.trace_memory)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (enums as their values)."""
         return {
@@ -132,44 +137,6 @@ class RunSpec:
         return cls(**values)
 
 
-def sleepy_electron(index: int, seconds: float) -> int:
-    """The benchmark's electron: sleep ``seconds``, return ``index + 1``."""
-    if seconds > 0:
-        import time
-
-        time.sleep(seconds)
-    return index + 1
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * _PAGE_BYTES
-
-
-@dataclasses.dataclass
-class _Progress:
-    """What the electrons and the memory sampler share during a run."""
-
-    electrons: int  # fan-out size
-    arrived: int = 0  # electrons whose run() started
-    pending: int = 0  # electrons in run(), not yet returned
-    rss_peak: int = 0  # highest resident set size sampled, bytes
-    pending_at_peak: int = 0  # electrons pending when rss_peak was sampled
-    rss_all_pending: int = 0  # highest RSS sampled while every electron was pending
-
-
-async def _sample_memory(progress: _Progress, stop: anyio.Event) -> None:
-    # A sampler wakes up on a period by nature; it synchronises nothing.
-    while not stop.is_set():
-        rss = _rss_bytes()
-        if rss > progress.rss_peak:
-            progress.rss_peak, progress.pending_at_peak = rss, progress.pending
-        if progress.arrived == progress.electrons == progress.pending:
-            progress.rss_all_pending = max(progress.rss_all_pending, rss)
-        with anyio.move_on_after(MEMORY_SAMPLE_SECONDS):
-            await stop.wait()
-
-
 async def _wait_executor_idle() -> None:
     """Wait until the executor's batch service of this loop has stopped.
 
@@ -180,14 +147,6 @@ async def _wait_executor_idle() -> None:
     from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 
     await ExecutorRuntime.wait_idle()
-
-
-def _quantiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(value for value in values if not math.isnan(value))
-    if not ordered:
-        return {}
-    last = len(ordered) - 1
-    return {f"p{q}": round(ordered[round(q / 100 * last)], 3) for q in (0, 10, 50, 90, 100)}
 
 
 async def run_fanout(spec: RunSpec) -> dict[str, Any]:
@@ -203,7 +162,8 @@ async def run_fanout(spec: RunSpec) -> dict[str, Any]:
 
     # The tasks cannot import `benchmarks`: send the electron's function by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    load_at_start = round(os.getloadavg()[0], 2)
+    load_before = machine_load()
+    venv = ensure_seed_venv() if spec.mode is Mode.ORIGINAL else None
     async with contextlib.AsyncExitStack() as stack:
         with logging_every_request():
             cloud = await stack.enter_async_context(
@@ -211,18 +171,27 @@ async def run_fanout(spec: RunSpec) -> dict[str, Any]:
                     provisioning_delay=spec.provisioning_delay,
                     max_running_tasks=spec.max_running_tasks,
                     jobs_per_minute=spec.jobs_per_minute,
+                    **(cloud_options(venv) if venv else {}),
                 )
             )
         storage_log = StorageLog.of(cloud.workdir)
-        fan_out = _FanOut(spec, cloud.executor_config() | spec.executor_settings())
-        measured = await fan_out.run()
+        if venv is None:
+            settings = cloud.executor_config() | spec.executor_settings()
+            call = _our_electron(settings, spec.task_seconds)
+            measured = await FanOut(spec.load(), call, _wait_executor_idle).run()
+            measured["executor_settings"] = settings
+        else:
+            measured = await run_original_burst(
+                venv, cloud, dataclasses.asdict(spec.load()), spec.poll_freq
+            )
         stats = await anyio.to_thread.run_sync(cloud.stats)
         storage = storage_log.operations()
+        objects_left = await anyio.to_thread.run_sync(count_objects, cloud)
     api_calls = {method: int(count) for method, count in stats["api_calls"].items() if count}
     return {
         "kind": "fanout",
         "spec": spec.to_json(),
-        "environment": environment() | {"load_average_at_start": load_at_start},
+        "environment": environment(load_before),
         "electrons": spec.electrons,
         "jobs_created": int(stats["jobs_created"]),
         "vm_boots": int(stats["jobs_created"]),
@@ -231,137 +200,73 @@ async def run_fanout(spec: RunSpec) -> dict[str, Any]:
         "api_calls_total": sum(api_calls.values()),
         "storage_ops": storage,
         "storage_ops_total": sum(storage.values()),
+        "objects_left": objects_left,
+        "target_s": round(spec.target_seconds, 3),
         **measured,
     }
 
 
-class _FanOut:
-    """The electrons of one run, on this process's event loop, and what they measure."""
+def count_objects(cloud: Any) -> int:
+    """Objects in the cloud's bucket (what the executor left behind, once it is done)."""
+    client = cloud.storage_client(direct=True)
+    return sum(1 for _ in client.list_blobs(cloud.bucket_name))
 
-    def __init__(self, spec: RunSpec, settings: dict[str, Any]) -> None:
-        self.spec = spec  # what to run
-        self.settings = settings  # executor keywords: the cloud's endpoints and the knobs
-        self.progress = _Progress(spec.electrons)  # shared with the memory sampler
-        self.arrived_at = [math.nan] * spec.electrons  # seconds after the start, by index
-        self.finished_at = [math.nan] * spec.electrons  # result or error, by index
-        self.failures: dict[int, str] = {}  # index -> what went wrong
-        self.dispatch_id = f"bench-{uuid.uuid4().hex[:8]}"
-        self.started = 0.0  # monotonic time of the first arrival
-        self.first_traceback = ""  # of the first failure's innermost cause, for diagnosis
 
-    async def run(self) -> dict[str, Any]:
-        """Run every electron; wait for the executor to finish its clean-up; measure."""
-        import covalent  # noqa: F401  (import covalent before the plugin module, as the server does)
+def _our_electron(settings: dict[str, Any], task_seconds: float) -> Any:
+    """``call(index)`` for :class:`FanOut`: a fresh executor of ours runs electron ``index``,
+    then :meth:`FanOut.run` waits for the runtime's clean-up."""
+    import covalent  # noqa: F401  (import covalent before the plugin module, as the server does)
 
-        from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
+    from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 
-        spec, progress = self.spec, self.progress
-        rss_before = _rss_bytes()
-        if spec.trace_memory:
-            tracemalloc.start()
-        stop_sampling = anyio.Event()
-        cpu_start = time.process_time()
-        self.started = time.monotonic()
-        async with anyio.create_task_group() as sampler:
-            sampler.start_soon(_sample_memory, progress, stop_sampling)
-            async with anyio.create_task_group() as tg:
-                for index in range(spec.electrons):
-                    if spec.arrival is Arrival.TRICKLE and index:
-                        # The arrival process is what is simulated here, at its own pace.
-                        await anyio.sleep_until(self.started + index / spec.rate)
-                    tg.start_soon(self._electron, GCPBatchArrayExecutor, index)
-            last_result = time.monotonic() - self.started
-            cpu_to_last = time.process_time() - cpu_start
-            await _wait_executor_idle()
-            stop_sampling.set()
-        idle_after = time.monotonic() - self.started
-        cpu_total = time.process_time() - cpu_start
-        traced_peak = tracemalloc.get_traced_memory()[1] if spec.trace_memory else None
-        tracemalloc.stop()
-        succeeded = [t for i, t in enumerate(self.finished_at) if i not in self.failures]
-        return {
-            "succeeded": spec.electrons - len(self.failures),
-            "failed": len(self.failures),
-            "errors_sample": [self.failures[i] for i in sorted(self.failures)[:5]],
-            "first_error_traceback": self.first_traceback,
-            "arrival_span_s": round(max(self.arrived_at), 3),
-            "time_to_first_result_s": round(min(succeeded), 3) if succeeded else None,
-            "time_to_last_result_s": round(last_result, 3),
-            "completion_quantiles_s": _quantiles(self.finished_at),
-            "target_s": round(spec.target_seconds, 3),
-            "idle_after_s": round(idle_after, 3),
-            "cpu_s_to_last_result": round(cpu_to_last, 3),
-            "cpu_s_total": round(cpu_total, 3),
-            "cpu_ms_per_electron": round(1000 * cpu_total / spec.electrons, 3),
-            "rss_before_mb": _mb(rss_before),
-            "rss_peak_mb": _mb(progress.rss_peak),
-            "rss_peak_delta_mb": _mb(progress.rss_peak - rss_before),
-            "rss_all_pending_mb": _mb(progress.rss_all_pending) or None,
-            "rss_all_pending_delta_mb": (
-                _mb(progress.rss_all_pending - rss_before) if progress.rss_all_pending else None
-            ),
-            "pending_at_peak": progress.pending_at_peak,
-            "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "tracemalloc_peak_mb": None if traced_peak is None else _mb(traced_peak),
-        }
+    dispatch_id = f"bench-{uuid.uuid4().hex[:8]}"
 
-    async def _electron(self, executor_class: Any, index: int) -> None:
-        self.arrived_at[index] = time.monotonic() - self.started
-        self.progress.arrived += 1
-        self.progress.pending += 1
+    async def call(index: int) -> Any:
         # A fresh executor per electron, as Covalent makes one.
-        executor = executor_class(**self.settings)
-        metadata = {"dispatch_id": self.dispatch_id, "node_id": index}
-        try:
-            value = await executor.run(
-                sleepy_electron, [index, self.spec.task_seconds], {}, metadata
-            )
-            if value != index + 1:
-                self.failures[index] = f"electron {index} returned {value!r}, not {index + 1}"
-        except Exception as exc:
-            self.failures[index] = f"electron {index}: {type(exc).__name__}: {exc}"[:500]
-            if not self.first_traceback:
-                self.first_traceback = _root_traceback(exc)
-        self.finished_at[index] = time.monotonic() - self.started
-        self.progress.pending -= 1
+        executor = GCPBatchArrayExecutor(**settings)
+        metadata = {"dispatch_id": dispatch_id, "node_id": index}
+        return await executor.run(sleepy_electron, [index, task_seconds], {}, metadata)
+
+    return call
 
 
-def _root_traceback(error: BaseException, limit: int = 6000) -> str:
-    """The traceback of the innermost ``__cause__`` of ``error`` (where it really failed)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return "".join(traceback.format_exception(error))[-limit:]
-
-
-def _mb(count: int) -> float:
-    return round(count / _MB, 1)
-
-
-def environment() -> dict[str, Any]:
+def environment(load_before: list[float] | None = None) -> dict[str, Any]:
     """Where a result was measured: machine, its load, Python, commit, time.
+
+    ``load_average_before`` is ``load_before`` (taken before the run started) and
+    ``load_average_after`` the load averages now (1, 5 and 15 minutes), so that a run made on
+    a busy machine says so.
 
     The commit comes from git, or from ``CGA_BENCH_COMMIT`` when the code runs from an
     exported copy of the repository (as a long suite does, so that edits made meanwhile in
     the working tree cannot change it halfway).
     """
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is None:
         commit = os.environ.get("CGA_BENCH_COMMIT", "unknown")
+    changed = _git("status", "--porcelain", "--", ":/covalent_gcpbatch_array", ":/benchmarks")
     return {
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_average_before": load_before,
+        "load_average_after": machine_load(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "commit": commit,
+        # Whether the package and benchmarks differ from the commit (None: not a git clone).
+        "uncommitted_changes": None if changed is None else bool(changed),
     }
+
+
+def _git(*args: str) -> str | None:
+    """What ``git ARGS`` prints in this clone, or ``None`` outside one."""
+    try:
+        completed = subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return completed.stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,92 @@
+"""Running the original plugin on a LocalCloud: its image, its settings, its executor process.
+
+Used by :mod:`benchmarks.harness` (burst) and :mod:`benchmarks.covalent_row` (a Covalent
+server of the plugin's venv) for the runs of :attr:`~benchmarks.harness.Mode.ORIGINAL`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .shim import ENDPOINT_VARIABLE
+from .venv import SeedVenv
+
+__all__ = ["SEED_IMAGE", "cloud_options", "plugin_settings", "run_original_burst", "seed_env"]
+
+#: The container image the plugin's config names; LocalCloud maps it to the plugin's exec.py.
+SEED_IMAGE = "covalent-gcpbatch-plugin-0.15.0:local"
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def cloud_options(venv: SeedVenv) -> dict[str, Any]:
+    """LocalCloud keywords: the plugin's image runs ``python exec.py`` of its venv, as its
+    Dockerfile's ENTRYPOINT does; its tasks are plain scripts, so nothing is preloaded."""
+    return {"image_map": {SEED_IMAGE: [str(venv.python), str(venv.exec_py)]}, "preload": ()}
+
+
+def plugin_settings(cloud: Any, poll_freq: float, cache_dir: str) -> dict[str, Any]:
+    """``GCPBatchExecutor`` keywords: the cloud, the plugin's defaults otherwise.
+
+    ``retries`` stays the plugin's 3 (it ignores 0: ``retries or default``) and ``poll_freq``
+    is whole seconds (it is an int there; 0 would mean the default, 5).
+    """
+    return {
+        "project_id": cloud.project_id,
+        "region": cloud.region,
+        "bucket_name": cloud.bucket_name,
+        "container_image_uri": SEED_IMAGE,
+        "service_account_email": "benchmark@local.invalid",
+        "vcpus": 2,
+        "memory": 512,
+        "time_limit": 300,
+        "poll_freq": max(1, round(poll_freq)),
+        "retries": 3,
+        "cache_dir": cache_dir,
+    }
+
+
+def seed_env(cloud: Any, home: Path) -> dict[str, str]:
+    """The environment of a process of the plugin's venv: ours without Covalent's overrides,
+    a HOME of its own, and the two variables that point the plugin at ``cloud``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COVALENT_")}
+    return env | {
+        "HOME": str(home),
+        ENDPOINT_VARIABLE: cloud.batch_grpc_endpoint,
+        "STORAGE_EMULATOR_HOST": cloud.storage_endpoint,
+    }
+
+
+async def run_original_burst(
+    venv: SeedVenv, cloud: Any, load: dict[str, Any], poll_freq: float
+) -> dict[str, Any]:
+    """Run the fan-out ``load`` describes with the plugin, in a process of its venv.
+
+    :returns: the measurements of :class:`benchmarks.measure.FanOut`, plus ``executor_settings``
+    :raises RuntimeError: that process failed (its output is in the message)
+    """
+    with tempfile.TemporaryDirectory(prefix="cga-seed-") as home:
+        settings = plugin_settings(cloud, poll_freq, str(Path(home) / "cache"))
+        out = Path(home) / "measured.json"
+        command = [
+            str(venv.python),
+            *("-m", "benchmarks.original_plugin.burst"),
+            *("--load", json.dumps(load), "--settings", json.dumps(settings)),
+            *("--dispatch-id", f"bench-{uuid.uuid4().hex[:8]}", "--out", str(out)),
+        ]
+        completed = await anyio.run_process(
+            command, check=False, cwd=PROJECT, env=seed_env(cloud, Path(home))
+        )
+        if completed.returncode != 0 or not out.exists():
+            output = (completed.stdout + completed.stderr).decode(errors="replace")[-4000:]
+            raise RuntimeError(
+                f"the original plugin's run failed ({completed.returncode}):\n{output}"
+            )
+        measured: dict[str, Any] = json.loads(out.read_text())
+    return measured | {"executor_settings": settings}
