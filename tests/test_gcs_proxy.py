@@ -30,7 +30,7 @@ from covalent_gcpbatch_array.local.gcs.proxy import StorageFault, StorageFaults,
 from tests.conftest import wait_until
 
 # google-cloud-storage does not close the streamed response of a failed download (see
-# test_store.py); the faults here fail many. Each test collects its own leaks (below).
+# test_storage.py); the faults here fail many. Each test collects its own leaks (below).
 pytestmark = pytest.mark.filterwarnings(
     "ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning"
 )

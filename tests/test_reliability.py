@@ -46,7 +46,7 @@ from covalent_gcpbatch_array.local.gcs.proxy import serve
 pytestmark = [
     pytest.mark.slow,
     # google-cloud-storage leaves the response of a failed download for the garbage collector
-    # to close (see test_store.py), and these tests fail many; each collects its own leaks.
+    # to close (see test_storage.py), and these tests fail many; each collects its own leaks.
     pytest.mark.filterwarnings(
         "ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning"
     ),

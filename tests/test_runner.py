@@ -16,7 +16,7 @@ from typing import Any
 import cloudpickle
 import pytest
 from google.cloud import batch_v1, storage
-from test_store import ScriptedProxy  # a sibling test module (pytest puts tests/ on sys.path)
+from test_storage import ScriptedProxy  # a sibling test module (pytest puts tests/ on sys.path)
 
 from covalent_gcpbatch_array import runner
 from covalent_gcpbatch_array._core import contract

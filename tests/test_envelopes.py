@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from covalent_gcpbatch_array._core import envelopes as payload
+from covalent_gcpbatch_array._core import envelopes
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import (
     ElectronOrigin,
@@ -96,7 +96,7 @@ class TestKeys:
     def test_new_keys_are_random_and_32_bytes(self) -> None:
         keys = {new_job_key() for _ in range(50)}
         assert len(keys) == 50
-        assert all(len(k) == payload.JOB_KEY_BYTES == 32 for k in keys)
+        assert all(len(k) == envelopes.JOB_KEY_BYTES == 32 for k in keys)
 
     def test_hex_round_trip(self, key: bytes) -> None:
         assert parse_job_key(key.hex()) == key
@@ -193,12 +193,12 @@ class TestRoundTrips:
 
     def test_envelope_without_stream_lengths_reads_as_quiet(self, key: bytes) -> None:
         # An envelope from a runner that kept its streams only as separate objects.
-        data = payload._seal("result", TASK, key, {}, cloudpickle.dumps(42))
+        data = envelopes._seal("result", TASK, key, {}, cloudpickle.dumps(42))
         assert decode_result(data, key=key, task=TASK) == TaskResult(42, "", "")
 
     def test_stream_lengths_past_the_body_are_refused(self, key: bytes) -> None:
         header = {"stdout_bytes": 10**6, "stderr_bytes": 0}
-        data = payload._seal("result", TASK, key, header, cloudpickle.dumps(42))
+        data = envelopes._seal("result", TASK, key, header, cloudpickle.dumps(42))
         with pytest.raises(ResultIntegrityError, match="stream lengths"):
             decode_result(data, key=key, task=TASK)
 
@@ -407,7 +407,7 @@ class TestVersions:
 
 class TestExports:
     def test_all_names_exist_and_are_the_public_ones(self) -> None:
-        module = payload
+        module = envelopes
         public = {
             name
             for name, value in vars(module).items()

@@ -24,7 +24,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from hypothesis import given
 from hypothesis import strategies as st
 
-from covalent_gcpbatch_array._core import storage as store_module
+from covalent_gcpbatch_array._core import storage as storage_module
 from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array._core.contract import (
     JOB_ID_PATTERN,
@@ -597,7 +597,7 @@ class TestBatchDeletes:
 
 class TestExports:
     def test_all_names_exist_and_are_the_public_ones(self) -> None:
-        module = store_module
+        module = storage_module
         public = {
             name
             for name, value in vars(module).items()
