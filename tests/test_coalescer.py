@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import anyio
 import pytest
-import trio.testing
 from anyio.abc import TaskGroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,31 +38,16 @@ from covalent_gcpbatch_array.exceptions import (
     GCPBatchArrayError,
     TaskInfrastructureError,
 )
+from tests.virtual_time import HANG, fails_if_stuck, mock_clock_backend
 
 Key = str
 Value = tuple[str, Any]
 
-#: Long enough for anything here; reaching it (virtual time) means something waits forever.
-HANG = 100_000
-
-AsyncTest = TypeVar("AsyncTest", bound=Callable[..., Awaitable[None]])
-
-
-def fails_if_stuck(test: AsyncTest) -> AsyncTest:
-    """Fail a test that would wait forever: MockClock jumps to the HANG deadline at once."""
-
-    @functools.wraps(test)
-    async def bounded(*args: Any, **kwargs: Any) -> None:
-        with anyio.fail_after(HANG):
-            await test(*args, **kwargs)
-
-    return cast(AsyncTest, bounded)
-
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, Any]]:
-    """Every test here runs on trio with a clock that jumps to the next deadline when idle."""
-    return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
+    """Every test here runs on trio's MockClock."""
+    return mock_clock_backend()
 
 
 @dataclass
@@ -876,13 +860,8 @@ def test_random_scenarios_keep_every_promise(
     for gap, key, upload_time, fate in raw:
         clock += gap
         arrivals.append(Arrival(key, clock, upload_time, fate))
-    cloud = anyio.run(
-        play,
-        arrivals,
-        policies,
-        backend="trio",
-        backend_options={"clock": trio.testing.MockClock(autojump_threshold=0)},
-    )
+    backend, options = mock_clock_backend()
+    cloud = anyio.run(play, arrivals, policies, backend=backend, backend_options=options)
     by_member = {id(member): arrival for _, arrival, member in joined(arrivals)}
     batches = {id(member.batch): member.batch for _, _, member in joined(arrivals)}
     launched = {id(launch.batch): launch for launch in cloud.launches}

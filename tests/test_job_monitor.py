@@ -8,15 +8,13 @@ with its virtual time, so the tests check exactly what it asked and when.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import anyio
 import pytest
-import trio.testing
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
@@ -44,34 +42,21 @@ from covalent_gcpbatch_array.exceptions import (
     TaskInfrastructureError,
     TimeLimitExceeded,
 )
+from tests.virtual_time import fails_if_stuck, mock_clock_backend
 
 try:
     from google.cloud.storage.exceptions import DataCorruption
 except ImportError:  # pragma: no cover  (google-cloud-storage 2.x)
     from google.resumable_media.common import DataCorruption
 
-#: Long enough for anything here; reaching it (virtual time) means something waits forever.
-HANG = 100_000
+
 POLL = 1.0  # poll_freq of every test: polls at t = 0, 1, 2, ...
-
-AsyncTest = TypeVar("AsyncTest", bound=Callable[..., Awaitable[None]])
-
-
-def fails_if_stuck(test: AsyncTest) -> AsyncTest:
-    """Fail a test that would wait forever: MockClock jumps to the HANG deadline at once."""
-
-    @functools.wraps(test)
-    async def bounded(*args: Any, **kwargs: Any) -> None:
-        with anyio.fail_after(HANG):
-            await test(*args, **kwargs)
-
-    return cast(AsyncTest, bounded)
 
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, Any]]:
-    """Every test here runs on trio with a clock that jumps to the next deadline when idle."""
-    return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
+    """Every test here runs on trio's MockClock."""
+    return mock_clock_backend()
 
 
 @dataclass

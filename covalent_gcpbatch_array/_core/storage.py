@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
 
 import anyio
 import google.auth.exceptions
@@ -61,7 +59,6 @@ __all__ = [
 _MANIFEST_NAME = "manifest.json"
 _MANIFEST_FORMAT = 1
 _LEASE_NAME = "lease"
-_T = TypeVar("_T")
 _BATCH_CALLS = 100  # calls per batch request: the most Cloud Storage takes in one
 
 
@@ -521,45 +518,38 @@ class AsyncTaskStore:
         """The object names of job ``job_id``."""
         return self.sync.layout(job_id)
 
-    async def _call(
-        self,
-        method: Callable[..., _T],
-        /,
-        *args: Any,
-        limiter: anyio.CapacityLimiter | None = None,
-    ) -> _T:
-        return await anyio.to_thread.run_sync(
-            functools.partial(method, *args), limiter=limiter or self._limiter
-        )
-
     async def upload_input(self, ref: TaskRef, data: bytes) -> None:
         """Write the input envelope of task ``ref``, on the threads kept for inputs."""
-        await self._call(self.sync.upload_input, ref, data, limiter=self._input_limiter)
+        await anyio.to_thread.run_sync(
+            self.sync.upload_input, ref, data, limiter=self._input_limiter
+        )
 
     async def download(self, ref: TaskRef, obj: TaskObject) -> bytes | None:
         """Read ``obj`` of task ``ref``, or ``None`` if it does not exist."""
-        return await self._call(self.sync.download, ref, obj)
+        return await anyio.to_thread.run_sync(self.sync.download, ref, obj, limiter=self._limiter)
 
     async def exists(self, ref: TaskRef, obj: TaskObject) -> bool:
         """Whether ``obj`` of task ``ref`` exists."""
-        return await self._call(self.sync.exists, ref, obj)
+        return await anyio.to_thread.run_sync(self.sync.exists, ref, obj, limiter=self._limiter)
 
     async def write_cancelled(self, ref: TaskRef) -> None:
         """Mark task ``ref`` cancelled."""
-        await self._call(self.sync.write_cancelled, ref)
+        await anyio.to_thread.run_sync(self.sync.write_cancelled, ref, limiter=self._limiter)
 
     async def delete(self, ref: TaskRef, obj: TaskObject) -> None:
         """Delete ``obj`` of task ``ref``."""
-        await self._call(self.sync.delete, ref, obj)
+        await anyio.to_thread.run_sync(self.sync.delete, ref, obj, limiter=self._limiter)
 
     async def write_manifest(self, job_id: str, entries: Mapping[int, ManifestEntry]) -> None:
         """Write the manifest of job ``job_id``."""
-        await self._call(self.sync.write_manifest, job_id, entries)
+        await anyio.to_thread.run_sync(
+            self.sync.write_manifest, job_id, entries, limiter=self._limiter
+        )
 
     async def renew_lease(self, job_id: str) -> None:
         """Rewrite job ``job_id``'s lease."""
-        await self._call(self.sync.renew_lease, job_id)
+        await anyio.to_thread.run_sync(self.sync.renew_lease, job_id, limiter=self._limiter)
 
     async def delete_tasks(self, job_id: str) -> int:
         """Delete the objects of every task of job ``job_id``; returns the count."""
-        return await self._call(self.sync.delete_tasks, job_id)
+        return await anyio.to_thread.run_sync(self.sync.delete_tasks, job_id, limiter=self._limiter)
