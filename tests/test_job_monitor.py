@@ -257,15 +257,20 @@ async def run_job(
     settings: ExecutorConfig | None = None,
     withdrawn: Sequence[int] = (),
     during: Callable[[list[Electron]], Awaitable[None]] | None = None,
+    stop_at: float = float("inf"),
 ) -> list[Electron]:
-    """Run one batch of ``len(cloud.scripts)`` electrons through :func:`run_array_job`."""
+    """Run one batch of ``len(cloud.scripts)`` electrons through :func:`run_array_job`.
+
+    :param stop_at: when to cancel the job's monitor (the executor's loop stopping)
+    """
     settings = settings or config()
     size = len(cloud.scripts)
     policy = BatchPolicy(window=10.0, idle_gap=0.0, max_size=size)
 
     async def launch(batch: Batch[JobShape, ElectronOutcome]) -> None:
         ctx = ArrayJobContext(jobs=cloud, store=cloud)  # type: ignore[arg-type]
-        await run_array_job(batch, ctx)
+        with anyio.move_on_after(stop_at):
+            await run_array_job(batch, ctx)
 
     electrons = [Electron() for _ in range(size)]
     async with Coalescer(launch) as coalescer, anyio.create_task_group() as tg:
@@ -495,31 +500,7 @@ class TestCancellationAndCleanUp:
     @fails_if_stuck
     async def test_a_stopping_executor_deletes_the_job_then_fails_its_electrons(self) -> None:
         cloud = FakeCloud({0: TaskScript(ends_at=1.0), 1: TaskScript()})
-        electrons: list[Electron] = []
-
-        async def stop_at(scope: anyio.CancelScope) -> None:
-            await anyio.sleep(2.5)
-            scope.cancel()
-
-        async def launch(batch: Batch[JobShape, ElectronOutcome]) -> None:
-            with anyio.CancelScope() as scope:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(stop_at, scope)
-                    await run_array_job(batch, ArrayJobContext(cloud, cloud))  # type: ignore[arg-type]
-
-        settings = config()
-        policy = BatchPolicy(window=10.0, idle_gap=0.0, max_size=2)
-        async with Coalescer(launch) as coalescer, anyio.create_task_group() as tg:
-            for index in range(2):
-                electron = Electron(member=coalescer.join(settings.shape, policy))
-                assert electron.member is not None
-                if electron.member.batch.payload is None:
-                    electron.member.batch.payload = BatchPayload(cloud.key, settings)
-                electron.member.batch.payload.origins[index] = ElectronOrigin("d", index)
-                electron.member.batch.payload.submitted_at[index] = datetime.now(timezone.utc)
-                electron.member.set_ready()
-                tg.start_soon(electron.wait)
-                electrons.append(electron)
+        electrons = await run_job(cloud, stop_at=2.5)
         first, second = electrons
         assert first.outcome is not None and first.at == 1.0
         assert isinstance(second.error, TaskInfrastructureError)
