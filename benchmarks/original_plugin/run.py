@@ -18,7 +18,7 @@ import anyio
 from .shim import ENDPOINT_VARIABLE
 from .venv import SeedVenv
 
-__all__ = ["SEED_IMAGE", "cloud_options", "plugin_settings", "run_original_burst", "seed_env"]
+__all__ = ["SEED_IMAGE", "cloud_options", "plugin_env", "plugin_settings", "run_original_burst"]
 
 #: The container image the plugin's config names; LocalCloud maps it to the plugin's exec.py.
 SEED_IMAGE = "covalent-gcpbatch-plugin-0.15.0:local"
@@ -52,15 +52,20 @@ def plugin_settings(cloud: Any, poll_freq: float, cache_dir: str) -> dict[str, A
     }
 
 
-def seed_env(cloud: Any, home: Path) -> dict[str, str]:
-    """The environment of a process of the plugin's venv: ours without Covalent's overrides,
-    a HOME of its own, and the two variables that point the plugin at ``cloud``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("COVALENT_")}
-    return env | {
-        "HOME": str(home),
+def plugin_env(cloud: Any) -> dict[str, str]:
+    """The two variables that point the plugin at ``cloud``: its Batch client (the shim's)
+    and its storage client (the storage library's own emulator variable)."""
+    return {
         ENDPOINT_VARIABLE: cloud.batch_grpc_endpoint,
         "STORAGE_EMULATOR_HOST": cloud.storage_endpoint,
     }
+
+
+def seed_env(cloud: Any, home: Path) -> dict[str, str]:
+    """The environment of a process of the plugin's venv: ours without Covalent's overrides,
+    a HOME of its own, and :func:`plugin_env`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COVALENT_")}
+    return env | {"HOME": str(home)} | plugin_env(cloud)
 
 
 async def run_original_burst(

@@ -2,7 +2,8 @@
 
 covalent-gcpbatch-plugin 0.15.0 pins google-cloud-batch 0.9.0 and google-cloud-storage 2.7.0,
 older than this project's: it gets a venv of its own (``.venv-seed/`` in the clone, or
-``$CGA_SEED_VENV``), with Covalent at this project's version so that its server matches ours.
+``$CGA_SEED_VENV``), with Covalent and FastAPI as this project pins them, so that its server
+matches ours.
 Made by ``pip`` from PyPI on first use (about a minute), then reused while the requirements are
 the same; the shim (:mod:`.shim`) is copied in at every use so that it is always current.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 __all__ = ["REQUIREMENTS", "SeedVenv", "ensure_seed_venv"]
 
-REQUIREMENTS = ("covalent-gcpbatch-plugin==0.15.0", "covalent==0.240.0")
+#: Covalent 0.240's server refuses every dispatch with FastAPI 0.132 and later (FACTS.md).
+REQUIREMENTS = ("covalent-gcpbatch-plugin==0.15.0", "covalent==0.240.0", "fastapi<0.132")
 DEFAULT_LOCATION = Path(__file__).resolve().parents[2] / ".venv-seed"
 _MARKER = ".cga-requirements"
 _SHIM = Path(__file__).with_name("shim.py")

@@ -87,6 +87,8 @@ class CovalentServer:
     :param environment: extra environment variables for the server process
     :param startup_timeout: seconds ``covalent start`` gets
     :param stop_timeout: seconds the server gets to shut down after SIGINT before it is killed
+    :param python: the Python whose ``covalent`` runs the server (default: this one), e.g.
+        another venv's, with other executor plugins installed
     """
 
     def __init__(
@@ -98,12 +100,14 @@ class CovalentServer:
         environment: Mapping[str, str] | None = None,
         startup_timeout: float = 180.0,
         stop_timeout: float = 30.0,
+        python: str | os.PathLike[str] | None = None,
     ) -> None:
         self.executor_config = dict(executor_config) if executor_config is not None else None
         self.requested_port = port
         self.extra_environment = dict(environment or {})
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
+        self.python = str(python) if python is not None else sys.executable
         self._given_home = Path(home) if home is not None else None
         self._home: Path | None = None  # the HOME in use
         self._port: int | None = None  # the port the server listens on
@@ -176,7 +180,7 @@ class CovalentServer:
         deadline = time.monotonic() + self.startup_timeout
         with start_log.open("wb") as log:
             cli = subprocess.Popen(
-                [*_covalent_command(), "start", *START_FLAGS, "--port", str(port)],
+                [*_covalent_command(self.python), "start", *START_FLAGS, "--port", str(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -332,12 +336,12 @@ class CovalentServer:
         )
 
 
-def _covalent_command() -> list[str]:
-    """The ``covalent`` CLI of this Python (its console script, else the module it runs)."""
-    script = Path(sys.executable).with_name("covalent")
+def _covalent_command(python: str) -> list[str]:
+    """The ``covalent`` CLI of ``python`` (its console script, else the module it runs)."""
+    script = Path(python).with_name("covalent")
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "from covalent_dispatcher._cli.cli import cli; cli()"]
+    return [python, "-c", "from covalent_dispatcher._cli.cli import cli; cli()"]
 
 
 def _start_watchdog(group: int, home: Path | None) -> subprocess.Popen[bytes]:
