@@ -4,6 +4,7 @@
     python -m benchmarks.fanout --electrons 100 --arrival trickle --rate 2
     python -m benchmarks.fanout --all                            # regenerate RESULTS.md
     python -m benchmarks.fanout --quick                          # a miniature, in < 1 min
+    python -m benchmarks.fanout --original                       # against the original plugin
 
 Each run starts its own local cloud (our Batch emulator and fake-gcs-server) with the given
 provisioning delay and job-creation quota, and measures, for each mode: Batch jobs created
@@ -30,6 +31,7 @@ from .suite import (
     RESULTS_DIR,
     Planned,
     full_plan,
+    original_plan,
     quick_plan,
     run_plan,
 )
@@ -50,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="run the whole suite, then write plots and RESULTS.md"
     )
     plan.add_argument("--quick", action="store_true", help="a miniature suite, for the tests")
+    plan.add_argument(
+        "--original",
+        action="store_true",
+        help="only the rows against covalent-gcpbatch-plugin 0.15.0, then RESULTS.md",
+    )
     plan.add_argument(
         "--report-only", action="store_true", help="redraw plots and RESULTS.md from the JSON"
     )
@@ -169,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     if options.report_only:
         write_report(options.results or RESULTS_DIR)
         return
-    if options.all or options.quick:
+    if options.all or options.quick or options.original:
         results = options.results or RESULTS_DIR
-        plan = full_plan() if options.all else quick_plan()
+        plan = full_plan() if options.all else original_plan() if options.original else quick_plan()
         anyio.run(
             lambda: run_plan(
                 plan,

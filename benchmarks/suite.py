@@ -33,6 +33,7 @@ __all__ = [
     "Planned",
     "covalent_plan",
     "full_plan",
+    "original_plan",
     "quick_plan",
     "run_plan",
     "size_plan",
@@ -162,11 +163,46 @@ def covalent_plan(electrons: int = 100, *, group: str = "covalent", **knobs: Any
     return plans
 
 
+def original_plan(
+    sizes: Sequence[int] = (10, 100, 1000), *, group: str = "original", **knobs: Any
+) -> list[Planned]:
+    """The original plugin beside both modes of ours, burst and through Covalent, same cloud.
+
+    No job-creation quota here (``jobs_per_minute=None`` unless given): under 20 a minute the
+    original plugin fails most electrons of a burst (a 429 fails its run), which the behaviours
+    show; these rows compare what each does with the same electrons.
+    """
+    plans = []
+    for arrival in (Arrival.BURST, Arrival.COVALENT):
+        for electrons in sizes:
+            for mode in (Mode.ORIGINAL, Mode.BATCHED, Mode.BASELINE):
+                name = f"{group}-{arrival.value}-{mode.value}-{electrons}"
+                spec = make_spec(
+                    name,
+                    group,
+                    mode,
+                    electrons,
+                    **({"jobs_per_minute": None} | knobs),
+                    arrival=arrival,
+                )
+                # Covalent starts about 2 electrons a second; the original plugin lists the
+                # whole bucket at every poll of a finished job (quadratic in the fan-out).
+                expected = spec.target_seconds + electrons / 2 + electrons**2 / 5000
+                plans.append(
+                    Planned(
+                        spec,
+                        heavy=arrival is Arrival.COVALENT or electrons >= 1000,
+                        expected_seconds=60 + expected,
+                    )
+                )
+    return plans
+
+
 def full_plan() -> list[Planned]:
     """Everything RESULTS.md shows (about an hour on 2 cores, most of it waiting)."""
     from .sweep import sweep_plan
 
-    return [*size_plan(), *trickle_plan(), *covalent_plan(), *sweep_plan()]
+    return [*size_plan(), *trickle_plan(), *covalent_plan(), *original_plan(), *sweep_plan()]
 
 
 def quick_plan() -> list[Planned]:
@@ -174,7 +210,9 @@ def quick_plan() -> list[Planned]:
 
     One run per code path, each as short as it can be: a burst in both modes (the size table
     and plots, the goals), a batched trickle (the trickle arrivals and their table) and one
-    window-sweep point (the sweep table and plot); no VM boot, no quota.
+    window-sweep point (the sweep table and plot); no VM boot, no quota. The original plugin
+    is left out: its venv takes one to two minutes to make on a fresh machine (16 s a run
+    once cached), more than this whole plan.
     """
     from .sweep import sweep_plan
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import Arrival, Mode, RunSpec
+from benchmarks.harness import Arrival, Mode, RunSpec, environment
 from benchmarks.profiling import frame_name, summarise
-from benchmarks.report import goals, headline_size, render
+from benchmarks.report import goals, headline_size, original_headline, render
 from benchmarks.storage_log import classify
-from benchmarks.suite import full_plan, quick_plan
+from benchmarks.suite import full_plan, original_plan, quick_plan
 
 PROJECT = Path(__file__).parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,6 +41,8 @@ REQUIRED_KEYS = {
     "rss_before_mb",
     "failed",
     "environment",
+    "objects_left",
+    "executor_settings",
 }
 
 
@@ -208,8 +210,48 @@ class TestGoals:
         ]
         assert headline_size(results) == 12
 
+    def test_the_original_plugin_rows_and_headline_come_from_the_results(
+        self, tmp_path: Path
+    ) -> None:
+        plans = {p.spec.name: p.spec for p in original_plan((10,))}
+        values = {
+            "original": {"jobs_created": 10, "api_calls_total": 54, "time_to_last_result_s": 40.5},
+            "batched": {"jobs_created": 1, "api_calls_total": 11, "time_to_last_result_s": 37.0},
+            "baseline": {"jobs_created": 10, "api_calls_total": 110, "time_to_last_result_s": 36.0},
+        }
+        for name, spec in plans.items():
+            result = fake_result(spec.mode.value, 10) | values[spec.mode.value]
+            result |= {
+                "spec": spec.to_json(),
+                "api_calls": {"CreateJob": result["jobs_created"]},
+                "storage_ops_total": 50,
+                "objects_left": 20 if spec.mode is Mode.ORIGINAL else 0,
+                "cpu_ms_per_electron": 3.0,
+                "failed": 0,
+                "environment": environment([1.5, 1.0, 0.5]),
+            }
+            (tmp_path / f"{name}.json").write_text(json.dumps(result))
+        text = render(tmp_path, "")
+        assert "## Against the original plugin" in text
+        rows = [line for line in text.splitlines() if "| covalent-gcpbatch-plugin 0.15.0 |" in line]
+        assert len(rows) == 2  # burst and Covalent
+        assert "1-minute load average" in text
+        headline = original_headline([json.loads(p.read_text()) for p in tmp_path.glob("*.json")])
+        assert "made 1 Batch job(s) where covalent-gcpbatch-plugin 0.15.0 made 10" in headline
+        assert "11 Batch API calls against 54" in headline and "37 s against 40.5 s" in headline
+
     def test_render_without_results_says_how_to_make_them(self, tmp_path: Path) -> None:
         assert "make bench" in render(tmp_path, "")
+
+
+class TestEnvironment:
+    def test_a_result_says_where_and_under_what_load_it_ran(self) -> None:
+        env = environment([3.5, 2.0, 1.0])
+        assert env["load_average_before"] == [3.5, 2.0, 1.0]
+        assert len(env["load_average_after"]) == 3
+        assert env["cpus"] == os.cpu_count()
+        assert env["commit"] != "unknown"
+        assert isinstance(env["uncommitted_changes"], bool)
 
 
 class TestStorageLog:
@@ -268,9 +310,18 @@ class TestPlans:
         assert any(s.arrival is Arrival.TRICKLE and s.rate == 2.0 for s in specs)
         assert any(p.profile and p.spec.electrons == 10_000 for p in plan)
         covalent = {s.mode for s in specs if s.arrival is Arrival.COVALENT}
-        assert covalent == {Mode.BATCHED, Mode.BASELINE}
+        assert covalent == {Mode.BATCHED, Mode.BASELINE, Mode.ORIGINAL}
         headline = next(s for s in specs if s.name == "sizes-batched-1000")
         assert (headline.provisioning_delay, headline.jobs_per_minute) == (30.0, 20)
+
+    def test_the_full_plan_has_the_original_plugin_beside_both_modes(self) -> None:
+        specs = [p.spec for p in full_plan() if p.spec.group == "original"]
+        for arrival in (Arrival.BURST, Arrival.COVALENT):
+            for mode in (Mode.ORIGINAL, Mode.BATCHED, Mode.BASELINE):
+                sizes = {s.electrons for s in specs if (s.arrival, s.mode) == (arrival, mode)}
+                assert sizes == {10, 100, 1000}, (arrival, mode)
+        # The same cloud for all three: a boot per job, no quota (the behaviours have one).
+        assert {(s.provisioning_delay, s.jobs_per_minute) for s in specs} == {(30.0, None)}
 
     def test_spec_json_round_trips(self) -> None:
         for planned in quick_plan():
