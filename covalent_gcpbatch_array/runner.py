@@ -279,26 +279,29 @@ class _CancelWatcher:
 
 
 def _hard_stop(
-    capture: OutputCapture, store: TaskStore, task: TaskRef, log: _Log, exit_code: int
+    capture: OutputCapture, store: TaskStore, settings: RunnerSettings, log: _Log, exit_code: int
 ) -> None:
     """Upload what the function printed so far and end the process (stopped, grace over)."""
     try:
-        _upload_streams(store, task, *capture.snapshot())
+        _upload_streams(store, settings, *capture.snapshot())
     except Exception as exc:
         log(f"could not upload the outputs: {exc}")
     log.close()
     os._exit(exit_code)
 
 
-def _upload_streams(store: TaskStore, task: TaskRef, stdout: bytes, stderr: bytes) -> None:
-    """Keep what the task printed in its folder, for people and `gcpbatch-array tasks`.
+def _upload_streams(
+    store: TaskStore, settings: RunnerSettings, stdout: bytes, stderr: bytes
+) -> None:
+    """Keep what this attempt printed in its folder, for people and `gcpbatch-array logs`.
 
     The executor reads the streams from the result or error envelope; these copies are written
-    only when there is something in them (two requests fewer for a quiet task).
+    only when there is something in them (two requests fewer for a quiet task), under names of
+    this attempt's own (``stdout.{attempt}``): a task never replaces an object.
     """
     for obj, data in ((TaskObject.STDOUT, stdout), (TaskObject.STDERR, stderr)):
         if data:
-            store.upload(task, obj, data)
+            store.write_output(settings.task, obj, settings.attempt, data)
 
 
 def _record_failure(
@@ -360,7 +363,7 @@ def _run_task(settings: RunnerSettings, store: TaskStore, watch_store: TaskStore
     run = _call_watched(task_input, settings, watch_store, log)
     del task_input
 
-    _upload_streams(store, task, run.stdout, run.stderr)
+    _upload_streams(store, settings, run.stdout, run.stderr)
     if run.stop is not None:
         log(f"{run.stop.why}: no outcome written")
         return run.stop.exit_code
@@ -399,14 +402,13 @@ def _call_watched(
     task_input: TaskInput, settings: RunnerSettings, watch_store: TaskStore, log: _Log
 ) -> _Run:
     """Call the function in this thread, outputs captured, while watching for a cancel."""
-    task = settings.task
     watcher = _CancelWatcher(lambda: _why_stop(watch_store, settings), settings, log)
     value: Any = None
     error: BaseException | None = None
     with OutputCapture() as capture:
         try:
             value = watcher.call(
-                lambda exit_code: _hard_stop(capture, watch_store, task, log, exit_code),
+                lambda exit_code: _hard_stop(capture, watch_store, settings, log, exit_code),
                 task_input.fn,
                 *task_input.args,
                 **task_input.kwargs,

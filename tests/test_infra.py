@@ -40,7 +40,9 @@ TF_FILES = ("main.tf", "variables.tf", "outputs.tf")
 TASK_ROLES = {
     ("roles/batch.agentReporter", "project"),
     ("roles/logging.logWriter", "project"),
-    ("roles/storage.objectUser", "bucket"),
+    # Create and read, never replace or delete (issue 12): attempt-named output objects.
+    ("roles/storage.objectCreator", "bucket"),
+    ("roles/storage.objectViewer", "bucket"),
     ("roles/artifactregistry.reader", "repository"),
 }
 

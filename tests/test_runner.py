@@ -153,7 +153,7 @@ class Job:
         return decode_error(data, key=self.key, task=self.task(index))
 
     def output(self, obj: TaskObject, index: int = 0) -> str:
-        data = self.store.download(self.task(index), obj)
+        data = self.store.read_output(self.task(index), obj)
         assert data is not None, f"no {obj.value} object"
         return data.decode()
 
@@ -592,6 +592,30 @@ class TestOrphanedJob:
         assert job.objects() == {TaskObject.INPUT, TaskObject.STDOUT}  # no outcome recorded
 
 
+class TestAttemptOutputs:
+    """Each attempt writes its own output objects and replaces none (issue 12): the tasks'
+    service account needs no permission to delete or overwrite."""
+
+    def test_each_attempt_keeps_its_own_output(
+        self, job: Job, client: storage.Client, tmp_path: Path
+    ) -> None:
+        started, finished = tmp_path / "started", tmp_path / "finished"
+        task = job.submit(sleep_until_cancelled, str(started), str(finished), False)
+        for attempt in (0, 1):
+            started.unlink(missing_ok=True)
+            process = job.start(**{contract.ENV_TASK_ATTEMPT: str(attempt)})
+            _wait_for(started, process)
+            job.store.write_cancelled(task)
+            _, stderr = process.communicate(timeout=_RUN_TIMEOUT)
+            assert process.returncode == EXIT_OK, stderr
+            job.store.delete(task, TaskObject.CANCELLED)  # lets the next attempt run
+        folder = job.layout.task_folder(0)
+        blobs = client.list_blobs(job.store.bucket_name, prefix=folder)
+        names = {blob.name[len(folder) :] for blob in blobs}
+        assert names == {"input.pkl", "stdout.0", "stdout.1"}
+        assert job.output(TaskObject.STDOUT) == "before the cancel\n"  # the last attempt's
+
+
 class TestUnderTheBatchEmulator:
     """The job the executor builds, run by the local cloud's Batch emulator (fork server)."""
 
@@ -614,6 +638,7 @@ class TestUnderTheBatchEmulator:
             config.shape, task_count=3, job_prefix=job.layout.folder, hmac_key=job.key.hex()
         )
         parent = f"projects/{config.project_id}/locations/{config.region}"
+        store.renew_lease(job_id)  # as the executor does: without a lease the tasks stop
         batch_client.create_job(parent=parent, job=definition, job_id=job_id)
 
         deadline = time.monotonic() + _RUN_TIMEOUT

@@ -47,7 +47,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 #: Every object name the executor and the runner make, under a test's prefix.
 OBJECT_NAME = re.compile(
     r"^(?P<prefix>[a-z0-9-]+)/cga-\d{8}-\d{6}-[0-9a-f]{10}/"
-    r"(manifest\.json|tasks/\d+/(input\.pkl|result\.pkl|error\.pkl|stdout|stderr|cancelled))$"
+    r"(manifest\.json|lease|"
+    r"tasks/\d+/(input\.pkl|result\.pkl|error\.pkl|stdout\.\d+|stderr\.\d+|cancelled))$"
 )
 
 

@@ -3,8 +3,14 @@
 Every object a job uses lives under one folder::
 
     gs://{bucket}/{prefix}/{job_id}/manifest.json          which electron each task runs
+    gs://{bucket}/{prefix}/{job_id}/lease                  renewed while the executor waits
     gs://{bucket}/{prefix}/{job_id}/tasks/{index}/input.pkl
-                                                .../result.pkl, error.pkl, stdout, stderr, cancelled
+                                                .../result.pkl, error.pkl, cancelled
+                                                .../stdout.{attempt}, stderr.{attempt}
+
+A task creates objects and never replaces one: its outcome and each attempt's output are
+written with ``if_generation_match=0`` under names no other attempt uses, so the tasks' service
+account needs only ``storage.objectCreator`` and ``storage.objectViewer`` on the bucket.
 
 Object names are built only from ids the executor made (a validated job id, a non-negative task
 index, a validated prefix, and the fixed names of :class:`TaskObject`): nothing a user function
@@ -68,9 +74,13 @@ class TaskObject(str, enum.Enum):
     INPUT = "input.pkl"  # the signed input envelope, written by the executor
     RESULT = "result.pkl"  # the signed result envelope, written once by the runner
     ERROR = "error.pkl"  # the signed error envelope, written once by the runner
-    STDOUT = "stdout"  # the task's captured standard output
-    STDERR = "stderr"  # the task's captured standard error
+    STDOUT = "stdout"  # the task's captured standard output, one per attempt (stdout.0, ...)
+    STDERR = "stderr"  # the task's captured standard error, one per attempt (stderr.0, ...)
     CANCELLED = "cancelled"  # empty marker: the executor cancelled this task
+
+
+#: The objects written once per attempt, named ``{value}.{attempt}``.
+_OUTPUTS = (TaskObject.STDOUT, TaskObject.STDERR)
 
 
 class TaskOutcome(enum.Enum):
@@ -138,6 +148,20 @@ class JobLayout:
     def object_name(self, index: int, obj: TaskObject) -> str:
         """The full object name of ``obj`` for task ``index``."""
         return self.task_folder(index) + TaskObject(obj).value
+
+    def output_name(self, index: int, obj: TaskObject, attempt: int) -> str:
+        """The name of attempt ``attempt``'s ``obj`` (STDOUT or STDERR) for task ``index``."""
+        if obj not in _OUTPUTS or isinstance(attempt, bool) or attempt < 0:
+            raise ValueError(f"no output object {obj!r} of attempt {attempt!r}")
+        return f"{self.object_name(index, obj)}.{attempt}"
+
+
+def _task_object(file_name: str) -> TaskObject:
+    """The object a file name in a task folder is (``stdout.2`` is STDOUT); ValueError if none."""
+    name, _, attempt = file_name.rpartition(".")
+    if attempt.isdigit() and name in _OUTPUTS:
+        return TaskObject(name)
+    return TaskObject(file_name)
 
 
 @dataclass(frozen=True)
@@ -268,9 +292,42 @@ class TaskStore:
 
         :returns: ``True`` if this call wrote it, ``False`` if the object already existed
         """
-        with self._errors(f"write {obj.value} of task {ref.index} of job {ref.job_id}"):
+        what = f"write {obj.value} of task {ref.index} of job {ref.job_id}"
+        return self._create(self._blob(ref, obj), data, what)
+
+    def write_output(self, ref: TaskRef, obj: TaskObject, attempt: int, data: bytes) -> bool:
+        """Write attempt ``attempt``'s STDOUT or STDERR of task ``ref``, never replacing one.
+
+        :returns: ``True`` if this call wrote it, ``False`` if it already existed
+        """
+        name = self.layout(ref.job_id).output_name(ref.index, obj, attempt)
+        what = f"write {obj.value} of attempt {attempt} of task {ref.index} of job {ref.job_id}"
+        return self._create(self._bucket.blob(name), data, what)
+
+    def read_output(self, ref: TaskRef, obj: TaskObject) -> bytes | None:
+        """The last attempt's STDOUT or STDERR of task ``ref``, or ``None`` if none wrote it."""
+        stem = self.layout(ref.job_id).object_name(ref.index, obj) + "."
+        with self._errors(f"list the {obj.value} objects of task {ref.index} of {ref.job_id}"):
+            names = [
+                blob.name
+                for blob in self._client.list_blobs(self._bucket, prefix=stem, retry=self._retry)
+                if blob.name[len(stem) :].isdigit()
+            ]
+        if not names:
+            return None
+        last = max(names, key=lambda name: int(name[len(stem) :]))
+        with self._errors(f"read {last}"):
             try:
-                self._blob(ref, obj).upload_from_string(
+                data: bytes = self._bucket.blob(last).download_as_bytes(retry=self._retry)
+            except api_exceptions.NotFound:
+                return None  # deleted meanwhile (the job's clean-up)
+        return data
+
+    def _create(self, blob: storage.Blob, data: bytes, what: str) -> bool:
+        """Create ``blob`` with ``data`` unless it exists (``if_generation_match=0``)."""
+        with self._errors(what):
+            try:
+                blob.upload_from_string(
                     data,
                     content_type="application/octet-stream",
                     if_generation_match=0,
@@ -343,7 +400,7 @@ class TaskStore:
             for blob in self._client.list_blobs(self._bucket, prefix=folder, retry=self._retry):
                 index_text, _, file_name = blob.name[len(tasks_folder) :].partition("/")
                 with contextlib.suppress(ValueError):
-                    found.setdefault(int(index_text), set()).add(TaskObject(file_name))
+                    found.setdefault(int(index_text), set()).add(_task_object(file_name))
         return found
 
     def write_manifest(self, job_id: str, entries: Mapping[int, ManifestEntry]) -> None:

@@ -207,7 +207,7 @@ class Inspector:
         """
         ref = TaskRef(job_id, index)
         stdout, stderr = [
-            await anyio.to_thread.run_sync(self._store.download, ref, obj)
+            await anyio.to_thread.run_sync(self._store.read_output, ref, obj)
             for obj in (TaskObject.STDOUT, TaskObject.STDERR)
         ]
         if stdout is not None or stderr is not None:

@@ -52,6 +52,12 @@ locals {
     "roles/logging.logWriter",   # task stdout/stderr reach Cloud Logging
   ])
 
+  # What a task needs, on the bucket: it creates objects and never replaces one.
+  task_bucket_roles = toset([
+    "roles/storage.objectCreator", # results, errors, each attempt's stdout.N / stderr.N
+    "roles/storage.objectViewer",  # inputs, the lease, cancel markers, the task's folder
+  ])
+
   # What the Covalent server's identity needs, when dispatcher_member is set.
   dispatcher_project_roles = toset([
     "roles/batch.jobsEditor", # create, read and delete the executor's jobs
@@ -121,11 +127,13 @@ resource "google_project_iam_member" "task" {
   member  = local.task_member
 }
 
-# Read inputs, write results and output, and overwrite an earlier attempt's output: the
-# seed plugin's objectCreator + objectViewer cannot replace an object, objectUser can.
+# Read inputs, leases and markers, list a task's folder, and create results and each
+# attempt's output (never replacing an object): no task can delete or overwrite another's.
 resource "google_storage_bucket_iam_member" "task_objects" {
+  for_each = local.task_bucket_roles
+
   bucket = google_storage_bucket.tasks.name
-  role   = "roles/storage.objectUser"
+  role   = each.value
   member = local.task_member
 }
 
