@@ -176,6 +176,53 @@ class TestSyncClient:
             list(client.list_tasks(request=request, metadata=[(MASK[0], "tasks.no_such_field")]))
 
 
+class TestDocumentedBehaviourOverGrpc:
+    """What test_batch_contract checks over REST holds over gRPC: the same state, the same rules."""
+
+    def test_a_machine_type_google_lacks_fails_naming_the_field(
+        self, cloud: LocalCloud, client: batch_v1.BatchServiceClient
+    ) -> None:
+        job = script_job("true")
+        job.allocation_policy = batch_v1.AllocationPolicy(
+            instances=[{"policy": {"machine_type": "n9-standard-4"}}]
+        )
+        created = client.create_job(parent=parent(cloud), job_id=new_id(), job=job)
+        done = ended(client, created.name)
+        assert done.status.state == JobState.FAILED
+        assert "policy.machine_type" in done.status.status_events[-1].description
+
+    @pytest.mark.parametrize(
+        ("field", "value"), [("labels", {"goog-x": "1"}), ("priority", 100)], ids=str
+    )
+    def test_reserved_labels_and_priority_out_of_range_are_invalid(
+        self, cloud: LocalCloud, client: batch_v1.BatchServiceClient, field: str, value: Any
+    ) -> None:
+        job = script_job("true")
+        setattr(job, field, value)
+        with pytest.raises(api_exceptions.InvalidArgument):
+            client.create_job(parent=parent(cloud), job_id=new_id(), job=job)
+
+    def test_list_jobs_filters_orders_and_pages(
+        self, cloud: LocalCloud, client: batch_v1.BatchServiceClient
+    ) -> None:
+        mark = uuid.uuid4().hex[:8]
+        names = []
+        for _ in range(3):
+            job = script_job("true")
+            job.labels = {"mark": mark}
+            names.append(client.create_job(parent=parent(cloud), job_id=new_id(), job=job).name)
+        request = {
+            "parent": parent(cloud),
+            "filter": f'labels.mark="{mark}"',
+            "order_by": "create_time desc",
+            "page_size": 2,
+        }
+        pages = [[job.name for job in page.jobs] for page in client.list_jobs(request).pages]
+        assert pages == [names[:0:-1], names[:1]]
+        with pytest.raises(api_exceptions.InvalidArgument):
+            list(client.list_jobs(request={"parent": parent(cloud), "order_by": "uid"}))
+
+
 class TestErrors:
     """Refusals carry the gRPC code Google gives, and its details."""
 
