@@ -22,20 +22,24 @@ if "covalent" not in sys.modules:
 
     sys.modules.setdefault(__name__, _half_made)  # kept when covalent loaded no plugins
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 from covalent._shared_files.config import get_config
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 
+from covalent_gcpbatch_array._core.coalescer import Member
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, encode_input
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
+from covalent_gcpbatch_array._core.storage import AsyncTaskStore
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 
 # `covalent deploy up gcpbatch_array` looks these two models up on the plugin module.
@@ -175,7 +179,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
                     origin=origin,
                 )
                 uploading = True
-                await service.clients.store(config).upload_input(ref, data)
+                await _upload_unless_withdrawn(service.clients.store(config), ref, data, member)
                 del data
                 member.set_ready()
                 outcome = await member.wait()
@@ -276,6 +280,23 @@ def _name(function: Any) -> str:
     if isinstance(attrs, dict) and attrs.get("name"):
         return str(attrs["name"])
     return str(getattr(function, "__name__", ""))
+
+
+async def _upload_unless_withdrawn(
+    store: AsyncTaskStore, ref: TaskRef, data: bytes, member: Member[ElectronOutcome]
+) -> None:
+    """Upload the input, giving up as soon as the batch withdraws the member (too slow)."""
+    async with anyio.create_task_group() as tg:
+
+        async def upload() -> None:
+            await store.upload_input(ref, data)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(upload)
+        # Before set_ready() the member is settled only by leaving: withdrawn or cancelled.
+        with contextlib.suppress(Exception):  # its error is raised by member.wait() later
+            await member.wait()
+        tg.cancel_scope.cancel()
 
 
 def _origin(task_metadata: Mapping[str, Any], name: str) -> ElectronOrigin:

@@ -21,17 +21,19 @@ import anyio
 import cloudpickle
 import pytest
 from conftest import wait_until
-from covalent._shared_files.exceptions import TaskCancelledError
+from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from electrons import FAST, executor_for
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 from test_inspect_cli import run_json  # a sibling test module (tests/ is on sys.path)
 
+from covalent_gcpbatch_array._core import runtime
 from covalent_gcpbatch_array._core.contract import EXIT_ORPHANED, TaskRef
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi
 from covalent_gcpbatch_array._core.outcome import task_exit_code
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
+from covalent_gcpbatch_array.exceptions import StorageError
 from covalent_gcpbatch_array.local import LocalCloud
 
 pytestmark = pytest.mark.slow
@@ -311,3 +313,40 @@ class TestCancelLeavesNothing:
             f"covalent-gcpbatch-array/{ex.handle['job_id']}/lease",
             f"covalent-gcpbatch-array/{ex.handle['job_id']}/manifest.json",
         ]
+
+
+class TestADoomedUpload:
+    """One input upload that keeps failing does not hold its job-mates (issue 12)."""
+
+    @pytest.fixture
+    def faulty_cloud(self) -> Iterator[LocalCloud]:
+        with LocalCloud(gcs_faults=True) as local_cloud:
+            yield local_cloud
+
+    @pytest.mark.anyio
+    async def test_its_electron_leaves_the_batch_the_rest_run(
+        self, faulty_cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(runtime, "INPUT_SETTLE_SECONDS", 2.0)
+        # Every upload of task 3's input answers 503: the client retries it for 120 s.
+        faulty_cloud.fail_storage("POST", 503, count=10_000, path="tasks/3/input.pkl")
+        outcomes: dict[int, Any] = {}
+
+        async def one(index: int) -> None:
+            ex = executor_for(faulty_cloud, batch_window=1.0, batch_idle_gap=0.0)
+            metadata = {"dispatch_id": "doomed", "node_id": index}
+            try:
+                outcomes[index] = await ex.run(square, [index], {}, metadata)
+            except TaskRuntimeError as exc:
+                outcomes[index] = exc
+
+        async with anyio.create_task_group() as tg:
+            for index in range(4):
+                tg.start_soon(one, index)
+        await ExecutorRuntime.wait_idle()
+        faulty_cloud.clear_storage_faults()
+        assert {index: outcomes[index] for index in range(3)} == {0: 0, 1: 1, 2: 4}
+        error = outcomes[3]
+        assert isinstance(error, TaskRuntimeError)
+        assert isinstance(error.__cause__, StorageError)
+        assert "was not uploaded within 2 s" in str(error.__cause__)

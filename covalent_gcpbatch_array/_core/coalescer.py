@@ -42,6 +42,7 @@ from covalent_gcpbatch_array.exceptions import (
     BatchLaunchError,
     CoalescerClosedError,
     ElectronCancelledError,
+    StorageError,
 )
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -76,9 +77,12 @@ class BatchPolicy:
     window: float  # seconds a batch stays open after its first member joined (inf: no limit)
     idle_gap: float  # flush early once no member joined for this long; 0 disables
     max_size: int  # members per batch (the executor caps it at Batch's 100,000 tasks per job)
+    #: seconds a flushed batch waits for members not ready yet; then they leave it (withdrawn
+    #: with a StorageError) and it launches without them (inf: waits for every one)
+    settle_timeout: float = math.inf
 
     def __post_init__(self) -> None:
-        for name in ("window", "idle_gap"):
+        for name in ("window", "idle_gap", "settle_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:  # `not >=` catches NaN
                 raise ValueError(
@@ -437,6 +441,19 @@ class Batch(Generic[K, T]):
         while self._unready:
             await self._wait_change()
 
+    def _withdraw_unready(self) -> None:
+        """Let the members whose input is still not ready leave: their job-mates go on."""
+        for member in self.members:
+            if member.state is MemberState.JOINED:
+                member.withdraw(
+                    StorageError(
+                        f"the input of task {member.index} of batch {self.batch_id} was not "
+                        f"uploaded within {self.policy.settle_timeout:g} s of the batch's "
+                        "flush: the batch was launched without it (Cloud Storage kept failing "
+                        "or the input is very large); dispatch the electron again"
+                    )
+                )
+
     def _launch_ready_members(self) -> int:
         for member in self.members:
             if member.state is MemberState.READY:
@@ -615,7 +632,9 @@ class Coalescer(Generic[K, T]):
         failure: Callable[[Member[T]], BaseException] = _closed_error
         try:
             await batch._wait_flushed()
-            await batch._wait_settled()
+            with anyio.move_on_after(batch.policy.settle_timeout):
+                await batch._wait_settled()
+            batch._withdraw_unready()
             if batch._launch_ready_members():
                 self._set_phase(batch, BatchPhase.LAUNCHED)
                 try:

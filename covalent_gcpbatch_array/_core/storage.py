@@ -576,9 +576,17 @@ class AsyncTaskStore:
         return self.sync.layout(job_id)
 
     async def upload_input(self, ref: TaskRef, data: bytes) -> None:
-        """Write the input envelope of task ``ref``, on the threads kept for inputs."""
+        """Write the input envelope of task ``ref``, on the threads kept for inputs.
+
+        Cancelled, it returns at once and leaves the upload to end in its thread (its electron
+        gave up on it: see ``BatchPolicy.settle_timeout``).
+        """
         await anyio.to_thread.run_sync(
-            self.sync.upload_input, ref, data, limiter=self._input_limiter
+            self.sync.upload_input,
+            ref,
+            data,
+            limiter=self._input_limiter,
+            abandon_on_cancel=True,
         )
 
     async def download(self, ref: TaskRef, obj: TaskObject) -> bytes | None:
