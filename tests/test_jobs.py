@@ -101,7 +101,7 @@ class TestBuildJob:
     def test_job_shape_settings_reach_the_allocation_policy(self) -> None:
         job = build_job(
             shape(
-                machine_type="n2-standard-4",
+                machine_type="n1-standard-4",
                 provisioning_model="SPOT",
                 accelerator_type="nvidia-tesla-t4",
                 accelerator_count=2,
@@ -120,7 +120,7 @@ class TestBuildJob:
         )
         policy = job.allocation_policy
         (instance,) = policy.instances
-        assert instance.policy.machine_type == "n2-standard-4"
+        assert instance.policy.machine_type == "n1-standard-4"
         assert (
             instance.policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel.SPOT
         )
