@@ -269,12 +269,41 @@ class TestConfiguration:
         with pytest.raises(ValueError, match="jobs_per_minute is the quota over a 60 s window"):
             LocalCloud(jobs_per_minute=1, quota_window_seconds=5)
 
+    def test_every_emulator_knob_is_a_constructor_argument(self) -> None:
+        knobs = {
+            "deletion_delay": 600.0,
+            "cancellation_delay": 0.0,
+            "tasks_hidden_until_provisioned": True,
+        }
+        with LocalCloud(provisioning_delay=600, preload=(), **knobs) as cloud:  # type: ignore[arg-type]
+            assert cloud.settings().items() >= knobs.items()
+            client = cloud.batch_client()
+            cancelled = client.create_job(
+                parent=parent_of(cloud), job=script_job("true", 2), job_id="hidden-tasks"
+            )
+            group = f"{cancelled.name}/taskGroups/group0"
+            assert list(client.list_tasks(parent=group)) == []  # not provisioned yet
+            client.cancel_job(name=cancelled.name)
+            assert wait_until(
+                lambda: client.get_job(name=cancelled.name).status.state
+                == batch_v1.JobStatus.State.CANCELLED
+            )
+            deleted = client.create_job(
+                parent=parent_of(cloud), job=script_job("true", 1), job_id="slow-delete"
+            )
+            operation = client.delete_job(name=deleted.name)
+            assert not operation.done()
+            state = client.get_job(name=deleted.name).status.state
+            assert state == batch_v1.JobStatus.State.DELETION_IN_PROGRESS
+
     def test_bucket_exists(self, local_cloud: LocalCloud) -> None:
         client = local_cloud.storage_client()
         assert client.get_bucket(local_cloud.bucket_name).name == "covalent-local"
         assert local_cloud.environment() == {"STORAGE_EMULATOR_HOST": local_cloud.storage_endpoint}
 
-    def test_importing_the_package_does_not_import_covalent(self) -> None:
+    def test_importing_the_package_imports_neither_covalent_nor_google(self) -> None:
+        # The package docstring's promise: LocalCloud's import is cheap (covalent and the Google
+        # libraries, google-auth included, take seconds); they load when a client is made.
         code = (
             "import sys, covalent_gcpbatch_array.local; "
             "import json; print(json.dumps(sorted("

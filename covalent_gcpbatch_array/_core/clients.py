@@ -6,8 +6,10 @@ local cloud) and gets anonymous credentials, since no Google credential may trav
 HTTP. Every client of the package (executor, runner, CLI, local cloud, benchmarks, tests) is
 made here.
 
-The Google libraries are imported when a client is made: google-cloud-batch alone takes about
-a second to import, which a CLI command that needs no Batch client should not pay.
+The Google libraries (google-auth too) are imported when a client is made: google-cloud-batch
+alone takes about a second to import, google.auth.credentials about a second on a busy machine,
+which a CLI command or ``import covalent_gcpbatch_array.local`` that makes no client should not
+pay.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-import google.auth.exceptions
-from google.auth.credentials import AnonymousCredentials, Credentials
-
 from covalent_gcpbatch_array.exceptions import CloudApiError, StorageError
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage
+    from google.auth.credentials import Credentials
     from google.cloud import batch_v1, logging_v2
 
 __all__ = ["credentials_for", "make_batch_client", "make_logging_client", "make_storage_client"]
@@ -32,6 +32,8 @@ def credentials_for(endpoint: str) -> Credentials | None:
 
     ``None`` lets the client find Application Default Credentials as usual.
     """
+    from google.auth.credentials import AnonymousCredentials
+
     return AnonymousCredentials() if endpoint.startswith("http://") else None
 
 
@@ -64,6 +66,7 @@ def make_storage_client(project_id: str | None, endpoint: str = "") -> storage.C
     :param endpoint: ``""`` for Google (or ``STORAGE_EMULATOR_HOST``), else a base URL
     :raises StorageError: no Google credentials could be found
     """
+    import google.auth.exceptions
     import google.cloud.storage as storage
 
     # google-cloud-storage 3.x would GET each bucket's metadata from a background thread of
@@ -88,6 +91,7 @@ def make_logging_client(project_id: str, endpoint: str = "") -> logging_v2.Clien
 
     :raises CloudApiError: no Google credentials could be found
     """
+    import google.auth.exceptions
     from google.cloud import logging_v2
 
     options = _endpoint_options(endpoint)
