@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,6 +109,12 @@ class TestParser:
         assert defaults.preload is None
         assert (defaults.covalent_config, defaults.keep_config) == (None, False)
         assert defaults.no_covalent_config is False
+        # The emulator's other knobs reach LocalCloud only when given (its defaults otherwise).
+        assert not {"deletion_delay", "tasks_hidden_until_provisioned"} & set(vars(defaults))
+        knobs = build_parser().parse_args(
+            ["local", "up", "--cancellation-delay", "0", "--generic-task-logs"]
+        )
+        assert (knobs.cancellation_delay, knobs.log_resource_type) == (0.0, "generic_task")
 
     @pytest.mark.parametrize(
         ("argv", "message"),
@@ -161,6 +169,10 @@ class TestLocalUp:
         batch, storage = settings["batch_api_endpoint"], settings["storage_api_endpoint"]
         assert f"export STORAGE_EMULATOR_HOST={storage}" in text
         assert batch in text
+        grpc_endpoint = re.search(r"Batch over gRPC +(\S+)", text)
+        assert grpc_endpoint is not None, text
+        host, port = grpc_endpoint[1].rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()  # it listens
         with urllib.request.urlopen(f"{batch}/_emulator/settings", timeout=5) as response:
             assert json.load(response)["max_running_tasks"] == 3
         assert answers(f"{storage}/storage/v1/b/covalent-local")
@@ -192,14 +204,19 @@ class TestLocalUp:
         process = start_cli(
             "local", "up", "--json", "--provisioning-delay", "0.5", "--preload", "",
             "--covalent-config", str(config_file), "--keep-config",
+            "--deletion-delay", "0", "--tasks-hidden-until-provisioned",
         )  # fmt: skip
         ready = json.loads(read_until(process, "\n"))
         assert ready["covalent_config"] == str(config_file)
         assert ready["executor_config"]["batch_api_endpoint"] == ready["batch_endpoint"]
         assert ready["environment"] == {"STORAGE_EMULATOR_HOST": ready["storage_endpoint"]}
+        assert ready["batch_grpc_endpoint"].startswith("127.0.0.1:")
         url = f"{ready['batch_endpoint']}/_emulator/settings"
         with urllib.request.urlopen(url, timeout=5) as response:
-            assert json.load(response)["provisioning_delay"] == 0.5
+            settings = json.load(response)
+        assert settings["provisioning_delay"] == 0.5
+        assert (settings["deletion_delay"], settings["cancellation_delay"]) == (0, 2)
+        assert settings["tasks_hidden_until_provisioned"] is True
         servers = children_of(process.pid)
 
         process.send_signal(signal.SIGINT)

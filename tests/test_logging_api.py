@@ -14,13 +14,13 @@ from google.cloud import batch_v1, logging_v2
 
 from covalent_gcpbatch_array._core.clients import make_logging_client
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.logging.api import (
+from covalent_gcpbatch_array.local.logging.api import TaskLogIndex
+from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
+from covalent_gcpbatch_array.local.logging.resources import (
     GENERIC_TASK,
     JOB_RESOURCE,
-    TaskLogIndex,
     monitored_resource,
 )
-from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
 from tests.conftest import wait_until
 
 FINAL = ("SUCCEEDED", "FAILED")
@@ -240,6 +240,19 @@ class TestEntriesList:
         assert [e.payload for e in logging_client.list_entries(filter_=query)] == ["found"]
         older = f'resource.type=generic_task AND labels.job_uid="{job.uid}"'
         assert list(logging_client.list_entries(filter_=older)) == []
+
+    def test_a_cloud_logging_on_the_older_generic_task_resource(self) -> None:
+        with LocalCloud(log_resource_type=GENERIC_TASK, preload=()) as cloud:
+            job = _run_job(cloud, cloud.batch_client(), "echo older", tasks=1)
+            client = make_logging_client(cloud.project_id, cloud.batch_endpoint)
+            query = f'resource.type=generic_task AND resource.labels.job="{job.uid}"'
+            entries: list[Any] = list(client.list_entries(filter_=query))
+        assert [e.payload for e in entries] == ["older"]
+        assert entries[0].resource.labels["task_id"] == f"task/{job.uid}-group0-0/0/0"
+
+    def test_an_unknown_log_resource_type_is_refused_by_local_cloud(self) -> None:
+        with pytest.raises(ValueError, match="generic_task"):
+            LocalCloud(log_resource_type="gce_instance")
 
     def test_every_attempt_of_a_retried_task_is_logged(
         self,

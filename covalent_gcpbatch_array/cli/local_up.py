@@ -43,6 +43,7 @@ def describe(cloud: LocalCloud) -> str:
     """What a user needs to point clients and the executor at a running local cloud."""
     rows = [
         ("Google Batch API", f'{cloud.batch_endpoint}   (client_options={{"api_endpoint": ...}})'),
+        ("Batch over gRPC", f"{cloud.batch_grpc_endpoint}   (grpc.insecure_channel(...))"),
         ("Cloud Storage", f"{cloud.storage_endpoint}   (STORAGE_EMULATOR_HOST)"),
         ("project", cloud.project_id),
         ("region", cloud.region),
@@ -84,6 +85,7 @@ def serve(
         if json_output:
             ready = {
                 "batch_endpoint": cloud.batch_endpoint,
+                "batch_grpc_endpoint": cloud.batch_grpc_endpoint,
                 "storage_endpoint": cloud.storage_endpoint,
                 "executor_config": cloud.executor_config(),
                 "environment": cloud.environment(),

@@ -26,6 +26,13 @@ __all__ = ["build_parser", "main"]
 #: Commands that run the local cloud: they need the package's [local] extra.
 _LOCAL_COMMANDS = frozenset({"local", "demo"})
 _LOCAL_EXTRA = re.compile(r"""extra\s*==\s*["']local["']""")
+#: LocalCloud's knobs that `local up` passes on only when given.
+_LOCAL_UP_KNOBS = (
+    "deletion_delay",
+    "cancellation_delay",
+    "tasks_hidden_until_provisioned",
+    "log_resource_type",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +150,36 @@ def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         help="job-creation quota; over it CreateJob answers 429 (default: none)",
     )
+    # Given only when set: LocalCloud's defaults are the ones in force otherwise.
+    up.add_argument(
+        "--deletion-delay",
+        type=_non_negative_float,
+        default=argparse.SUPPRESS,
+        metavar="S",
+        help="seconds a deleted job stays DELETION_IN_PROGRESS (default: 2)",
+    )
+    up.add_argument(
+        "--cancellation-delay",
+        type=_non_negative_float,
+        default=argparse.SUPPRESS,
+        metavar="S",
+        help="seconds a cancelled job stays CANCELLATION_IN_PROGRESS (default: 2)",
+    )
+    up.add_argument(
+        "--tasks-hidden-until-provisioned",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="a new job lists no tasks until its provisioning delay is over, as Google's may",
+    )
+    up.add_argument(
+        "--generic-task-logs",
+        action="store_const",
+        const="generic_task",
+        dest="log_resource_type",
+        default=argparse.SUPPRESS,
+        help="task log entries on the older generic_task resource "
+        "(default: batch.googleapis.com/Job)",
+    )
     up.add_argument(
         "--batch-port", type=_port, default=0, help="Batch API port (default: a free one)"
     )
@@ -193,6 +230,7 @@ def _local_up(args: argparse.Namespace) -> int:
         provisioning_delay=args.provisioning_delay,
         max_running_tasks=args.max_running_tasks,
         jobs_per_minute=args.jobs_per_minute,
+        **{knob: getattr(args, knob) for knob in _LOCAL_UP_KNOBS if hasattr(args, knob)},
         batch_port=args.batch_port,
         storage_port=args.storage_port or None,
         workdir=args.workdir,

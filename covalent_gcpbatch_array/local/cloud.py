@@ -47,8 +47,12 @@ import anyio.to_thread
 
 from covalent_gcpbatch_array._core.clients import make_batch_client, make_storage_client
 from covalent_gcpbatch_array.exceptions import LocalCloudError
-from covalent_gcpbatch_array.local.batch.faults import DEFAULT_QUOTA_WINDOW_SECONDS
+from covalent_gcpbatch_array.local.batch.faults import (
+    DEFAULT_OPERATION_DELAY,
+    DEFAULT_QUOTA_WINDOW_SECONDS,
+)
 from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
+from covalent_gcpbatch_array.local.logging.resources import JOB_RESOURCE, RESOURCE_TYPES
 from covalent_gcpbatch_array.local.process import (
     Spawner,
     read_ready_line,
@@ -116,8 +120,15 @@ class LocalCloud:
     :param jobs_per_window: job-creation quota per ``quota_window_seconds`` (``None``: none)
     :param quota_window_seconds: the quota's sliding window; shorter than Google's minute lets
         a test meet the quota and see it pass in seconds
+    :param deletion_delay: seconds a deleted job stays DELETION_IN_PROGRESS (its operation
+        not done) after its tasks are stopped
+    :param cancellation_delay: seconds a cancelled job stays CANCELLATION_IN_PROGRESS
+    :param tasks_hidden_until_provisioned: a new job lists no tasks (GetTask: 404) until its
+        provisioning delay is over, as Google's may
+    :param log_resource_type: the monitored resource of the task log entries Cloud Logging
+        answers: ``"batch.googleapis.com/Job"``, or the older ``"generic_task"``
     :raises ValueError: ``jobs_per_minute`` given with ``jobs_per_window`` or a window other
-        than 60 s; ``gcs_faults`` without ``gcs_proxy``
+        than 60 s; ``gcs_faults`` without ``gcs_proxy``; an unknown ``log_resource_type``
     """
 
     def __init__(
@@ -141,9 +152,17 @@ class LocalCloud:
         jobs_per_window: int | None = None,
         quota_window_seconds: float = DEFAULT_QUOTA_WINDOW_SECONDS,
         gcs_proxy: bool = True,
+        deletion_delay: float = DEFAULT_OPERATION_DELAY,
+        cancellation_delay: float = DEFAULT_OPERATION_DELAY,
+        tasks_hidden_until_provisioned: bool = False,
+        log_resource_type: str = JOB_RESOURCE,
     ) -> None:
         if gcs_faults and not gcs_proxy:
             raise ValueError("gcs_faults needs the proxy: leave gcs_proxy=True")
+        if log_resource_type not in RESOURCE_TYPES:
+            raise ValueError(
+                f"log_resource_type must be one of {RESOURCE_TYPES}, got {log_resource_type!r}"
+            )
         if jobs_per_minute is not None and (
             jobs_per_window is not None or quota_window_seconds != DEFAULT_QUOTA_WINDOW_SECONDS
         ):
@@ -157,6 +176,10 @@ class LocalCloud:
         # the job-creation quota as started: creates allowed per window, and the window
         self.jobs_per_window = jobs_per_minute if jobs_per_minute is not None else jobs_per_window
         self.quota_window_seconds = quota_window_seconds
+        self.deletion_delay = deletion_delay  # as started, like the delays below
+        self.cancellation_delay = cancellation_delay
+        self.tasks_hidden_until_provisioned = tasks_hidden_until_provisioned
+        self.log_resource_type = log_resource_type
         self.project_id = project_id
         self.region = region
         self.bucket_name = bucket_name
@@ -273,8 +296,13 @@ class LocalCloud:
             *("--host", self.host, "--port", str(self.batch_port)),
             *("--storage-endpoint", storage_endpoint),
             *("--provisioning-delay", repr(float(self.provisioning_delay))),
+            *("--deletion-delay", repr(float(self.deletion_delay))),
+            *("--cancellation-delay", repr(float(self.cancellation_delay))),
+            *("--log-resource-type", self.log_resource_type),
             *("--workdir", str(workdir)),
         ]
+        if self.tasks_hidden_until_provisioned:
+            argv.append("--tasks-hidden-until-provisioned")
         if self.max_running_tasks is not None:
             argv += ["--max-running-tasks", str(self.max_running_tasks)]
         if self.jobs_per_window is not None:
@@ -580,12 +608,7 @@ class LocalCloud:
     ) -> dict[str, Any]:
         """Change the realism knobs while running; only the ones given change.
 
-        ``deletion_delay`` / ``cancellation_delay``: seconds a deleted / cancelled job stays
-        DELETION_IN_PROGRESS / CANCELLATION_IN_PROGRESS (its operation not done) after its
-        tasks are stopped (default 2). ``tasks_hidden_until_provisioned``: a new job lists no
-        tasks until its provisioning delay is over, as Google's may.
-
-        The job-creation quota is ``jobs_per_window`` creates in any ``quota_window_seconds``;
+        The knobs are the constructor's of the same names. The job-creation quota is ``jobs_per_window`` creates in any ``quota_window_seconds``;
         ``jobs_per_minute`` sets both (the window to 60 s) and goes alone.
 
         :returns: the settings now in force

@@ -9,7 +9,8 @@ Three small pieces of state, all driven from the emulator's admin endpoints:
   per-minute quota, unless a test shortens it).
 
 None of them does I/O or knows about HTTP beyond :class:`ApiError`; the scheduler and the HTTP
-layer ask them what to do.
+layer ask them what to do. The module is light, so ``LocalCloud`` takes the knobs' defaults from
+it without loading the emulator.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from covalent_gcpbatch_array.local.api_errors import STATUS_NAMES, ApiError
 
 __all__ = [
+    "DEFAULT_OPERATION_DELAY",
     "DEFAULT_QUOTA_WINDOW_SECONDS",
     "RPC_METHODS",
     "CallFaults",
@@ -45,6 +47,8 @@ RPC_METHODS = (
 
 #: Google's job-creation quota counts creates per minute.
 DEFAULT_QUOTA_WINDOW_SECONDS = 60.0
+#: Seconds a deleted (cancelled) job stays DELETION_IN_PROGRESS (CANCELLATION_IN_PROGRESS).
+DEFAULT_OPERATION_DELAY = 2.0
 
 
 class CallFaults:

@@ -40,6 +40,7 @@ from covalent_gcpbatch_array.local.batch.attempt import (
     vm_environment,
 )
 from covalent_gcpbatch_array.local.batch.faults import (
+    DEFAULT_OPERATION_DELAY,
     DEFAULT_QUOTA_WINDOW_SECONDS,
     RPC_METHODS,
     CallFaults,
@@ -105,8 +106,9 @@ class EmulatorSettings:
 
     provisioning_delay: float = 0.0  # seconds from a job's creation to its first task start
     max_running_tasks: int | None = None  # cap on attempts running at once, across all jobs
-    deletion_delay: float = 2.0  # seconds a deleted job stays DELETION_IN_PROGRESS
-    cancellation_delay: float = 2.0  # seconds a cancelled job stays CANCELLATION_IN_PROGRESS
+    # seconds a deleted / cancelled job stays DELETION_ / CANCELLATION_IN_PROGRESS
+    deletion_delay: float = DEFAULT_OPERATION_DELAY
+    cancellation_delay: float = DEFAULT_OPERATION_DELAY
     # ListTasks lists no task (GetTask: 404) until the job is provisioned, as Google may
     tasks_hidden_until_provisioned: bool = False
 

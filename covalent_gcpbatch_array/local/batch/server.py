@@ -6,7 +6,8 @@ Process contract (LocalCloud and the CLI rely on it)::
         --storage-endpoint http://127.0.0.1:G [--provisioning-delay S] \\
         [--max-running-tasks N] [--jobs-per-minute N] [--image-map JSON] [--workdir DIR]
         [--preload MODULE,MODULE] [--jobs-per-window N] [--quota-window-seconds S]
-        [--grpc-port P]
+        [--grpc-port P] [--deletion-delay S] [--cancellation-delay S]
+        [--tasks-hidden-until-provisioned] [--log-resource-type TYPE]
 
 ``--jobs-per-minute N`` is ``--jobs-per-window N --quota-window-seconds 60``.
 
@@ -47,6 +48,7 @@ from covalent_gcpbatch_array.local.batch.launcher import DEFAULT_PRELOAD, TaskLa
 from covalent_gcpbatch_array.local.batch.rpcs import BatchRpcs
 from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler, EmulatorSettings
 from covalent_gcpbatch_array.local.logging.api import TaskLogIndex
+from covalent_gcpbatch_array.local.logging.resources import JOB_RESOURCE, RESOURCE_TYPES
 from covalent_gcpbatch_array.local.process import set_parent_death_signal
 
 __all__ = ["main"]
@@ -129,6 +131,32 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--provisioning-delay", type=_non_negative_float, default=0.0)
     parser.add_argument("--max-running-tasks", type=_positive_int, default=None)
+    defaults = EmulatorSettings()
+    parser.add_argument(
+        "--deletion-delay",
+        type=_non_negative_float,
+        default=defaults.deletion_delay,
+        help="seconds a deleted job stays DELETION_IN_PROGRESS "
+        f"(default: {defaults.deletion_delay:g})",
+    )
+    parser.add_argument(
+        "--cancellation-delay",
+        type=_non_negative_float,
+        default=defaults.cancellation_delay,
+        help="seconds a cancelled job stays CANCELLATION_IN_PROGRESS "
+        f"(default: {defaults.cancellation_delay:g})",
+    )
+    parser.add_argument(
+        "--tasks-hidden-until-provisioned",
+        action="store_true",
+        help="a new job lists no tasks until its provisioning delay is over, as Google's may",
+    )
+    parser.add_argument(
+        "--log-resource-type",
+        choices=RESOURCE_TYPES,
+        default=JOB_RESOURCE,
+        help=f"the monitored resource of task log entries (default: {JOB_RESOURCE})",
+    )
     quota = parser.add_mutually_exclusive_group()
     quota.add_argument("--jobs-per-minute", type=_positive_int, default=None)
     quota.add_argument("--jobs-per-window", type=_positive_int, default=None)
@@ -177,11 +205,14 @@ async def _serve(options: argparse.Namespace, sock: socket.socket, workdir: Path
                 settings=EmulatorSettings(
                     provisioning_delay=options.provisioning_delay,
                     max_running_tasks=options.max_running_tasks,
+                    deletion_delay=options.deletion_delay,
+                    cancellation_delay=options.cancellation_delay,
+                    tasks_hidden_until_provisioned=options.tasks_hidden_until_provisioned,
                 ),
                 jobs_per_window=options.jobs_per_window,
                 quota_window_seconds=options.quota_window_seconds,
             )
-            rpcs = BatchRpcs(scheduler, TaskLogIndex())
+            rpcs = BatchRpcs(scheduler, TaskLogIndex(options.log_resource_type))
             config = uvicorn.Config(
                 create_app(rpcs),
                 log_config=None,

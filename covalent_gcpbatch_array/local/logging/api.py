@@ -20,7 +20,8 @@ the CLI and Nextflow's Google Batch executor filter on, plus the job's own label
      "timestamp": ..., "receiveTimestamp": ..., "insertId": ...}
 
 Jobs that Batch logged before it moved to the ``batch.googleapis.com/Job`` resource carry the
-older ``generic_task`` resource instead (``TaskLogIndex(resource_type=GENERIC_TASK)``), whose
+older ``generic_task`` resource instead (``TaskLogIndex(resource_type=GENERIC_TASK)``, the server's
+``--log-resource-type generic_task``, ``LocalCloud(log_resource_type="generic_task")``), whose
 labels are ``project_id``, ``location``, ``namespace``, ``job`` (the uid) and ``task_id``
 (``task/<uid>-group0-<index>/0/0``).
 
@@ -54,22 +55,16 @@ from starlette.routing import Route
 from covalent_gcpbatch_array.local.api_errors import ApiError
 from covalent_gcpbatch_array.local.batch.state import JobRecord, rfc3339
 from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
+from covalent_gcpbatch_array.local.logging.resources import (
+    JOB_RESOURCE,
+    RESOURCE_TYPES,
+    monitored_resource,
+)
 
-__all__ = [
-    "BATCH_TASK_LOG",
-    "GENERIC_TASK",
-    "JOB_RESOURCE",
-    "REQUEST_FIELDS",
-    "TaskLogIndex",
-    "logging_routes",
-    "monitored_resource",
-]
+__all__ = ["BATCH_TASK_LOG", "REQUEST_FIELDS", "TaskLogIndex", "logging_routes"]
 
 #: The log Batch writes task output to (``projects/{project}/logs/{BATCH_TASK_LOG}``).
 BATCH_TASK_LOG = "batch_task_logs"
-#: The monitored resource type of Batch's task logs, and the one it used before.
-JOB_RESOURCE = "batch.googleapis.com/Job"
-GENERIC_TASK = "generic_task"
 DEFAULT_PAGE_SIZE = 50  # Cloud Logging's documented default
 MAX_PAGE_SIZE = 1000  # and its maximum
 _STREAM_SEVERITY = {"stdout": "INFO", "stderr": "ERROR"}
@@ -91,7 +86,7 @@ class _LoggedJob:
     uid: str  # Batch's unique id of this job (ids may be reused after a delete)
     labels: Mapping[str, str]  # the job's labels, which Batch copies onto its log entries
     output_dir: Path  # the folder the emulator keeps this job's attempt outputs in
-    resource_type: str  # JOB_RESOURCE or GENERIC_TASK
+    resource_type: str  # one of RESOURCE_TYPES
 
 
 class TaskLogIndex:
@@ -105,8 +100,10 @@ class TaskLogIndex:
     """
 
     def __init__(self, resource_type: str = JOB_RESOURCE) -> None:
-        if resource_type not in (JOB_RESOURCE, GENERIC_TASK):
-            raise ValueError(f"resource_type must be {JOB_RESOURCE!r} or {GENERIC_TASK!r}")
+        if resource_type not in RESOURCE_TYPES:
+            raise ValueError(
+                f"resource_type must be one of {RESOURCE_TYPES}, got {resource_type!r}"
+            )
         self._resource_type = resource_type
         self._jobs: dict[str, _LoggedJob] = {}  # by uid, in creation order
         # Each output file's entries, with the (mtime, size) they were read at: a query, and
@@ -221,23 +218,6 @@ def _line_entries(
             # Unique and stable across calls, so page tokens stay valid as files grow.
             "insertId": f"{task_id}/{attempt}/{file_name}/{number:09d}",
         }
-
-
-def monitored_resource(
-    resource_type: str, project: str, location: str, job_uid: str, task_id: str
-) -> dict[str, Any]:
-    """The ``resource`` of a task log entry, with the labels its type has."""
-    if resource_type == GENERIC_TASK:
-        labels = {
-            "project_id": project,
-            "location": location,
-            "namespace": "",
-            "job": job_uid,
-            "task_id": f"task/{task_id}/0/0",
-        }
-    else:
-        labels = {"resource_container": project, "location": location, "job_id": job_uid}
-    return {"type": resource_type, "labels": labels}
 
 
 def logging_routes(index: TaskLogIndex) -> list[Route]:
