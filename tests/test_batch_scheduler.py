@@ -291,7 +291,7 @@ class TestCancellation:
             assert launcher.nothing_started()
             with pytest.raises(ApiError) as ended:
                 scheduler.cancel_job(job.name)
-            assert ended.value.code == 400
+            assert (ended.value.code, ended.value.status) == (400, "FAILED_PRECONDITION")
             tg.cancel_scope.cancel()
 
 

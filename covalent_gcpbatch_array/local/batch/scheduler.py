@@ -395,10 +395,8 @@ class BatchScheduler:
         if job.state is JobState.CANCELLATION_IN_PROGRESS:
             return self._operations[job.operation]
         if job.state in FINAL_JOB_STATES or job.state is JobState.DELETION_IN_PROGRESS:
-            raise ApiError(
-                400,
-                f"Job {name} is {job.state.value}: only a job that has not ended can be cancelled",
-                reason="FAILED_PRECONDITION",
+            raise ApiError.failed_precondition(
+                f"Job {name} is {job.state.value}: only a job that has not ended can be cancelled"
             )
         self._stop_tasks(job, "cancelled")
         job.set_state(JobState.CANCELLATION_IN_PROGRESS)
