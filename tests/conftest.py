@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +10,7 @@ import pytest
 
 from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.local import LocalCloud
+from tests.polling import wait_until
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage
@@ -74,19 +74,7 @@ def process_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02
-) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(interval)
-    return True
-
-
 @pytest.fixture(scope="session")
 def wait_process_gone() -> Callable[[int], bool]:
-    """A function that waits (up to 30 s) for a pid to disappear and says whether it did."""
-    return lambda pid: wait_until(lambda: process_gone(pid))
+    """A function that waits (up to 30 s) for a pid to disappear (True; else the test fails)."""
+    return lambda pid: wait_until(lambda: process_gone(pid), what=f"process {pid} to end")

@@ -11,13 +11,12 @@ taskEnvironments, requireHostsFile) are each driven through ``batch_v1.BatchServ
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import googleapiclient
 import pytest
@@ -25,9 +24,9 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_array.local import LocalCloud
+from tests.polling import job_reached
 
 JobState = batch_v1.JobStatus.State
-T = TypeVar("T")
 _DISCOVERY = Path(googleapiclient.__file__).parent / "discovery_cache/documents/batch.v1.json"
 # The methods the emulator serves, by the discovery document's ids.
 SERVED = {
@@ -57,17 +56,6 @@ def methods(resources: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from methods(resource.get("resources", {}))
 
 
-def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[LocalCloud]:
     with LocalCloud(preload=()) as running:
@@ -92,16 +80,6 @@ def script_job(text: str, **group: Any) -> batch_v1.Job:
 def create(client: batch_v1.BatchServiceClient, cloud: LocalCloud, job: Any) -> batch_v1.Job:
     job_id = f"c-{uuid.uuid4().hex[:12]}"
     return client.create_job(parent=parent(cloud), job=job, job_id=job_id)
-
-
-def ended(client: batch_v1.BatchServiceClient, name: str) -> batch_v1.Job:
-    final = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-    def check() -> batch_v1.Job | None:
-        job = client.get_job(name=name)
-        return job if job.status.state in final else None
-
-    return wait_until(check, f"{name} to end")
 
 
 def http(cloud: LocalCloud, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -176,7 +154,7 @@ class TestDiscoveryContract:
         job = script_job("true")
         job.uid = "mine"
         job.status.state = JobState.FAILED
-        done = ended(client, create(client, cloud, job).name)
+        done = job_reached(client, create(client, cloud, job).name)
         assert done.uid != "mine" and done.status.state == JobState.SUCCEEDED
         # Every field the client (and the executor) reads comes back.
         assert done.name and done.create_time and done.update_time and done.status.status_events
@@ -210,7 +188,7 @@ class TestAllocationPolicy:
         job = script_job("true")
         job.allocation_policy = batch_v1.AllocationPolicy(instances=[{"policy": policy}])
         created = create(client, cloud, job)  # accepted, as Google accepts it
-        done = ended(client, created.name)
+        done = job_reached(client, created.name)
         assert done.status.state == JobState.FAILED
         assert field in done.status.status_events[-1].description
 
@@ -221,11 +199,13 @@ class TestAllocationPolicy:
         job.allocation_policy.location.allowed_locations = ["zones/us-central1-a"]
         assert (
             "allowed_locations"
-            in ended(client, create(client, cloud, job).name).status.status_events[-1].description
+            in job_reached(client, create(client, cloud, job).name)
+            .status.status_events[-1]
+            .description
         )
         job = script_job("true")
         job.allocation_policy.instances = [{"instance_template": "my-template"}]
-        done = ended(client, create(client, cloud, job).name)
+        done = job_reached(client, create(client, cloud, job).name)
         assert "instance_template" in done.status.status_events[-1].description
 
     def test_a_real_shape_runs(
@@ -240,14 +220,16 @@ class TestAllocationPolicy:
                 }
             }
         ]
-        assert ended(client, create(client, cloud, job).name).status.state == JobState.SUCCEEDED
+        assert (
+            job_reached(client, create(client, cloud, job).name).status.state == JobState.SUCCEEDED
+        )
 
     def test_a_feature_the_local_cloud_lacks_fails_loudly(
         self, client: batch_v1.BatchServiceClient, cloud: LocalCloud
     ) -> None:
         job = script_job("true")
         job.task_groups[0].task_spec.volumes = [{"gcs": {"remote_path": "b"}, "mount_path": "/m"}]
-        done = ended(client, create(client, cloud, job).name)
+        done = job_reached(client, create(client, cloud, job).name)
         assert done.status.state == JobState.FAILED
         assert "not supported by the local cloud" in done.status.status_events[-1].description
 
@@ -257,14 +239,16 @@ class TestScripts:
         self, client: batch_v1.BatchServiceClient, cloud: LocalCloud
     ) -> None:
         job = script_job("#!/usr/bin/env python3\nimport sys\nsys.exit(0 if sys.version else 1)\n")
-        assert ended(client, create(client, cloud, job).name).status.state == JobState.SUCCEEDED
+        assert (
+            job_reached(client, create(client, cloud, job).name).status.state == JobState.SUCCEEDED
+        )
 
     def test_without_one_the_text_runs_under_bin_sh(
         self, client: batch_v1.BatchServiceClient, cloud: LocalCloud
     ) -> None:
         # [[ ]] is bash: under dash (Debian's /bin/sh) it is "not found", exit 127.
         job = script_job('[[ -n "$HOME" ]]')
-        assert ended(client, create(client, cloud, job).name).status.state == JobState.FAILED
+        assert job_reached(client, create(client, cloud, job).name).status.state == JobState.FAILED
 
 
 class TestDeleteAndCancel:
@@ -382,7 +366,7 @@ class TestTaskGroup:
         job.task_groups[0].task_count = 7  # ignored: the environments give the count
         job.task_groups[0].require_hosts_file = True
         job.task_groups[0].task_environments = [{"variables": {"WORD": f"w{k}"}} for k in range(3)]
-        done = ended(client, create(client, cloud, job).name)
+        done = job_reached(client, create(client, cloud, job).name)
         assert done.status.state == JobState.SUCCEEDED
         assert done.task_groups[0].task_count == 3
 
@@ -395,7 +379,7 @@ class TestTaskGroup:
             assert list(client.list_tasks(parent=created.task_groups[0].name)) == []
             with pytest.raises(api_exceptions.NotFound):
                 client.get_task(name=created.task_groups[0].name + "/tasks/0")
-            assert ended(client, created.name).status.state == JobState.SUCCEEDED
+            assert job_reached(client, created.name).status.state == JobState.SUCCEEDED
             assert len(list(client.list_tasks(parent=created.task_groups[0].name))) == 1
         finally:
             cloud.configure(tasks_hidden_until_provisioned=False, provisioning_delay=0.0)

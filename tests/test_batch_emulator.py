@@ -14,14 +14,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from google.api_core import exceptions as api_exceptions
@@ -30,13 +29,13 @@ from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from covalent_gcpbatch_array._core.clients import make_batch_client
+from tests.polling import job_reached, wait_until
 
 PARENT = "projects/test-project/locations/us-east1"
 STORAGE_ENDPOINT = "http://127.0.0.1:9"  # never contacted: no test script uses GCS
 IMAGE_MAP = {"test/shell:*": ["bash", "-c"]}
 JobState = batch_v1.JobStatus.State
 TaskState = batch_v1.TaskStatus.State
-T = TypeVar("T")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -133,37 +132,6 @@ def run_emulator(
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
-
-
-def wait_until(predicate: Callable[[], T | None], *, timeout: float = 30.0, what: str = "") -> T:
-    """Poll ``predicate`` until it returns something truthy (a deadline, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.02)
-
-
-def job_in_state(
-    client: batch_v1.BatchServiceClient, name: str, states: set[int]
-) -> Callable[[], batch_v1.Job | None]:
-    """A predicate for :func:`wait_until`: the job, once its state is one of ``states``."""
-
-    def check() -> batch_v1.Job | None:
-        job = client.get_job(name=name)
-        return job if job.status.state in states else None
-
-    return check
-
-
-def wait_done(
-    client: batch_v1.BatchServiceClient, name: str, timeout: float = 30.0
-) -> batch_v1.Job:
-    final = {JobState.SUCCEEDED, JobState.FAILED}
-    return wait_until(job_in_state(client, name, final), timeout=timeout, what=f"{name} to end")
 
 
 def new_id(prefix: str) -> str:
@@ -281,7 +249,7 @@ class TestJobLifecycle:
         created = client.create_job(parent=PARENT, job=job, job_id=job_id)
         assert created.name == f"{PARENT}/jobs/{job_id}"
         assert created.status.state == JobState.QUEUED
-        done = wait_done(client, created.name)
+        done = job_reached(client, created.name)
 
         assert done.status.state == JobState.SUCCEEDED
         assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "3", "4"]
@@ -329,7 +297,7 @@ class TestJobLifecycle:
         runnable.environment = batch_v1.Environment(
             variables={"B": "runnable", "BATCH_TASK_INDEX": "99"}
         )
-        done = wait_done(client, create(client, job, "env").name)
+        done = job_reached(client, create(client, job, "env").name)
 
         assert done.status.state == JobState.SUCCEEDED
         env = dict(
@@ -358,7 +326,7 @@ class TestJobLifecycle:
         runnables = job.task_groups[0].task_spec.runnables
         runnables[0].ignore_exit_status = True
         runnables[4].always_run = True
-        done = wait_done(client, create(client, job, "order").name)
+        done = job_reached(client, create(client, job, "order").name)
 
         assert done.status.state == JobState.FAILED
         assert (tmp_path / "log").read_text() == "first\nsecond\nthird\nalways\n"
@@ -382,7 +350,7 @@ class TestJobLifecycle:
                 )
             )
         ]
-        done = wait_done(client, create(client, job, "container").name)
+        done = job_reached(client, create(client, job, "container").name)
 
         assert done.status.state == JobState.SUCCEEDED
         assert (tmp_path / "out").read_text() == "container 0\n"
@@ -395,7 +363,7 @@ class TestRetries:
     ) -> None:
         before = emulator.admin("GET", "stats")["task_attempts"]
         script = f'echo "$BATCH_TASK_RETRY_ATTEMPT" >> "{tmp_path}/attempts"; [ "$BATCH_TASK_RETRY_ATTEMPT" -ge 2 ] || exit 4'
-        done = wait_done(
+        done = job_reached(
             client, create(client, script_job(script, max_retry_count=3), "retry").name
         )
 
@@ -410,7 +378,7 @@ class TestRetries:
         self, client: batch_v1.BatchServiceClient
     ) -> None:
         job = script_job('[ "$BATCH_TASK_INDEX" = 0 ] || exit 5', task_count=2, max_retry_count=2)
-        done = wait_done(client, create(client, job, "exhaust").name)
+        done = job_reached(client, create(client, job, "exhaust").name)
 
         assert done.status.state == JobState.FAILED
         assert dict(done.status.task_groups["group0"].counts) == {"SUCCEEDED": 1, "FAILED": 1}
@@ -440,7 +408,7 @@ class TestRetries:
         job = script_job(
             "exit $((BATCH_TASK_INDEX + 3))", task_count=2, max_retry_count=2, lifecycle=policy
         )
-        done = wait_done(client, create(client, job, "lifecycle").name)
+        done = job_reached(client, create(client, job, "lifecycle").name)
 
         assert done.status.state == JobState.FAILED
         task_3, task_4 = tasks_of(client, done)
@@ -453,7 +421,7 @@ class TestTimeLimits:
         self, client: batch_v1.BatchServiceClient, tmp_path: Path
     ) -> None:
         job = script_job(f'echo $$ > "{tmp_path}/pid"; exec sleep 60', max_run_duration=0.5)
-        done = wait_done(client, create(client, job, "timeout").name)
+        done = job_reached(client, create(client, job, "timeout").name)
 
         assert done.status.state == JobState.FAILED
         [task] = tasks_of(client, done)
@@ -467,7 +435,7 @@ class TestTimeLimits:
     def test_a_runnable_timeout_also_gives_50005(self, client: batch_v1.BatchServiceClient) -> None:
         job = script_job("sleep 60")
         job.task_groups[0].task_spec.runnables[0].timeout = duration_pb2.Duration(nanos=300_000_000)
-        done = wait_done(client, create(client, job, "runnable-timeout").name)
+        done = job_reached(client, create(client, job, "runnable-timeout").name)
 
         assert exit_codes(tasks_of(client, done)[0]) == [50005]
 
@@ -477,7 +445,7 @@ class TestScheduling:
         self, client: batch_v1.BatchServiceClient, tmp_path: Path
     ) -> None:
         job = script_job(TIMED, task_count=6, parallelism=2, env={"DIR": str(tmp_path)})
-        done = wait_done(client, create(client, job, "parallel").name)
+        done = job_reached(client, create(client, job, "parallel").name)
 
         assert done.status.state == JobState.SUCCEEDED
         assert done.task_groups[0].parallelism == 2
@@ -497,7 +465,7 @@ class TestScheduling:
                 ).name
             )
         for name in names:
-            assert wait_done(client, name).status.state == JobState.SUCCEEDED
+            assert job_reached(client, name).status.state == JobState.SUCCEEDED
 
         # Put both jobs' intervals in one folder's numbering to measure them together.
         merged = tmp_path / "merged"
@@ -516,13 +484,12 @@ class TestScheduling:
         emulator.admin("POST", "settings", {"provisioning_delay": 0.6})
         created = create(client, script_job("true", task_count=2), "provision")
 
-        scheduled = wait_until(
-            job_in_state(client, created.name, set(JobState) - {JobState.QUEUED}),
-            what="the job to leave QUEUED",
+        scheduled = job_reached(
+            client, created.name, {state.name for state in JobState} - {"QUEUED"}
         )
         assert scheduled.status.state == JobState.SCHEDULED
         assert dict(scheduled.status.task_groups["group0"].counts) == {"PENDING": 2}
-        done = wait_done(client, created.name)
+        done = job_reached(client, created.name)
 
         assert done.status.state == JobState.SUCCEEDED
         scheduled_at = done.status.status_events[0].event_time
@@ -567,12 +534,12 @@ class TestDelete:
     ) -> None:
         job_id = new_id("reuse")
         first = client.create_job(parent=PARENT, job=script_job("true"), job_id=job_id)
-        wait_done(client, first.name)
+        job_reached(client, first.name)
         client.delete_job(name=first.name).result(timeout=30)
         second = client.create_job(parent=PARENT, job=script_job("true"), job_id=job_id)
 
         assert second.name == first.name and second.uid != first.uid
-        assert wait_done(client, second.name).status.state == JobState.SUCCEEDED
+        assert job_reached(client, second.name).status.state == JobState.SUCCEEDED
 
 
 class TestListing:
@@ -591,7 +558,7 @@ class TestListing:
         assert indices("State=RUNNING OR State=SUCCEEDED") == [0, 1, 2, 3]
         assert indices("State=FAILED") == []
         (tmp_path / "release").touch()
-        wait_done(client, created.name)
+        job_reached(client, created.name)
         assert indices("State=SUCCEEDED") == [0, 1, 2, 3]
 
         with pytest.raises(api_exceptions.BadRequest, match="filter"):
@@ -600,7 +567,7 @@ class TestListing:
             tasks_of(client, created, filter="labels.team=science")
 
     def test_list_tasks_pages(self, client: batch_v1.BatchServiceClient) -> None:
-        done = wait_done(client, create(client, script_job("true", task_count=250), "pages").name)
+        done = job_reached(client, create(client, script_job("true", task_count=250), "pages").name)
 
         pager = client.list_tasks(
             request={"parent": done.name + "/taskGroups/group0", "page_size": 100}
@@ -622,7 +589,7 @@ class TestListing:
         pages = [[job.name for job in page.jobs] for page in pager.pages]
         assert pages == [names[:2], names[2:]]
         for name in names:
-            wait_done(client, name)
+            job_reached(client, name)
         listed = client.list_jobs(request={"parent": parent, "filter": 'status.state="SUCCEEDED"'})
         assert [job.name for job in listed] == names
 
@@ -632,7 +599,7 @@ class TestListing:
             client.get_job(name=missing)
         with pytest.raises(api_exceptions.NotFound, match="never-created"):
             client.list_tasks(parent=missing + "/taskGroups/group0")
-        done = wait_done(client, create(client, script_job("true"), "known").name)
+        done = job_reached(client, create(client, script_job("true"), "known").name)
         with pytest.raises(api_exceptions.NotFound, match="tasks/7"):
             client.get_task(name=done.name + "/taskGroups/group0/tasks/7")
         with pytest.raises(api_exceptions.NotFound, match="group1"):
@@ -647,7 +614,7 @@ def finished(emulator: Emulator) -> batch_v1.Job:
     """A finished job of 250 tasks; task 1 failed."""
     client = emulator.client()
     job = script_job('[ "$BATCH_TASK_INDEX" = 1 ] && exit 7; exit 0', task_count=250)
-    return wait_done(client, create(client, job, "masked").name)
+    return job_reached(client, create(client, job, "masked").name)
 
 
 class TestFieldMasks:
@@ -863,7 +830,7 @@ class TestFaults:
             "POST", "fail_task", {"index": 1, "attempt": 0, "exit_code": 50001, "job_id": None}
         )
         script = f'echo "$BATCH_TASK_RETRY_ATTEMPT" >> "{tmp_path}/$BATCH_TASK_INDEX"'
-        done = wait_done(
+        done = job_reached(
             client,
             create(client, script_job(script, task_count=2, max_retry_count=1), "preempt").name,
         )
@@ -901,7 +868,7 @@ class TestFaults:
         created = client.create_job(
             parent=PARENT, job=script_job(script, task_count=2), job_id=job_id
         )
-        done = wait_done(client, created.name)
+        done = job_reached(client, created.name)
 
         assert done.status.state == JobState.FAILED
         lost, finished = tasks_of(client, done)
@@ -955,7 +922,9 @@ class TestRobustness:
     def test_a_task_that_kills_itself_only_fails_its_task(
         self, client: batch_v1.BatchServiceClient, emulator: Emulator
     ) -> None:
-        done = wait_done(client, create(client, script_job("kill -9 $$", "exit 0"), "suicide").name)
+        done = job_reached(
+            client, create(client, script_job("kill -9 $$", "exit 0"), "suicide").name
+        )
 
         assert exit_codes(tasks_of(client, done)[0]) == [137]
         assert emulator.process.poll() is None
@@ -1061,7 +1030,7 @@ class TestScale:
         self, client: batch_v1.BatchServiceClient, emulator: Emulator, tmp_path: Path
     ) -> None:
         job = script_job(f': > "{tmp_path}/$BATCH_TASK_INDEX"', task_count=1100)
-        done = wait_done(client, create(client, job, "scale").name, timeout=300)
+        done = job_reached(client, create(client, job, "scale").name, timeout=300)
 
         assert done.status.state == JobState.SUCCEEDED
         assert dict(done.status.task_groups["group0"].counts) == {"SUCCEEDED": 1100}

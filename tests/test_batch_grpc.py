@@ -8,7 +8,6 @@ and refusals carry the gRPC status codes (and ``google.rpc`` details) Google's f
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS
 from covalent_gcpbatch_array.local import LocalCloud
+from tests.polling import job_reached
 
 JobState = batch_v1.JobStatus.State
 TaskState = batch_v1.TaskStatus.State
@@ -53,16 +53,6 @@ def script_job(text: str, task_count: int = 1) -> batch_v1.Job:
 
 def new_id() -> str:
     return f"g-{uuid.uuid4().hex[:12]}"
-
-
-def ended(client: batch_v1.BatchServiceClient, name: str) -> batch_v1.Job:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = client.get_job(name=name)
-        if job.status.state in FINAL:
-            return job
-        time.sleep(0.05)  # polling the remote state, as the executor does
-    raise AssertionError(f"{name} did not end within a minute")
 
 
 async def reached(
@@ -139,7 +129,7 @@ class TestSyncClient:
     ) -> None:
         assert client.transport.kind == "grpc"
         job = client.create_job(parent=parent(cloud), job_id=new_id(), job=script_job("true", 2))
-        assert ended(client, job.name).status.state == JobState.SUCCEEDED
+        assert job_reached(client, job.name).status.state == JobState.SUCCEEDED
         pages = client.list_tasks(
             request={"parent": f"{job.name}/taskGroups/group0", "page_size": 1}
         ).pages
@@ -157,7 +147,7 @@ class TestSyncClient:
         over_rest = rest.create_job(parent=parent(cloud), job_id=new_id(), job=script_job("true"))
         assert rest.get_job(name=over_grpc.name).uid == over_grpc.uid
         assert client.get_job(name=over_rest.name).uid == over_rest.uid
-        assert ended(client, over_rest.name).status.state == JobState.SUCCEEDED
+        assert job_reached(client, over_rest.name).status.state == JobState.SUCCEEDED
         rest.delete_job(name=over_grpc.name).result(timeout=30)
         with pytest.raises(api_exceptions.NotFound):
             client.get_job(name=over_grpc.name)
@@ -166,7 +156,7 @@ class TestSyncClient:
         self, cloud: LocalCloud, client: batch_v1.BatchServiceClient
     ) -> None:
         job = client.create_job(parent=parent(cloud), job_id=new_id(), job=script_job("true", 2))
-        ended(client, job.name)
+        job_reached(client, job.name)
         request = {"parent": f"{job.name}/taskGroups/group0"}
         masked = list(client.list_tasks(request=request, metadata=[MASK]))
         assert [task.status.state for task in masked] == [TaskState.SUCCEEDED] * 2
@@ -187,7 +177,7 @@ class TestDocumentedBehaviourOverGrpc:
             instances=[{"policy": {"machine_type": "n9-standard-4"}}]
         )
         created = client.create_job(parent=parent(cloud), job_id=new_id(), job=job)
-        done = ended(client, created.name)
+        done = job_reached(client, created.name)
         assert done.status.state == JobState.FAILED
         assert "policy.machine_type" in done.status.status_events[-1].description
 

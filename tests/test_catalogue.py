@@ -19,7 +19,8 @@ from covalent_gcpbatch_array._core.catalogue import catalogue
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig
 from covalent_gcpbatch_array.exceptions import ConfigError
 from covalent_gcpbatch_array.local import LocalCloud
-from tests.test_batch_contract import ended, script_job
+from tests.polling import job_reached
+from tests.test_batch_contract import script_job
 
 JobState = batch_v1.JobStatus.State
 
@@ -195,7 +196,7 @@ def test_the_local_cloud_fails_a_job_on_an_uncertain_problem(
     created = batch_client.create_job(
         parent=f"projects/{local_cloud.project_id}/locations/us-east4", job=job, job_id="c-v100"
     )
-    done = ended(batch_client, created.name)
+    done = job_reached(batch_client, created.name)
     batch_client.delete_job(name=created.name)
     assert done.status.state == JobState.FAILED
     assert "policy.accelerators[0].type" in done.status.status_events[-1].description

@@ -32,7 +32,7 @@ from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs.batch_requests import parse_batch_request
 from covalent_gcpbatch_array.local.gcs.checksums import multipart_parts
 from covalent_gcpbatch_array.local.logging.api import REQUEST_FIELDS
-from tests.conftest import wait_until
+from tests.polling import job_reached
 
 #: Fields of an answer the clients read (google-cloud-logging's entry parser, and what
 #: google-cloud-storage's Blob and the executor use), by schema.
@@ -234,9 +234,7 @@ def _run_logged_job(cloud: LocalCloud) -> batch_v1.Job:
         job=job,
         job_id=f"contract-{uuid.uuid4().hex[:12]}",
     )
-    assert wait_until(
-        lambda: client.get_job(name=made.name).status.state.name in ("SUCCEEDED", "FAILED"), 60
-    )
+    job_reached(client, made.name, {"SUCCEEDED", "FAILED"})
     return made
 
 

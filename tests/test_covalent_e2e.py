@@ -24,7 +24,8 @@ from google.api_core.exceptions import NotFound
 from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.config import DEFAULTS
 from covalent_gcpbatch_array.local import LocalCloud
-from tests.conftest import COVALENT_SERVER_SETTINGS, wait_until
+from tests.conftest import COVALENT_SERVER_SETTINGS
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +50,12 @@ def status_of(server: CovalentServer, dispatch_id: str) -> str:
 
 def wait_result(server: CovalentServer, dispatch_id: str) -> Result:
     """The dispatch's result once it has finished (a hung dispatch fails the test)."""
-    finished = wait_until(
-        lambda: status_of(server, dispatch_id) in _FINISHED, timeout=_DISPATCH_TIMEOUT, interval=0.3
+    wait_until(
+        lambda: status_of(server, dispatch_id) in _FINISHED,
+        what=lambda: f"{dispatch_id}, still {status_of(server, dispatch_id)}; {server.log_tail()}",
+        timeout=_DISPATCH_TIMEOUT,
+        interval=0.3,
     )
-    assert finished, f"{dispatch_id} still {status_of(server, dispatch_id)}; {server.log_tail()}"
     return ct.get_result(
         dispatch_id, wait=True, dispatcher_addr=server.address, results_dir=str(server.results_dir)
     )
@@ -317,7 +320,9 @@ class TestCancel:
         delta = Delta(cloud)
         dispatch_id = dispatch(covalent_server, forever, str(tmp_path))
         started = lambda: sorted(tmp_path.glob("started-*"))  # noqa: E731
-        assert wait_until(lambda: len(started()) == 2, timeout=120), server_log(covalent_server)
+        wait_until(
+            lambda: len(started()) == 2, what=lambda: server_log(covalent_server), timeout=120
+        )
         assert delta["jobs_created"] == 1
         (job,) = [
             j

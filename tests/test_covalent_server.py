@@ -15,7 +15,7 @@ import pytest
 
 from covalent_gcpbatch_array.cli.covalent_server import CovalentServer, ServerState
 from covalent_gcpbatch_array.exceptions import LocalCloudError
-from tests.conftest import wait_until
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 

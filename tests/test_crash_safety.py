@@ -20,7 +20,6 @@ from typing import Any
 import anyio
 import cloudpickle
 import pytest
-from conftest import wait_until
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from electrons import FAST, executor_for
 from google.api_core import exceptions as api_exceptions
@@ -35,6 +34,7 @@ from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
 from covalent_gcpbatch_array.exceptions import StorageError
 from covalent_gcpbatch_array.local import LocalCloud
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ class FanOutProcess:
                 self.job_id = next(iter(self.job_ids() - self.before), "")
             return bool(self.job_id) and self.job().status.state in states
 
-        assert wait_until(found, timeout=120), f"no job in {states}: {self.job_id or 'none'}"
+        wait_until(found, what=lambda: f"a job in {states}: {self.job_id or 'none'}", timeout=120)
         return self.job()
 
     def job(self) -> batch_v1.Job:

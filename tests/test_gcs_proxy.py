@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import gc
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
 from covalent_gcpbatch_array.local.gcs.proxy import StorageFault, StorageFaults, serve
-from tests.conftest import wait_until
+from tests.polling import job_reached, wait_until
 
 # google-cloud-storage does not close the streamed response of a failed download (see
 # test_storage.py); the faults here fail many. Each test collects its own leaks (below).
@@ -470,10 +469,7 @@ def task_storage_host(cloud: LocalCloud, job_id: str = "storage-host") -> str:
         job_id=job_id,
         job=batch_v1.Job(task_groups=[group]),
     )
-    deadline = time.monotonic() + 60
-    while client.get_job(name=job.name).status.state != batch_v1.JobStatus.State.SUCCEEDED:
-        assert time.monotonic() < deadline, "the echo job did not succeed within 60 s"
-        time.sleep(0.05)
+    assert job_reached(client, job.name).status.state.name == "SUCCEEDED"
     return cloud.task_output(job_id, 0).strip()
 
 

@@ -39,7 +39,7 @@ from covalent_gcpbatch_array.cli.ops import Inspector, JobSummary
 from covalent_gcpbatch_array.exceptions import BatchApiError, ConfigError, GCPBatchArrayError
 from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 from covalent_gcpbatch_array.local import LocalCloud
-from tests.conftest import wait_until
+from tests.polling import job_reached
 
 pytestmark = pytest.mark.slow
 
@@ -500,8 +500,8 @@ class TestGc:
         orphan_id = f"cga-orphan-{uuid.uuid4().hex[:8]}"
         for job_id in (done_id, running_id, orphan_id):
             self._write(gc_cloud, job_id)
-        assert wait_until(lambda: client.get_job(name=done.name).status.state.name == "SUCCEEDED")
-        assert wait_until(lambda: client.get_job(name=running.name).status.state.name == "RUNNING")
+        job_reached(client, done.name, {"SUCCEEDED"}, timeout=30)
+        job_reached(client, running.name, {"RUNNING"}, timeout=30)
 
         young = run_json(gc_cloud, capsys, "gc", "--older-than", "1h")
         assert young["deleted_jobs"] == young["deleted_folders"] == []

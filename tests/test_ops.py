@@ -14,7 +14,7 @@ from covalent_gcpbatch_array._core.storage import TaskStore
 from covalent_gcpbatch_array.cli.ops import Inspector, parse_duration
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
 from covalent_gcpbatch_array.local import LocalCloud
-from tests.conftest import wait_until
+from tests.polling import job_reached
 
 
 class TestParseDuration:
@@ -68,8 +68,7 @@ def _finished_job(cloud: LocalCloud, script: str) -> batch_v1.Job:
         job=job,
         job_id=f"cga-ops-{uuid.uuid4().hex[:10]}",
     )
-    final = ("SUCCEEDED", "FAILED")
-    assert wait_until(lambda: client.get_job(name=made.name).status.state.name in final)
+    job_reached(client, made.name, {"SUCCEEDED", "FAILED"}, timeout=30)
     return made
 
 

@@ -18,7 +18,6 @@ import pytest
 from google.cloud import batch_v1, storage
 from test_storage import ScriptedProxy  # a sibling test module (pytest puts tests/ on sys.path)
 
-from covalent_gcpbatch_array import runner
 from covalent_gcpbatch_array._core import contract
 from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array._core.contract import (
@@ -58,6 +57,7 @@ from covalent_gcpbatch_array.exceptions import (
 )
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
+from tests.polling import job_reached, wait_until
 
 # The functions below run in the runner's process, where this module cannot be imported.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -168,11 +168,14 @@ def job(gcs_endpoint: str, client: storage.Client) -> Job:
 
 def _wait_for(path: Path, process: subprocess.Popen[str]) -> None:
     """Wait until the task's function creates ``path`` (an external process: poll it)."""
-    deadline = time.monotonic() + _RUN_TIMEOUT
-    while not path.exists():
+
+    def appeared() -> bool:
+        if path.exists():
+            return True
         assert process.poll() is None, f"the runner exited early: {process.communicate()}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        threading.Event().wait(0.02)
+        return False
+
+    wait_until(appeared, what=str(path), timeout=_RUN_TIMEOUT)
 
 
 # Functions run by the runner (pickled by value).
@@ -641,17 +644,9 @@ class TestUnderTheBatchEmulator:
         store.renew_lease(job_id)  # as the executor does: without a lease the tasks stop
         batch_client.create_job(parent=parent, job=definition, job_id=job_id)
 
-        deadline = time.monotonic() + _RUN_TIMEOUT
-        while not started.exists():
-            assert time.monotonic() < deadline, "task 2 never started"
-            threading.Event().wait(0.05)
+        wait_until(started.exists, what="task 2 to start", timeout=_RUN_TIMEOUT)
         store.write_cancelled(cancelled)
-        while True:
-            state = batch_client.get_job(name=f"{parent}/jobs/{job_id}").status.state.name
-            if state in ("SUCCEEDED", "FAILED"):
-                break
-            assert time.monotonic() < deadline, f"the job is still {state}"
-            threading.Event().wait(0.05)
+        job_reached(batch_client, f"{parent}/jobs/{job_id}", timeout=_RUN_TIMEOUT)
 
         tasks = batch_client.list_tasks(parent=f"{parent}/jobs/{job_id}/taskGroups/group0")
         states = {int(task.name.rsplit("/", 1)[1]): task.status.state.name for task in tasks}
@@ -688,18 +683,3 @@ class TestCovalentWrapper:
         assert done.returncode == EXIT_OK, done.stderr
         assert job.result().get_deserialized() == 42
         assert job.output(TaskObject.STDOUT) == "multiplying\n"
-
-
-class TestExports:
-    def test_all_names_exist_and_are_the_public_ones(self) -> None:
-        module = runner
-        public = {
-            name
-            for name, value in vars(module).items()
-            if not name.startswith("_")
-            and (
-                (callable(value) and getattr(value, "__module__", "") == module.__name__)
-                or (name.isupper() and not callable(value))
-            )
-        }
-        assert set(module.__all__) == public
