@@ -406,18 +406,3 @@ class TestVersions:
         with pytest.raises(TaskEnvironmentError, match="cga_image_lacks_this") as info:
             decode_input(data, key=key, task=TASK)
         assert isinstance(info.value.__cause__, ModuleNotFoundError)
-
-
-class TestExports:
-    def test_all_names_exist_and_are_the_public_ones(self) -> None:
-        module = envelopes
-        public = {
-            name
-            for name, value in vars(module).items()
-            if not name.startswith("_")
-            and (
-                (callable(value) and getattr(value, "__module__", "") == module.__name__)
-                or (name.isupper() and not callable(value))
-            )
-        }
-        assert set(module.__all__) == public

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import subprocess
 import sys
+
+import pytest
 
 import covalent_gcpbatch_array
 from covalent_gcpbatch_array import exceptions
@@ -42,6 +45,30 @@ class TestExportedMembers:
 
         assert covalent_gcpbatch_array.GCPBatchArrayExecutor is gcpbatch_array.GCPBatchArrayExecutor
         assert gcpbatch_array.EXECUTOR_PLUGIN_NAME == "GCPBatchArrayExecutor"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "covalent_gcpbatch_array.runner",
+        "covalent_gcpbatch_array._core.contract",
+        "covalent_gcpbatch_array._core.envelopes",
+        "covalent_gcpbatch_array._core.storage",
+    ],
+)
+def test_module_all_is_exactly_its_public_names(name: str) -> None:
+    """``__all__`` lists every public class, function and constant the module defines, no more."""
+    module = importlib.import_module(name)
+    public = {
+        attribute
+        for attribute, value in vars(module).items()
+        if not attribute.startswith("_")
+        and (
+            (callable(value) and getattr(value, "__module__", "") == module.__name__)
+            or (attribute.isupper() and not callable(value))
+        )
+    }
+    assert set(module.__all__) == public
 
 
 class TestExceptionHierarchy:

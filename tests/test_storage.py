@@ -24,7 +24,6 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from hypothesis import given
 from hypothesis import strategies as st
 
-from covalent_gcpbatch_array._core import storage as storage_module
 from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array._core.contract import (
     JOB_ID_PATTERN,
@@ -593,18 +592,3 @@ class TestBatchDeletes:
         batch_requests = [path for path in proxy.paths if "/batch/" in path]
         assert batch_requests == ["POST /batch/storage/v1"]  # tried once, then remembered
         assert sum(path.startswith("DELETE") for path in proxy.paths) == 8
-
-
-class TestExports:
-    def test_all_names_exist_and_are_the_public_ones(self) -> None:
-        module = storage_module
-        public = {
-            name
-            for name, value in vars(module).items()
-            if not name.startswith("_")
-            and (
-                (callable(value) and getattr(value, "__module__", "") == module.__name__)
-                or (name.isupper() and not callable(value))
-            )
-        }
-        assert set(module.__all__) == public
