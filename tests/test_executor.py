@@ -274,6 +274,18 @@ class TestOutcomes:
         assert finished == {0, 1, 2, 3}
 
 
+class TestTasksNotListedYet:
+    @pytest.mark.anyio
+    async def test_a_job_that_lists_no_tasks_until_provisioned_runs_its_electrons(self) -> None:
+        # As Google's may: a just-created job counts and lists no tasks (GetJob has no
+        # status.taskGroups, ListTasks is empty, GetTask 404) until its VMs are provisioned.
+        async with LocalCloud(provisioning_delay=2.0, tasks_hidden_until_provisioned=True) as cloud:
+            delta = Delta(cloud)
+            outcomes = await fan_out(cloud, square, list(range(6)))
+            assert outcomes == {i: i * i for i in range(6)}
+            assert (delta["jobs_created"], delta["task_attempts"]) == (1, 6)
+
+
 class TestCancel:
     @pytest.mark.anyio
     async def test_cancel_one_electron_of_a_running_job(self, cloud: LocalCloud) -> None:

@@ -288,6 +288,7 @@ class TestConfiguration:
             )
             group = f"{cancelled.name}/taskGroups/group0"
             assert list(client.list_tasks(parent=group)) == []  # not provisioned yet
+            assert not client.get_job(name=cancelled.name).status.task_groups  # nor counted
             client.cancel_job(name=cancelled.name)
             assert wait_until(
                 lambda: (

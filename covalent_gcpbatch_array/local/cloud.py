@@ -123,8 +123,9 @@ class LocalCloud:
     :param deletion_delay: seconds a deleted job stays DELETION_IN_PROGRESS (its operation
         not done) after its tasks are stopped
     :param cancellation_delay: seconds a cancelled job stays CANCELLATION_IN_PROGRESS
-    :param tasks_hidden_until_provisioned: a new job lists no tasks (GetTask: 404) until its
-        provisioning delay is over, as Google's may
+    :param tasks_hidden_until_provisioned: a new job lists and counts no tasks (GetTask: 404,
+        GetJob without ``status.taskGroups``) until its provisioning delay is over, as
+        Google's may
     :param log_resource_type: the monitored resource of the task log entries Cloud Logging
         answers: ``"batch.googleapis.com/Job"``, or the older ``"generic_task"``
     :raises ValueError: ``jobs_per_minute`` given with ``jobs_per_window`` or a window other

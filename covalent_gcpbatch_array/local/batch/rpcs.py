@@ -25,7 +25,7 @@ from google.protobuf.descriptor import Descriptor
 
 from covalent_gcpbatch_array.local.api_errors import ApiError
 from covalent_gcpbatch_array.local.batch.scheduler import BatchScheduler
-from covalent_gcpbatch_array.local.batch.state import TaskState
+from covalent_gcpbatch_array.local.batch.state import JobRecord, TaskState
 from covalent_gcpbatch_array.local.field_mask import FieldMask
 from covalent_gcpbatch_array.local.logging.api import TaskLogIndex
 
@@ -79,19 +79,26 @@ class BatchRpcs:
         """CreateJob from the job's JSON definition ``body``."""
         job = self.scheduler.create_job(parent, job_id, request_id, body)
         self.task_logs.add(job)
-        return job.to_json()
+        return self._job_json(job)
 
     def get_job(self, name: str) -> dict[str, Any]:
-        return self.scheduler.get_job(name).to_json()
+        return self._job_json(self.scheduler.get_job(name))
 
     def list_jobs(
         self, parent: str, filter_text: str, order_by: str, page_size: int, page_token: str
     ) -> dict[str, Any]:
         size, start = _page(page_size, page_token)
         jobs = self.scheduler.list_jobs(parent, filter_text, order_by)
-        body: dict[str, Any] = {"jobs": [job.to_json() for job in jobs[start : start + size]]}
+        body: dict[str, Any] = {"jobs": [self._job_json(job) for job in jobs[start : start + size]]}
         if len(jobs) > start + size:
             body["nextPageToken"] = str(start + size)
+        return body
+
+    def _job_json(self, job: JobRecord) -> dict[str, Any]:
+        body = job.to_json()
+        if not self.scheduler.tasks_listed(job):
+            # Tasks that do not exist yet are not counted either: no status.taskGroups.
+            del body["status"]["taskGroups"]
         return body
 
     def delete_job(self, name: str) -> dict[str, Any]:

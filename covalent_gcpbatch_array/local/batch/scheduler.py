@@ -109,7 +109,7 @@ class EmulatorSettings:
     # seconds a deleted / cancelled job stays DELETION_ / CANCELLATION_IN_PROGRESS
     deletion_delay: float = DEFAULT_OPERATION_DELAY
     cancellation_delay: float = DEFAULT_OPERATION_DELAY
-    # ListTasks lists no task (GetTask: 404) until the job is provisioned, as Google may
+    # no task listed (GetTask: 404) nor counted until the job is provisioned, as Google may
     tasks_hidden_until_provisioned: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -412,7 +412,7 @@ class BatchScheduler:
         return operation
 
     def tasks_listed(self, job: JobRecord) -> bool:
-        """Whether the job's tasks exist yet for ListTasks and GetTask."""
+        """Whether the job's tasks exist yet for ListTasks, GetTask and GetJob's counts."""
         hidden = self.settings.tasks_hidden_until_provisioned
         waiting = job.state in (JobState.QUEUED, JobState.SCHEDULED) and not job.provisioned
         return not (hidden and waiting)
