@@ -5,6 +5,7 @@
     python -m benchmarks.fanout --all                            # regenerate RESULTS.md
     python -m benchmarks.fanout --quick                          # a miniature, in < 1 min
     python -m benchmarks.fanout --original                       # against the original plugin
+    python -m benchmarks.fanout --behaviours                     # raise, preemption, quota, cancel
 
 Each run starts its own local cloud (our Batch emulator and fake-gcs-server) with the given
 provisioning delay and job-creation quota, and measures, for each mode: Batch jobs created
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         "--original",
         action="store_true",
         help="only the rows against covalent-gcpbatch-plugin 0.15.0, then RESULTS.md",
+    )
+    plan.add_argument(
+        "--behaviours",
+        action="store_true",
+        help="only the behaviours table (an electron that raises, a preemption, a quota, a "
+        "cancel) for the original plugin and both modes of ours, then RESULTS.md",
     )
     plan.add_argument(
         "--report-only", action="store_true", help="redraw plots and RESULTS.md from the JSON"
@@ -175,6 +182,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if options.report_only:
         write_report(options.results or RESULTS_DIR)
+        return
+    if options.behaviours:
+        from .behaviours import run_behaviours
+
+        results = options.results or RESULTS_DIR
+        anyio.run(lambda: run_behaviours(results, parallel=options.parallel))
+        print(f"wrote {write_report(results)}")
         return
     if options.all or options.quick or options.original:
         results = options.results or RESULTS_DIR

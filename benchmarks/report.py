@@ -15,7 +15,14 @@ from typing import Any, NamedTuple
 
 from .plots import draw_all, load_results
 
-__all__ = ["Goal", "goals", "original_headline", "write_report"]
+__all__ = [
+    "Goal",
+    "behaviour_table",
+    "goals",
+    "load_behaviours",
+    "original_headline",
+    "write_report",
+]
 
 DEFAULT_RESULTS = Path(__file__).parent / "results"
 FINDINGS = Path(__file__).parent / "findings.md"
@@ -269,6 +276,170 @@ def original_headline(results: list[Result]) -> str:
     )
 
 
+BEHAVIOUR_CASES = ("raises", "preempted", "quota", "cancel")
+
+
+def load_behaviours(results_dir: Path) -> list[Result]:
+    """Every behaviour result (``behaviour-*.json``) in ``results_dir``."""
+    loaded = [json.loads(path.read_text()) for path in sorted(results_dir.glob("behaviour-*.json"))]
+    return [data for data in loaded if isinstance(data, dict) and data.get("kind") == "behaviour"]
+
+
+def _cell(text: str, limit: int = 140) -> str:
+    """``text`` fit for a table cell: one line, no pipes, at most ``limit`` characters."""
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _what_caller_got(electron: Result) -> str:
+    if electron["outcome"] == "result":
+        return f"its result ({electron['value']!r})"
+    if electron["outcome"] != "error":
+        return electron["outcome"]
+    lines = [line for line in electron["error_message"].splitlines() if line.strip()] or [""]
+    # A traceback's last line is the exception; any other message's first line says it.
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return f"`{electron['error_type']}`: {_cell(line, 110)}"
+
+
+def _results_of(electrons: list[Result]) -> str:
+    got = sum(1 for e in electrons if e["outcome"] == "result")
+    return f"{got}/{len(electrons)} results"
+
+
+def _attempts(electron: Result) -> str:
+    count = electron["task_attempts"]
+    return "no task" if count is None else f"{count} attempt{'' if count == 1 else 's'}"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _raises_row(r: Result) -> list[str]:
+    failing = r["electrons"][r["settings"]["case"]["raises"]]
+    others = [e for i, e in enumerate(r["electrons"]) if e is not failing]
+    got = _what_caller_got(failing)
+    if failing["outcome"] == "error":
+        got += (
+            f"; causes: {' ← '.join(failing['error_chain'])}; `ValueError` named: "
+            f"{_yes(failing['names_user_exception'])}; the electron's traceback: "
+            f"{_yes(failing['traceback_survives'])}"
+        )
+    runs = f"{_attempts(failing)}, ran {failing['function_started']}x"
+    return [got, runs, f"the others: {_results_of(others)}"]
+
+
+def _preempted_row(r: Result) -> list[str]:
+    electrons = r["electrons"]
+    # The preempted task is the one with an attempt that never ran the function.
+    hit = [e for e in electrons if (e["task_attempts"] or 0) > e["function_started"]]
+    if not hit:
+        runs = "no attempt was lost (the fault did not land)"
+        got = _results_of(electrons)
+    else:
+        runs = f"{_attempts(hit[0])}, ran {hit[0]['function_started']}x"
+        got = f"the preempted electron: {_what_caller_got(hit[0])}"
+    return [got, runs, f"all: {_results_of(electrons)}"]
+
+
+def _quota_row(r: Result) -> list[str]:
+    electrons = r["electrons"]
+    errors: dict[str, int] = {}
+    for electron in electrons:
+        if electron["outcome"] != "result":
+            errors[_what_caller_got(electron)] = errors.get(_what_caller_got(electron), 0) + 1
+    failed = "; ".join(f"{count} x {text}" for text, count in errors.items())
+    got = _results_of(electrons) + (f"; failed: {failed}" if failed else "")
+    last = max(e["returned_after_s"] for e in electrons)
+    runs = (
+        f"{r['jobs_created']} jobs, {r['api_calls'].get('CreateJob', 0)} CreateJob calls "
+        f"({r['quota_refusals']} refused)"
+    )
+    return [got, runs, f"last answer after {_fmt(last)} s"]
+
+
+def _cancel_row(r: Result) -> list[str]:
+    index = r["settings"]["case"]["cancel"]
+    target = r["electrons"][index]
+    others = [e for i, e in enumerate(r["electrons"]) if i != index]
+    cancel = r.get("cancel") or {}
+    said = cancel.get("returned", cancel.get("raised", cancel.get("skipped", "-")))
+    got = f"`cancel()` returned {said}; the caller: {_what_caller_got(target)}"
+    if "at_s" in cancel:
+        got += f" {_fmt(round(target['returned_after_s'] - cancel['at_s'], 2))} s after it"
+    stopped = target["function_started"] and not target["function_finished"]
+    sleep = _fmt(r["settings"]["case"]["cancelled_task_seconds"])
+    runs = (
+        f"task stopped: {_yes(bool(stopped))} (its {sleep} s function "
+        f"{'never finished' if stopped else 'finished'}); {_attempts(target)}"
+    )
+    return [got, runs, f"job-mates: {_results_of(others)}"]
+
+
+_BEHAVIOUR_ROWS = {
+    "raises": _raises_row,
+    "preempted": _preempted_row,
+    "quota": _quota_row,
+    "cancel": _cancel_row,
+}
+
+
+def behaviour_table(behaviours: list[Result]) -> str:
+    """One row per case and executor, from the behaviour results only."""
+    order = list(_IMPLEMENTATIONS)
+    known = [b for b in behaviours if b["case"] in _BEHAVIOUR_ROWS]
+    known.sort(key=lambda b: (BEHAVIOUR_CASES.index(b["case"]), order.index(b["mode"])))
+    rows = []
+    for b in known:
+        if b.get("not_run"):
+            cells = [f"could not be run: {_cell(b['not_run'], 300)}", "-", "-"]
+            calls = "-"
+        else:
+            cells = _BEHAVIOUR_ROWS[b["case"]](b)
+            calls = f"{_fmt(sum(b['api_calls'].values()))} ({_calls(b)})"
+        objects = _fmt(b.get("objects_left"))
+        rows.append([b["question"], _IMPLEMENTATIONS[b["mode"]], *cells, calls, objects])
+    header = [
+        "case",
+        "executor",
+        "what the caller gets",
+        "task runs",
+        "the other electrons",
+        "Batch API calls",
+        "objects left",
+    ]
+    return _table(header, rows)
+
+
+def _behaviours_section(results_dir: Path) -> list[str]:
+    behaviours = load_behaviours(results_dir)
+    if not behaviours:
+        return []
+    sample = next((b for b in behaviours if not b.get("not_run")), behaviours[0])
+    cloud = sample["settings"]["cloud"]
+    return [
+        "## Behaviours users feel, against the original plugin",
+        "",
+        "`python -m benchmarks.fanout --behaviours` (a few minutes). Each case is a few "
+        "electrons at once, for covalent-gcpbatch-plugin 0.15.0 (through the same shim as "
+        "above, its settings its defaults but `poll_freq` 1 s) and ours in both modes "
+        "(defaults but `poll_freq` 1 s, `batch_window` 1 s, `batch_idle_gap` 0.5 s), each on a "
+        "fresh local cloud of the same settings (provisioning delay "
+        f"{cloud['provisioning_delay']:g} s, at most {cloud['max_running_tasks']} tasks at "
+        "once; the quota case adds 20 job creations a minute). Each electron runs with a fresh "
+        "executor and a stand-in for Covalent's side (it saves the job handle and answers "
+        "whether the electron was cancelled); a cancel is what `ct.cancel` does: the electron "
+        "flagged, then a fresh executor's `cancel()` given the saved handle, once the task "
+        "runs. *task runs*: the emulator's attempts of that electron's task, and how many "
+        "times the function itself started (marker files the tasks write). "
+        + _environment(behaviours),
+        "",
+        behaviour_table(behaviours),
+        "",
+    ]
+
+
 def _sweep_table(results: list[Result]) -> str:
     points = [r for r in results if r["spec"]["group"] == "sweep"]
     points.sort(
@@ -342,8 +513,11 @@ def _environment(results: list[Result]) -> str:
 def render(results_dir: Path, image_dir: str) -> str:
     """The text of RESULTS.md; ``image_dir`` is the plots' folder relative to it."""
     results = load_results(results_dir)
+    behaviours = _behaviours_section(results_dir)
     if not results:
-        return "# Benchmark results\n\nNo results yet: run `make bench`.\n"
+        return "\n".join(
+            ["# Benchmark results", "", "No results yet: run `make bench`.", "", *behaviours]
+        )
     sample = _find(results, "sizes", "batched", headline_size(results)) or results[0]
     spec = sample["spec"]
     quota = spec["jobs_per_minute"]
@@ -431,6 +605,7 @@ def render(results_dir: Path, image_dir: str) -> str:
         "",
         original_headline(results),
         "",
+        *behaviours,
         "## Window sweep",
         "",
         _sweep_table(results),

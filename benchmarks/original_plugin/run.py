@@ -18,7 +18,14 @@ import anyio
 from .shim import ENDPOINT_VARIABLE
 from .venv import SeedVenv
 
-__all__ = ["SEED_IMAGE", "cloud_options", "plugin_env", "plugin_settings", "run_original_burst"]
+__all__ = [
+    "SEED_IMAGE",
+    "cloud_options",
+    "plugin_env",
+    "plugin_settings",
+    "run_in_seed_venv",
+    "run_original_burst",
+]
 
 #: The container image the plugin's config names; LocalCloud maps it to the plugin's exec.py.
 SEED_IMAGE = "covalent-gcpbatch-plugin-0.15.0:local"
@@ -68,22 +75,21 @@ def seed_env(cloud: Any, home: Path) -> dict[str, str]:
     return env | {"HOME": str(home)} | plugin_env(cloud)
 
 
-async def run_original_burst(
-    venv: SeedVenv, cloud: Any, load: dict[str, Any], poll_freq: float
-) -> dict[str, Any]:
-    """Run the fan-out ``load`` describes with the plugin, in a process of its venv.
+async def run_in_seed_venv(
+    venv: SeedVenv, cloud: Any, module: str, arguments: list[str], poll_freq: float
+) -> tuple[Any, dict[str, Any]]:
+    """Run ``python -m module ARGUMENTS --settings JSON --out FILE`` in the plugin's venv,
+    pointed at ``cloud``, with a HOME of its own; ``module`` writes its answer (JSON) to FILE.
 
-    :returns: the measurements of :class:`benchmarks.measure.FanOut`, plus ``executor_settings``
+    :returns: that answer, and the plugin's settings (:func:`plugin_settings`)
     :raises RuntimeError: that process failed (its output is in the message)
     """
     with tempfile.TemporaryDirectory(prefix="cga-seed-") as home:
         settings = plugin_settings(cloud, poll_freq, str(Path(home) / "cache"))
-        out = Path(home) / "measured.json"
+        out = Path(home) / "answer.json"
         command = [
-            str(venv.python),
-            *("-m", "benchmarks.original_plugin.burst"),
-            *("--load", json.dumps(load), "--settings", json.dumps(settings)),
-            *("--dispatch-id", f"bench-{uuid.uuid4().hex[:8]}", "--out", str(out)),
+            *(str(venv.python), "-m", module, *arguments),
+            *("--settings", json.dumps(settings), "--out", str(out)),
         ]
         completed = await anyio.run_process(
             command, check=False, cwd=PROJECT, env=seed_env(cloud, Path(home))
@@ -93,5 +99,19 @@ async def run_original_burst(
             raise RuntimeError(
                 f"the original plugin's run failed ({completed.returncode}):\n{output}"
             )
-        measured: dict[str, Any] = json.loads(out.read_text())
-    return measured | {"executor_settings": settings}
+        return json.loads(out.read_text()), settings
+
+
+async def run_original_burst(
+    venv: SeedVenv, cloud: Any, load: dict[str, Any], poll_freq: float
+) -> dict[str, Any]:
+    """Run the fan-out ``load`` describes with the plugin, in a process of its venv.
+
+    :returns: the measurements of :class:`benchmarks.measure.FanOut`, plus ``executor_settings``
+    :raises RuntimeError: that process failed (its output is in the message)
+    """
+    arguments = ["--load", json.dumps(load), "--dispatch-id", f"bench-{uuid.uuid4().hex[:8]}"]
+    measured, settings = await run_in_seed_venv(
+        venv, cloud, "benchmarks.original_plugin.burst", arguments, poll_freq
+    )
+    return dict(measured) | {"executor_settings": settings}
