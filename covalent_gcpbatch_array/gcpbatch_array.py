@@ -34,6 +34,7 @@ from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 
+from covalent_gcpbatch_array._core import compat
 from covalent_gcpbatch_array._core.coalescer import Member
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, encode_input
@@ -119,9 +120,10 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         explicit = {key: value for key, value in locals().items() if key in DEFAULTS}
         values = resolve_config(explicit, _read_config_file)
         # A missing required key is the user's error, raised here where they wrote it. Only
-        # Covalent's server may leave one empty: it builds every executor from its own config
-        # file, then copies the client's attributes in (`from_dict`); `run()` checks them then.
-        config = ExecutorConfig.from_values(values, require=not _built_by_covalent())
+        # inside Covalent's server may one be empty: its executor manager builds every executor
+        # from the server's config file, then copies the client's attributes in (`from_dict`);
+        # `run()` checks them then.
+        config = ExecutorConfig.from_values(values, require=not compat.in_covalent_server())
         super().__init__(
             log_stdout=log_stdout,
             log_stderr=log_stderr,
@@ -260,19 +262,6 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
             await self.set_job_handle(handle)
 
 
-def _built_by_covalent() -> bool:
-    """Whether Covalent's executor manager is constructing us from its config file.
-
-    ``covalent.executor._ExecutorManager.get_executor(name)`` calls the class with the config
-    file's ``[executors.gcpbatch_array]`` table (Covalent 0.240), before ``from_dict``.
-    """
-    caller = sys._getframe(2)  # 0: here, 1: __init__, 2: whoever called the class
-    return (
-        caller.f_code.co_name == "get_executor"
-        and caller.f_globals.get("__name__") == "covalent.executor"
-    )
-
-
 def _name(function: Any) -> str:
     """The electron's function name: Covalent passes a partial over its TransportableObject."""
     wrapped = getattr(function, "args", None)
@@ -285,11 +274,18 @@ def _name(function: Any) -> str:
 async def _upload_unless_withdrawn(
     store: AsyncTaskStore, ref: TaskRef, data: bytes, member: Member[ElectronOutcome]
 ) -> None:
-    """Upload the input, giving up as soon as the batch withdraws the member (too slow)."""
+    """Upload the input, giving up as soon as the batch withdraws the member (too slow).
+
+    :raises StorageError: the upload failed (raised as itself, not in an exception group)
+    """
+    failed: list[Exception] = []
     async with anyio.create_task_group() as tg:
 
         async def upload() -> None:
-            await store.upload_input(ref, data)
+            try:
+                await store.upload_input(ref, data)
+            except Exception as exc:
+                failed.append(exc)
             tg.cancel_scope.cancel()
 
         tg.start_soon(upload)
@@ -297,6 +293,8 @@ async def _upload_unless_withdrawn(
         with contextlib.suppress(Exception):  # its error is raised by member.wait() later
             await member.wait()
         tg.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
 
 
 def _origin(task_metadata: Mapping[str, Any], name: str) -> ElectronOrigin:

@@ -4,6 +4,7 @@ that names the key or the electron and the fix, and costs no VM; 100 MB in and o
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gc
 import hashlib
@@ -89,6 +90,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("bucket_prefix", "a/../b", "not a valid object prefix"),
     ("keep_objects", "no", "true or false"),
     ("queue_timeout", -1, "at least 0"),
+    ("graph_aware", "yes", "true or false"),
+    ("orphan_timeout", -1, "at least 0"),
 ]
 
 
@@ -142,8 +145,11 @@ class TestBadConfiguration:
         self, key: str, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         import covalent.executor
+        from covalent_dispatcher._core import dispatcher
 
-        # The server's config file lacks the key; the user's executor has it.
+        # In the server, whose startup gives the dispatcher its status queue; its config file
+        # lacks the key, the user's executor has it.
+        monkeypatch.setattr(dispatcher, "_global_status_queue", asyncio.Queue())
         data = copy.deepcopy(covalent_config._config_manager.config_data)
         section = data.setdefault("executors", {}).setdefault("gcpbatch_array", {})
         section.update({**DEFAULTS, **cloud.executor_config(), key: ""})

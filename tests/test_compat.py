@@ -92,3 +92,33 @@ def test_the_interpreter_steps_the_fork_server_replays(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["__main__ True", "thread joined", "exit handler ran"]
+
+
+def test_in_covalent_server(tmp_path: Path) -> None:
+    """False until the dispatcher is imported and the server's startup gives it its queue."""
+    script = textwrap.dedent(
+        """
+        import inspect
+        from covalent_gcpbatch_array._core import compat
+
+        assert not compat.in_covalent_server()  # the dispatcher is not even imported
+        from covalent_dispatcher._core import dispatcher
+        from covalent_dispatcher._service import app
+
+        assert dispatcher._global_status_queue is None
+        assert not compat.in_covalent_server()
+        startup = inspect.getsource(app.lifespan)
+        assert "core_dispatcher._global_status_queue = asyncio.Queue()" in startup, startup
+        dispatcher._global_status_queue = object()
+        assert compat.in_covalent_server()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        # Covalent writes its config and database under HOME: a temporary one.
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr

@@ -9,6 +9,8 @@ so an upgrade that moves one of them fails there, loudly, instead of somewhere d
   return value only as ``_responses``);
 - google-api-core: a ``Retry``'s predicate (to judge the calls of a batch request as the
   client would judge a request of their own);
+- covalent-dispatcher: whether this process is a running Covalent server (the server's startup
+  sets its dispatcher's ``_global_status_queue``; no public flag says so);
 - the standard library (the Batch emulator's fork server, which runs a task's module in a
   forked child as ``python -m`` would): :mod:`runpy`'s ``-m`` entry point, and the steps of
   interpreter shutdown that :mod:`threading` and :mod:`atexit` run.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import runpy
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "batch_responses",
+    "in_covalent_server",
     "join_non_daemon_threads",
     "retry_predicate",
     "run_exit_handlers",
@@ -59,6 +63,18 @@ def retry_predicate(retry: Retry) -> Callable[[Exception], Any]:
     """The predicate a ``google.api_core.retry.Retry`` retries on (``Retry._predicate``)."""
     predicate: Callable[[Exception], Any] = retry._predicate
     return predicate
+
+
+def in_covalent_server() -> bool:
+    """Whether this process is a running Covalent server (its dispatcher has started).
+
+    The server's startup (``covalent_dispatcher._service.app``'s lifespan) gives the dispatcher
+    its status queue, ``covalent_dispatcher._core.dispatcher._global_status_queue``, which is
+    ``None`` until then. Only an already imported module is looked at: importing Covalent's
+    dispatcher elsewhere would create its database file.
+    """
+    dispatcher = sys.modules.get("covalent_dispatcher._core.dispatcher")
+    return getattr(dispatcher, "_global_status_queue", None) is not None
 
 
 def run_module_as_main(module: str) -> None:

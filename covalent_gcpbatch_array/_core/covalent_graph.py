@@ -28,6 +28,8 @@ from typing import Any, Final
 import sqlalchemy
 from sqlalchemy import column, select, table
 
+from covalent_gcpbatch_array._core import compat
+
 __all__ = [
     "DispatchGraph",
     "GraphNode",
@@ -100,12 +102,9 @@ def server_engine() -> sqlalchemy.engine.Engine | None:
     Looks only at modules already imported: importing Covalent's datastore elsewhere would
     create a database file.
     """
-    dispatcher = sys.modules.get("covalent_dispatcher._core.dispatcher")
     datastore = sys.modules.get("covalent_dispatcher._db.datastore")
-    if dispatcher is None or datastore is None:
+    if datastore is None or not compat.in_covalent_server():
         return None
-    if getattr(dispatcher, "_global_status_queue", None) is None:
-        return None  # imported, but this process is not a running server
     engine: sqlalchemy.engine.Engine = datastore.workflow_db.engine
     return engine
 
