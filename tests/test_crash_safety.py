@@ -310,8 +310,7 @@ class TestCancelLeavesNothing:
         assert ex.handle is not None
         assert await ex.cancel({}, ex.handle)
         assert folder_objects(cloud, ex.handle["job_id"]) == [
-            f"covalent-gcpbatch-array/{ex.handle['job_id']}/lease",
-            f"covalent-gcpbatch-array/{ex.handle['job_id']}/manifest.json",
+            f"covalent-gcpbatch-array/{ex.handle['job_id']}/manifest.json"
         ]
 
 

@@ -444,6 +444,9 @@ class _JobMonitor:
             logger.warning("could not delete job %s: %s", self.job_id, exc)
 
     async def _clean_up(self) -> None:
+        if self.config.orphan_timeout:  # nobody renews it any more, nor needs it
+            what = f"delete the lease of job {self.job_id}"
+            await self.ctx.housekeeping(what, self.ctx.store.delete_lease, self.job_id)
         if not self.config.keep_objects:
             what = f"delete the task objects of job {self.job_id}"
             await self.ctx.housekeeping(what, self.ctx.store.delete_tasks, self.job_id)

@@ -346,6 +346,11 @@ class TaskStore:
         with self._errors(f"delete {obj.value} of task {ref.index} of job {ref.job_id}"):
             self._delete_each([self._blob(ref, obj).name])
 
+    def delete_lease(self, job_id: str) -> None:
+        """Delete job ``job_id``'s lease (no electron waits on the job any more)."""
+        with self._errors(f"delete the lease of job {job_id}"):
+            self._delete_each([self.layout(job_id).lease])
+
     def renew_lease(self, job_id: str) -> None:
         """Rewrite job ``job_id``'s lease (an empty object): its update time says "still owned"."""
         with self._errors(f"renew the lease of job {job_id}"):
@@ -614,6 +619,10 @@ class AsyncTaskStore:
     async def renew_lease(self, job_id: str) -> None:
         """Rewrite job ``job_id``'s lease."""
         await anyio.to_thread.run_sync(self.sync.renew_lease, job_id, limiter=self._limiter)
+
+    async def delete_lease(self, job_id: str) -> None:
+        """Delete job ``job_id``'s lease."""
+        await anyio.to_thread.run_sync(self.sync.delete_lease, job_id, limiter=self._limiter)
 
     async def delete_tasks(self, job_id: str) -> int:
         """Delete the objects of every task of job ``job_id``; returns the count."""
