@@ -3,11 +3,16 @@ really builds, and answers its own parser reads."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import threading
+from collections.abc import Iterator, Sequence
+
 import pytest
-import requests
-from google.cloud.storage.batch import Batch, _unpack_batch_response
+from google.cloud import storage
 
 from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.compat import batch_responses
 from covalent_gcpbatch_array.local.gcs.batch_requests import (
     MAX_BATCH_CALLS,
     BatchFormatError,
@@ -19,18 +24,57 @@ from covalent_gcpbatch_array.local.gcs.batch_requests import (
 )
 
 
+class BatchEndpoint:
+    """A Cloud Storage endpoint that records each batch request and answers it as scripted."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.received: list[tuple[str, bytes]] = []  # (Content-Type, body) of each request
+        self.answers: Sequence[tuple[InnerRequest, InnerResponse]] = ()
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls) -> Iterator[BatchEndpoint]:
+        recorder: BatchEndpoint
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                recorder.received.append((self.headers["Content-Type"], body))
+                content_type, answer = compose_batch_response(recorder.answers)
+                self.send_response(200)
+                self.send_header("Content-Type", content_type.decode())
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+            recorder = cls(f"http://127.0.0.1:{server.server_address[1]}")
+            thread = threading.Thread(target=server.serve_forever)
+            thread.start()
+            try:
+                yield recorder
+            finally:
+                server.shutdown()
+                thread.join()
+
+    def client(self) -> storage.Client:
+        return make_storage_client("p", self.endpoint)
+
+
 def client_batch(names: list[str]) -> tuple[str, bytes]:
     """The Content-Type and body google-cloud-storage sends to delete ``names`` in a batch."""
-    client = make_storage_client("p", "http://127.0.0.1:9")
-    batch = Batch(client, raise_exception=False)
-    client._push_batch(batch)
-    try:
-        for name in names:
-            client.bucket("bk").blob(name).delete(retry=None)
-    finally:
-        client._pop_batch()
-    headers, body, _ = batch._prepare_batch_request()
-    return headers["Content-Type"], body.encode()
+    with BatchEndpoint.serving() as endpoint:
+        endpoint.answers = [(call("DELETE", "/"), InnerResponse(204, (), b""))] * len(names)
+        client = endpoint.client()
+        with client.batch(raise_exception=False):
+            for name in names:
+                client.bucket("bk").blob(name).delete(retry=None)
+    ((content_type, body),) = endpoint.received
+    return content_type, body
 
 
 def raw_batch(parts: list[bytes], boundary: str = "b1") -> tuple[str, bytes]:
@@ -136,12 +180,15 @@ class TestCompose:
             ),
             (call("GET", "/c"), InnerResponse(200, ((b"etag", b'"e1"'),), b'{"name": "c"}')),
         ]
-        content_type, body = compose_batch_response(answers)
-        response = requests.Response()
-        response.status_code = 200
-        response.headers["content-type"] = content_type.decode()
-        response._content = body
-        parsed = list(_unpack_batch_response(response))
+        with BatchEndpoint.serving() as endpoint:
+            endpoint.answers = answers
+            client = endpoint.client()
+            bucket = client.bucket("bk")
+            with client.batch(raise_exception=False) as batch:
+                bucket.blob("a").delete(retry=None)
+                bucket.blob("b").delete(retry=None)
+                bucket.blob("c").reload(retry=None)
+        parsed = batch_responses(batch)
         assert [r.status_code for r in parsed] == [204, 404, 200]
         assert parsed[2].json() == {"name": "c"}
         assert parsed[2].headers["etag"] == '"e1"'
