@@ -177,9 +177,13 @@ class _CaseRun:
         return {"dispatch_id": self.dispatch_id, "node_id": index}
 
     async def run(self) -> dict[str, Any]:
-        async with anyio.create_task_group() as listening:
+        async with contextlib.AsyncExitStack() as stack:
+            listener = None
             if self.case.cancel is not None:
                 listener = await anyio.create_unix_listener(self.markers / START_SOCKET)
+                await stack.enter_async_context(listener)
+            listening = await stack.enter_async_context(anyio.create_task_group())
+            if listener is not None:
                 listening.start_soon(listener.serve, self._note_start)
             async with anyio.create_task_group() as tg:
                 for index in range(self.case.electrons):

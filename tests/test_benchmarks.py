@@ -7,6 +7,7 @@ each other (never against the clock: the machine is shared).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from benchmarks.behaviour_cases import CASES, behaviour_electron, describe_error
+from benchmarks.behaviours import behaviour_path, not_run, run_behaviour
 from benchmarks.harness import Arrival, Mode, RunSpec, environment
 from benchmarks.profiling import frame_name, summarise
-from benchmarks.report import goals, headline_size, original_headline, render
+from benchmarks.report import goals, headline_size, load_behaviours, original_headline, render
 from benchmarks.storage_log import classify
 from benchmarks.suite import full_plan, original_plan, quick_plan
 
@@ -326,3 +329,125 @@ class TestPlans:
     def test_spec_json_round_trips(self) -> None:
         for planned in quick_plan():
             assert RunSpec.from_json(json.loads(json.dumps(planned.spec.to_json()))) == planned.spec
+
+
+def fake_behaviour(case: str, mode: Mode, electrons: list[dict[str, Any]], **extra: Any) -> Any:
+    """A behaviour result as benchmarks.behaviours writes it, with the given electrons."""
+    return {
+        "kind": "behaviour",
+        "case": case,
+        "question": CASES[case].question,
+        "mode": mode.value,
+        "environment": environment([1.0, 1.0, 1.0]),
+        "settings": {
+            "case": dataclasses.asdict(CASES[case]),
+            "cloud": {"provisioning_delay": 1.0, "max_running_tasks": 8},
+        },
+        "jobs_created": len(electrons),
+        "quota_refusals": 0,
+        "api_calls": {"CreateJob": len(electrons), "GetJob": 9},
+        "objects_left": 0,
+        "cancel": None,
+        "electrons": electrons,
+    } | extra
+
+
+def electron(outcome: str = "result", attempts: int = 1, started: int = 1, **extra: Any) -> Any:
+    return {
+        "outcome": outcome,
+        "value": 1,
+        "task_attempts": attempts,
+        "function_started": started,
+        "function_finished": started,
+        "returned_after_s": 2.5,
+    } | extra
+
+
+class TestBehaviours:
+    def test_what_a_caller_can_learn_from_an_error(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError) as raised:
+            behaviour_electron(0, 0.0, True, str(tmp_path))
+        assert [path.name.split(".")[:2] for path in tmp_path.iterdir()] == [["0", "started"]]
+        with pytest.raises(RuntimeError) as wrapped:
+            raise RuntimeError("electron 0 failed") from raised.value
+        kept = describe_error(wrapped.value)
+        assert kept["error_chain"] == ["RuntimeError", "ValueError"]
+        assert kept["names_user_exception"] and kept["traceback_survives"]
+        flat = describe_error(RuntimeError("electron 0 refuses its input"))
+        assert flat["error_chain"] == ["RuntimeError"]
+        assert not flat["names_user_exception"] and not flat["traceback_survives"]
+
+    def test_the_table_comes_from_the_results_only(self, tmp_path: Path) -> None:
+        raised = electron(
+            "error",
+            attempts=4,
+            started=4,
+            error_type="RuntimeError",
+            error_message="electron 0 refuses its input",
+            error_chain=["RuntimeError"],
+            names_user_exception=False,
+            traceback_survives=False,
+        )
+        results = [
+            fake_behaviour("raises", Mode.ORIGINAL, [raised, electron(), electron()]),
+            fake_behaviour(
+                "preempted", Mode.BATCHED, [electron(), electron(attempts=2), electron()]
+            ),
+            fake_behaviour(
+                "cancel",
+                Mode.BASELINE,
+                [
+                    electron(
+                        "error",
+                        function_finished=0,
+                        error_type="TaskCancelledError",
+                        error_message="the electron was cancelled",
+                        error_chain=["TaskCancelledError"],
+                        returned_after_s=3.0,
+                    ),
+                    electron(),
+                    electron(),
+                ],
+                cancel={"at_s": 2.0, "returned": "True"},
+            ),
+            not_run(CASES["quota"], Mode.ORIGINAL, "exit code 1: no venv", [1.0, 1.0, 1.0]),
+        ]
+        for result in results:
+            path = behaviour_path(tmp_path, result["case"], Mode(result["mode"]))
+            path.write_text(json.dumps(result))
+        assert load_behaviours(tmp_path) == sorted(
+            results, key=lambda r: behaviour_path(tmp_path, r["case"], Mode(r["mode"])).name
+        )
+        rows = [line for line in render(tmp_path, "").splitlines() if line.startswith("| ")][1:]
+        assert [row.split(" | ")[0] for row in rows] == [
+            f"| {CASES[name].question}" for name in ("raises", "preempted", "quota", "cancel")
+        ]
+        raises, preempted, quota, cancel = rows
+        assert "`RuntimeError`: electron 0 refuses its input" in raises
+        assert "`ValueError` named: no" in raises and "4 attempts, ran 4x" in raises
+        assert "2 attempts, ran 1x" in preempted and "all: 3/3 results" in preempted
+        assert "could not be run: exit code 1: no venv" in quota
+        assert "`cancel()` returned True" in cancel and "1 s after it" in cancel
+        assert "task stopped: yes" in cancel and "job-mates: 2/2 results" in cancel
+
+    @pytest.mark.slow
+    @pytest.mark.anyio
+    async def test_a_preempted_task_runs_again_and_its_attempts_are_counted(self) -> None:
+        result = await run_behaviour(CASES["preempted"], Mode.BATCHED)
+        electrons = result["electrons"]
+        assert [e["outcome"] for e in electrons] == ["result"] * 3
+        assert sorted(e["task_attempts"] for e in electrons) == [1, 1, 2]
+        assert [e["function_started"] for e in electrons] == [1, 1, 1]
+        assert (result["jobs_created"], result["task_attempts"]) == (1, 4)
+        assert result["environment"]["commit"]
+
+    @pytest.mark.slow
+    @pytest.mark.anyio
+    async def test_a_cancel_stops_one_task_and_not_its_job_mates(self) -> None:
+        result = await run_behaviour(CASES["cancel"], Mode.BATCHED)
+        target, *mates = result["electrons"]
+        assert result["cancel"]["returned"] == "True"
+        assert target["error_type"] == "TaskCancelledError"
+        assert (target["function_started"], target["function_finished"]) == (1, 0)
+        assert [m["outcome"] for m in mates] == ["result", "result"]
+        assert result["jobs_created"] == 1
