@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import os
 import sys
@@ -123,6 +122,7 @@ async def run_load(
     """
     import covalent  # noqa: F401  (as the Covalent server does, before the plugin)
 
+    from covalent_gcpbatch_array._core.compat import give_task_streams
     from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 
     options: dict[str, Any] = {"poll_freq": 1.0, "batch_window": 2.0, "retries": 0}
@@ -137,7 +137,7 @@ async def run_load(
     async def one(x: int) -> None:
         nonlocal right
         executor = GCPBatchArrayExecutor(**options)
-        executor._task_stdout, executor._task_stderr = io.StringIO(), io.StringIO()
+        give_task_streams(executor)
         try:
             value = await executor.run(square, [x], {}, {"dispatch_id": "load", "node_id": x})
         except Exception as exc:

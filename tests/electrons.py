@@ -24,6 +24,7 @@ import cloudpickle
 import covalent  # noqa: F401  (the Covalent server imports covalent before the plugin)
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 
+from covalent_gcpbatch_array._core.compat import give_task_streams
 from covalent_gcpbatch_array.exceptions import TaskInfrastructureError
 from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
 from covalent_gcpbatch_array.local import LocalCloud
@@ -168,8 +169,6 @@ async def fan_out(
         are known (while the electrons run), e.g. to play an attacker with bucket access
     :param overrides: executor settings over the cloud's and :data:`FAST`
     """
-    import io
-
     result = FanOut({spec.index: Outcome(spec) for spec in specs})
     handles: dict[int, tuple[str, int]] = {}
     ended: set[int] = set()
@@ -185,7 +184,7 @@ async def fan_out(
         outcome = result[spec.index]
         await anyio.sleep((arrivals or {}).get(spec.index, 0.0))
         ex = executor_for(cloud, **overrides)
-        ex._task_stdout, ex._task_stderr = io.StringIO(), io.StringIO()
+        give_task_streams(ex)
         metadata = {"dispatch_id": dispatch_id, "node_id": spec.index}
         async with anyio.create_task_group() as tg:
             if while_running is not None:

@@ -122,3 +122,21 @@ def test_in_covalent_server(tmp_path: Path) -> None:
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_give_task_streams() -> None:
+    """Covalent's execute() sets the buffers its public task_stdout/task_stderr read."""
+    import inspect
+
+    from covalent.executor.base import AsyncBaseExecutor
+
+    from covalent_gcpbatch_array.gcpbatch_array import GCPBatchArrayExecutor
+
+    execute = inspect.getsource(AsyncBaseExecutor.execute)
+    assert "self._task_stdout = io.StringIO()" in execute, execute
+    assert "self._task_stderr = io.StringIO()" in execute, execute
+    executor = GCPBatchArrayExecutor(
+        project_id="my-project", bucket_name="my-bucket", container_image_uri="runner:1"
+    )
+    stdout, stderr = compat.give_task_streams(executor)
+    assert (executor.task_stdout, executor.task_stderr) == (stdout, stderr)

@@ -24,6 +24,7 @@ from google.api_core.exceptions import NotFound
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.compat import give_task_streams
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array._core.storage import TaskStore
@@ -185,8 +186,6 @@ class TestOutcomes:
 
     @pytest.mark.anyio
     async def test_stdout_and_stderr_reach_the_executor(self, cloud: LocalCloud) -> None:
-        import io
-
         def noisy() -> str:
             import subprocess
             import sys
@@ -197,21 +196,19 @@ class TestOutcomes:
             return "ok"
 
         ex = executor(cloud)
-        ex._task_stdout, ex._task_stderr = io.StringIO(), io.StringIO()
+        stdout, stderr = give_task_streams(ex)
         assert await run_electron(ex, noisy) == "ok"
-        assert "to stdout" in ex._task_stdout.getvalue()
-        assert "from a child process" in ex._task_stdout.getvalue()
-        assert "to stderr" in ex._task_stderr.getvalue()
+        assert "to stdout" in stdout.getvalue()
+        assert "from a child process" in stdout.getvalue()
+        assert "to stderr" in stderr.getvalue()
 
     @pytest.mark.anyio
     async def test_a_quiet_electron_has_empty_streams(self, cloud: LocalCloud) -> None:
-        import io
-
         ex = executor(cloud, batch_window=0)
-        ex._task_stdout, ex._task_stderr = io.StringIO(), io.StringIO()
+        stdout, stderr = give_task_streams(ex)
         assert await run_electron(ex, pow, 2, 10) == 1024
-        assert ex._task_stdout.getvalue() == ""
-        assert ex._task_stderr.getvalue() == ""  # no warnings from the runner or the launcher
+        assert stdout.getvalue() == ""
+        assert stderr.getvalue() == ""  # no warnings from the runner or the launcher
 
     @pytest.mark.anyio
     async def test_a_preempted_task_is_retried_and_succeeds(self, cloud: LocalCloud) -> None:

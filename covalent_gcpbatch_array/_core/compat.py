@@ -9,6 +9,8 @@ so an upgrade that moves one of them fails there, loudly, instead of somewhere d
   return value only as ``_responses``);
 - google-api-core: a ``Retry``'s predicate (to judge the calls of a batch request as the
   client would judge a request of their own);
+- covalent: the per-task output buffers of an executor, which Covalent's ``execute()`` sets
+  before it calls ``run()`` (for the benchmarks and tests that call ``run()`` themselves);
 - covalent-dispatcher: whether this process is a running Covalent server (the server's startup
   sets its dispatcher's ``_global_status_queue``; no public flag says so);
 - the standard library (the Batch emulator's fork server, which runs a task's module in a
@@ -19,6 +21,7 @@ so an upgrade that moves one of them fails there, loudly, instead of somewhere d
 from __future__ import annotations
 
 import atexit
+import io
 import runpy
 import sys
 import threading
@@ -28,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import google.cloud.storage as storage
     import requests
+    from covalent.executor.base import AsyncBaseExecutor
     from google.api_core.retry import Retry
     from google.auth.credentials import Credentials
     from google.cloud.storage.batch import Batch
 
 __all__ = [
     "batch_responses",
+    "give_task_streams",
     "in_covalent_server",
     "join_non_daemon_threads",
     "retry_predicate",
@@ -63,6 +68,18 @@ def retry_predicate(retry: Retry) -> Callable[[Exception], Any]:
     """The predicate a ``google.api_core.retry.Retry`` retries on (``Retry._predicate``)."""
     predicate: Callable[[Exception], Any] = retry._predicate
     return predicate
+
+
+def give_task_streams(executor: AsyncBaseExecutor) -> tuple[io.StringIO, io.StringIO]:
+    """Give ``executor`` fresh stdout and stderr buffers for its task, and return them.
+
+    Covalent's ``AsyncBaseExecutor.execute()`` sets ``_task_stdout`` and ``_task_stderr`` before
+    it calls ``run()`` (the public ``task_stdout`` and ``task_stderr`` only read them); a caller
+    of ``run()`` outside Covalent does it here.
+    """
+    streams = io.StringIO(), io.StringIO()
+    executor._task_stdout, executor._task_stderr = streams
+    return streams
 
 
 def in_covalent_server() -> bool:
