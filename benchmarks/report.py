@@ -307,9 +307,13 @@ def _results_of(electrons: list[Result]) -> str:
     return f"{got}/{len(electrons)} results"
 
 
+def _count(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def _attempts(electron: Result) -> str:
     count = electron["task_attempts"]
-    return "no task" if count is None else f"{count} attempt{'' if count == 1 else 's'}"
+    return "no task" if count is None else _count(count, "attempt")
 
 
 def _yes(flag: bool) -> str:
@@ -352,8 +356,9 @@ def _quota_row(r: Result) -> list[str]:
     failed = "; ".join(f"{count} x {text}" for text, count in errors.items())
     got = _results_of(electrons) + (f"; failed: {failed}" if failed else "")
     last = max(e["returned_after_s"] for e in electrons)
+    creates = r["api_calls"].get("CreateJob", 0)
     runs = (
-        f"{r['jobs_created']} jobs, {r['api_calls'].get('CreateJob', 0)} CreateJob calls "
+        f"{_count(r['jobs_created'], 'job')}, {_count(creates, 'CreateJob call')} "
         f"({r['quota_refusals']} refused)"
     )
     return [got, runs, f"last answer after {_fmt(last)} s"]
