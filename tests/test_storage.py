@@ -272,6 +272,38 @@ class TestObjects:
         assert store.download(ref, TaskObject.RESULT) is None
         assert store.download(TaskRef("job-a", 4), TaskObject.INPUT) is None
 
+    def test_a_missing_object_in_a_bucket_named_bucket_is_no_result(
+        self, client: storage.Client
+    ) -> None:
+        # Only Cloud Storage's own words say the bucket is missing, not the bucket's name.
+        name = f"cga-bucket-{uuid.uuid4().hex[:8]}"
+        client.create_bucket(name)
+        store = TaskStore(client, name)
+        assert store.download(TaskRef("job-a", 0), TaskObject.RESULT) is None
+        store.upload_input(TaskRef("job-a", 0), b"i")
+        assert store.download(TaskRef("job-a", 0), TaskObject.INPUT) == b"i"
+
+    def test_inputs_and_outcomes_go_through_the_environments_proxy(
+        self,
+        make_client: Callable[..., storage.Client],
+        gcs_endpoint: str,
+        bucket: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # The input upload and outcome download skip the client's requests session; they must
+        # still use the proxy it would use.
+        for variable in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.delenv(variable, raising=False)
+        with ScriptedProxy(gcs_endpoint, status=503, fail_first=0) as proxy:
+            monkeypatch.setenv("HTTP_PROXY", proxy.endpoint)
+            store = TaskStore(make_client("p", gcs_endpoint), bucket, "runs/cga")
+            ref = TaskRef("job-p", 0)
+            store.upload_input(ref, b"via the proxy")
+            assert store.download(ref, TaskObject.INPUT) == b"via the proxy"
+        object_url = f"{gcs_endpoint}/download/storage/v1/b/{bucket}/o/runs%2Fcga%2Fjob-p"
+        assert any(path.startswith(f"POST {gcs_endpoint}/upload/") for path in proxy.paths)
+        assert any(path.startswith(f"GET {object_url}") for path in proxy.paths)
+
     def test_objects_land_at_the_layout_names(
         self, store: TaskStore, client: storage.Client, bucket: str
     ) -> None:
