@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.process import process_gone
 from tests.polling import wait_until
 
 if TYPE_CHECKING:
@@ -62,16 +62,6 @@ def batch_client(local_cloud: LocalCloud) -> batch_v1.BatchServiceClient:
 def storage_client(local_cloud: LocalCloud) -> storage.Client:
     """The real google-cloud-storage client, pointed at the session's local cloud."""
     return local_cloud.storage_client()
-
-
-def process_gone(pid: int) -> bool:
-    """Whether ``pid`` no longer runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    # The state letter follows the parenthesised command name, which may contain spaces.
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from covalent_gcpbatch_array.cli.covalent_server import CovalentServer, ServerState
+from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.exceptions import LocalCloudError
+from covalent_gcpbatch_array.local.process import Lifecycle
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def processes_with_home(home: Path) -> list[int]:
 
 class TestRunningServer:
     def test_it_lives_in_its_own_home_and_answers(self, covalent_server: CovalentServer) -> None:
-        assert covalent_server.state is ServerState.RUNNING
+        assert covalent_server.state is Lifecycle.RUNNING
         assert covalent_server.config_file.is_relative_to(covalent_server.home)
         assert covalent_server.log_file.is_relative_to(covalent_server.home)
         assert covalent_server.pid in processes_with_home(covalent_server.home)
@@ -54,7 +55,7 @@ class TestCleanup:
         server = CovalentServer(startup_timeout=0.5)
         with pytest.raises(LocalCloudError, match=r"did not finish within 0\.5 s"):
             server.start()
-        assert server.state is ServerState.STOPPED
+        assert server.state is Lifecycle.STOPPED
         home = server._home
         assert home is not None and not home.exists()
         assert wait_until(lambda: not processes_with_home(home), timeout=30)

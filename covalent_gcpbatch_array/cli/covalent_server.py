@@ -22,7 +22,6 @@ A small watchdog process kills that group too if this process dies without stopp
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import select
 import shutil
@@ -35,7 +34,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import toml
@@ -45,7 +43,13 @@ from covalent_gcpbatch_array.cli.covalent_config import (
     write_executor_config,
 )
 from covalent_gcpbatch_array.exceptions import LocalCloudError
-from covalent_gcpbatch_array.local.process import free_port, read_tail
+from covalent_gcpbatch_array.local.process import (
+    Lifecycle,
+    OneShotService,
+    free_port,
+    process_gone,
+    read_tail,
+)
 
 __all__ = ["CovalentServer"]
 
@@ -69,15 +73,7 @@ if sys.argv[2]:
 """
 
 
-class ServerState(enum.Enum):
-    """Where a CovalentServer is in its one-way lifecycle."""
-
-    NEW = "new"  # constructed, nothing started
-    RUNNING = "running"  # `covalent start` succeeded and the API answers
-    STOPPED = "stopped"  # stopped (or failed to start); cannot be started again
-
-
-class CovalentServer:
+class CovalentServer(OneShotService):
     """A Covalent server of its own: temporary HOME, free port, stopped at exit.
 
     :param executor_config: values for ``[executors.gcpbatch_array]`` in its config file
@@ -115,7 +111,7 @@ class CovalentServer:
         self._group: int | None = None  # the server's process group (`covalent start`'s pid)
         self._server_pid: int | None = None  # the uvicorn process (`python app.py`)
         self._watchdog: subprocess.Popen[bytes] | None = None
-        self.state = ServerState.NEW
+        self.state = Lifecycle.NEW
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -124,16 +120,7 @@ class CovalentServer:
 
         :raises LocalCloudError: the server did not start (the message has its log tail)
         """
-        if self.state is not ServerState.NEW:
-            raise LocalCloudError(
-                f"this CovalentServer is {self.state.value}; it starts once: make a new one"
-            )
-        self.state = ServerState.RUNNING
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        self._start_once(self._start)
         return self
 
     def stop(self) -> None:
@@ -151,21 +138,10 @@ class CovalentServer:
             if self._watchdog is not None:
                 _close_watchdog(self._watchdog)
         finally:
-            self.state = ServerState.STOPPED
+            self.state = Lifecycle.STOPPED
             self._server_pid = self._group = self._watchdog = self._cli = None
             if self._given_home is None and self._home is not None:
                 shutil.rmtree(self._home, ignore_errors=True)
-
-    def __enter__(self) -> CovalentServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _start(self) -> None:
         if self._given_home is not None:
@@ -241,7 +217,7 @@ class CovalentServer:
     @property
     def port(self) -> int:
         """The port the server listens on."""
-        if self._port is None or self.state is not ServerState.RUNNING:
+        if self._port is None or self.state is not Lifecycle.RUNNING:
             raise LocalCloudError(f"this CovalentServer is {self.state.value}, not running")
         return self._port
 
@@ -289,9 +265,9 @@ class CovalentServer:
     def is_running(self) -> bool:
         """Whether the server process is alive."""
         return (
-            self.state is ServerState.RUNNING
+            self.state is Lifecycle.RUNNING
             and self._server_pid is not None
-            and not _process_gone(self._server_pid)
+            and not process_gone(self._server_pid)
         )
 
     # -- its config -----------------------------------------------------------------------
@@ -374,14 +350,6 @@ def _children(pid: int) -> list[int]:
     return pids
 
 
-def _process_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 def _wait_gone(pid: int, timeout: float) -> bool:
     """Wait up to ``timeout`` s for a process that is not our child to exit."""
     try:
@@ -391,9 +359,9 @@ def _wait_gone(pid: int, timeout: float) -> bool:
         return True
     except (AttributeError, OSError):  # no pidfd (old kernel or not Linux): poll /proc
         deadline = time.monotonic() + timeout
-        while not _process_gone(pid) and time.monotonic() < deadline:
+        while not process_gone(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        return _process_gone(pid)
+        return process_gone(pid)
     try:
         readable, _, _ = select.select([descriptor], [], [], timeout)
         return bool(readable)

@@ -54,6 +54,8 @@ from covalent_gcpbatch_array.local.batch.faults import (
 from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
 from covalent_gcpbatch_array.local.logging.resources import JOB_RESOURCE, RESOURCE_TYPES
 from covalent_gcpbatch_array.local.process import (
+    Lifecycle,
+    OneShotService,
     Spawner,
     read_ready_line,
     read_tail,
@@ -83,15 +85,7 @@ class _Unset(enum.Enum):
 _UNSET: Final = _Unset.UNSET
 
 
-class CloudState(enum.Enum):
-    """Where a LocalCloud is in its one-way lifecycle."""
-
-    NEW = "new"  # constructed, nothing started
-    RUNNING = "running"  # both servers up, bucket created
-    STOPPED = "stopped"  # stopped (or failed to start); cannot be started again
-
-
-class LocalCloud:
+class LocalCloud(OneShotService):
     """Google Batch (our emulator) and Cloud Storage (fake-gcs-server) on local ports.
 
     :param provisioning_delay: seconds from a job's creation to its first task start
@@ -201,7 +195,7 @@ class LocalCloud:
         self._batch_grpc_endpoint: str | None = None
         self._proxy_process: subprocess.Popen[bytes] | None = None  # with gcs_proxy only
         self._proxy_endpoint: str | None = None
-        self.state = CloudState.NEW
+        self.state = Lifecycle.NEW
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -223,20 +217,9 @@ class LocalCloud:
             if self._gcs is not None:
                 self._gcs.stop()
         finally:
-            self.state = CloudState.STOPPED
+            self.state = Lifecycle.STOPPED
             if self._given_workdir is None and self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __enter__(self) -> LocalCloud:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     async def __aenter__(self) -> LocalCloud:
         # Waiting happens in a worker thread; the processes are forked on the event loop's
@@ -262,33 +245,27 @@ class LocalCloud:
             await anyio.to_thread.run_sync(self.stop)
 
     def _start(self, spawn: Spawner) -> None:
-        if self.state is not CloudState.NEW:
-            raise LocalCloudError(
-                f"this LocalCloud is {self.state.value}; a LocalCloud starts once: make a new one"
-            )
-        self.state = CloudState.RUNNING
-        try:
-            if self._given_workdir is not None:
-                self._given_workdir.mkdir(parents=True, exist_ok=True)
-                self._workdir = self._given_workdir
-            else:
-                self._workdir = Path(tempfile.mkdtemp(prefix="cga-local-cloud-"))
-            self._gcs = GcsEmulator.start(
-                host=self.host,
-                port=self.storage_port,
-                log_dir=self._workdir,
-                startup_timeout=self.startup_timeout,
-                spawn=spawn,
-            )
-            self._gcs.create_bucket(self.bucket_name, self.project_id)
-            if self.gcs_proxy:
-                self._start_gcs_proxy(spawn, self._gcs.endpoint, self._workdir)
-            # Tasks send no batch requests: they need the proxy's hop only to meet faults.
-            task_storage = self._proxy_endpoint if self.gcs_faults else self._gcs.endpoint
-            self._start_batch_server(spawn, task_storage or self._gcs.endpoint, self._workdir)
-        except BaseException:
-            self.stop()
-            raise
+        self._start_once(functools.partial(self._start_servers, spawn))
+
+    def _start_servers(self, spawn: Spawner) -> None:
+        if self._given_workdir is not None:
+            self._given_workdir.mkdir(parents=True, exist_ok=True)
+            self._workdir = self._given_workdir
+        else:
+            self._workdir = Path(tempfile.mkdtemp(prefix="cga-local-cloud-"))
+        self._gcs = GcsEmulator.start(
+            host=self.host,
+            port=self.storage_port,
+            log_dir=self._workdir,
+            startup_timeout=self.startup_timeout,
+            spawn=spawn,
+        )
+        self._gcs.create_bucket(self.bucket_name, self.project_id)
+        if self.gcs_proxy:
+            self._start_gcs_proxy(spawn, self._gcs.endpoint, self._workdir)
+        # Tasks send no batch requests: they need the proxy's hop only to meet faults.
+        task_storage = self._proxy_endpoint if self.gcs_faults else self._gcs.endpoint
+        self._start_batch_server(spawn, task_storage or self._gcs.endpoint, self._workdir)
 
     def _start_batch_server(self, spawn: Spawner, storage_endpoint: str, workdir: Path) -> None:
         argv = [
@@ -427,7 +404,7 @@ class LocalCloud:
     def is_running(self) -> bool:
         """Whether every server process (both servers, and the proxy if any) is alive."""
         return (
-            self.state is CloudState.RUNNING
+            self.state is Lifecycle.RUNNING
             and self._batch_process is not None
             and self._batch_process.poll() is None
             and self._gcs is not None
@@ -644,7 +621,7 @@ class LocalCloud:
     # -- internals ------------------------------------------------------------------------
 
     def _running(self) -> tuple[str, GcsEmulator]:
-        if self.state is not CloudState.RUNNING or self._batch_endpoint is None or not self._gcs:
+        if self.state is not Lifecycle.RUNNING or self._batch_endpoint is None or not self._gcs:
             raise LocalCloudError(
                 f"this LocalCloud is {self.state.value}, not running: use it inside "
                 "`with LocalCloud(...) as cloud:` (or call start())"

@@ -5,12 +5,17 @@ to clean up. Linux's ``PR_SET_PDEATHSIG`` does that from the kernel side. It fir
 *thread* that forked the child exits, not the whole process, so processes must be spawned from a
 thread that lives as long as they do (the main thread or the event loop's thread, never a
 short-lived worker thread).
+
+:class:`OneShotService` is the lifecycle of a service made of such processes (``LocalCloud``,
+``CovalentServer``): it starts once, stops idempotently, and is its own context manager.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
+import enum
 import functools
 import os
 import selectors
@@ -20,14 +25,18 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol
+from types import TracebackType
+from typing import IO, Any, Protocol, TypeVar
 
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 
 __all__ = [
+    "Lifecycle",
+    "OneShotService",
     "Spawner",
     "die_with_parent",
     "free_port",
+    "process_gone",
     "read_ready_line",
     "read_tail",
     "set_parent_death_signal",
@@ -167,6 +176,16 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
     return process.returncode
 
 
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    # The state letter follows the parenthesised command name, which may contain spaces.
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 def read_tail(path: Path, max_bytes: int = 4000) -> str:
     """Return the last ``max_bytes`` of a log file as text ("" if it does not exist)."""
     try:
@@ -176,3 +195,55 @@ def read_tail(path: Path, max_bytes: int = 4000) -> str:
             return file.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+class Lifecycle(enum.Enum):
+    """Where a :class:`OneShotService` is in its one-way lifecycle."""
+
+    NEW = "new"  # constructed, nothing started
+    RUNNING = "running"  # started, its processes answered
+    STOPPED = "stopped"  # stopped (or failed to start); cannot be started again
+
+
+_Service = TypeVar("_Service", bound="OneShotService")
+
+
+class OneShotService(abc.ABC):
+    """A service of local processes that starts once and stops idempotently."""
+
+    state: Lifecycle = Lifecycle.NEW
+
+    @abc.abstractmethod
+    def start(self: _Service) -> _Service:
+        """Start the service (through :meth:`_start_once`) and return it."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop whatever was started; callable at any point, and more than once."""
+
+    def _start_once(self, start_up: Callable[[], None]) -> None:
+        """Run ``start_up``, the first time only; if it fails, stop what it started.
+
+        :raises LocalCloudError: the service was started before
+        """
+        if self.state is not Lifecycle.NEW:
+            raise LocalCloudError(
+                f"this {type(self).__name__} is {self.state.value}; it starts once: make a new one"
+            )
+        self.state = Lifecycle.RUNNING
+        try:
+            start_up()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self: _Service) -> _Service:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
