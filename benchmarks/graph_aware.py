@@ -107,6 +107,7 @@ def fan_out_workflow(ct: Any) -> Any:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--big", action="store_true", help="also 1,000 electrons")
+    parser.add_argument("--big-only", action="store_true", help="only 1,000 electrons")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each demo case")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     options = parser.parse_args(argv)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
         cloudpickle.register_pickle_by_value(sys.modules["benchmarks.harness"])
         grid = (list(demo_workflow.DEFAULT_C_VALUES), list(demo_workflow.DEFAULT_GAMMA_VALUES))
-        for _ in range(options.repeat):
+        for _ in range(0 if options.big_only else options.repeat):
             for machine, busy in (("idle", 0), ("loaded", 2)):
                 for graph_aware in (True, False):
                     with busy_processes(busy):
@@ -150,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
             "timers": {"graph_aware": False},
             "one job per electron": {"graph_aware": False, "batch_window": 0.0},
         }
-        for mode, settings in small.items():
+        for mode, settings in () if options.big_only else small.items():
             row = run_one(ct, cloud, server, fan_out, (10,), "sleepy_electron", settings)
             record("10 electrons", mode=mode, **row)
-        if options.big:
+        if options.big or options.big_only:
             for graph_aware in (True, False):
                 row = run_one(
                     ct,
