@@ -17,15 +17,18 @@ import grpc
 import pytest
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
+from google.protobuf import json_format
 
 from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS
 from covalent_gcpbatch_array.local import LocalCloud
+from covalent_gcpbatch_array.local.batch.grpc_api import _ListConverter
 from tests.polling import job_reached
 
 JobState = batch_v1.JobStatus.State
 TaskState = batch_v1.TaskStatus.State
 FINAL = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 MASK = ("x-goog-fieldmask", ",".join(TASK_STATE_FIELDS))
+PARENT_OF_TASKS = "projects/p/locations/us-east1/jobs/j/taskGroups/group0/tasks"
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +277,31 @@ class TestErrors:
         with pytest.raises(api_exceptions.NotFound):
             client.get_job(name=f"{parent(cloud)}/jobs/any", retry=None)
         assert cloud.stats()["api_calls"]["GetJob"] == before + 2
+
+
+class TestListConversion:
+    """A list answer's elements are converted once per content, to the same message."""
+
+    @staticmethod
+    def answer(*states: str) -> dict[str, Any]:
+        tasks = [
+            {"name": f"{PARENT_OF_TASKS}/{index}", "status": {"state": state}}
+            for index, state in enumerate(states)
+        ]
+        return {"tasks": tasks, "nextPageToken": "2"}
+
+    def test_the_message_is_what_parse_dict_makes(self) -> None:
+        convert = _ListConverter(batch_v1.ListTasksResponse.pb(), "tasks", batch_v1.Task.pb())
+        for answer in (self.answer("RUNNING", "PENDING"), self.answer("SUCCEEDED", "PENDING")):
+            expected = json_format.ParseDict(answer, batch_v1.ListTasksResponse.pb()())
+            assert convert(answer) == expected  # the second: one task changed, one seen before
+            assert convert(answer) == expected  # every element seen before
+        assert convert({}) == batch_v1.ListTasksResponse.pb()()
+
+    def test_a_converted_element_is_not_changed_by_its_response(self) -> None:
+        convert = _ListConverter(batch_v1.ListTasksResponse.pb(), "tasks", batch_v1.Task.pb())
+        first = convert(self.answer("SUCCEEDED"))
+        first.tasks[0].status.state = int(batch_v1.TaskStatus.State.FAILED)
+        assert convert(self.answer("SUCCEEDED")).tasks[0].status.state == (
+            batch_v1.TaskStatus.State.SUCCEEDED
+        )

@@ -14,6 +14,11 @@ local cloud does not reproduce, ...) with the same ``google.rpc`` details (``Bad
 ``ErrorInfo``) in ``grpc-status-details-bin``, which ``google.api_core`` reads. The response
 field mask is the ``x-goog-fieldmask`` metadata, as on Google's gRPC endpoints.
 
+Answers are converted from JSON with ``json_format.ParseDict``, which walks a message field by
+field in Python (about 60 us for a whole task); a ListTasks or ListJobs answer converts each
+task or job once per distinct content (:class:`_ListConverter`), as a poller lists the same
+finished tasks again and again.
+
 The server is ``grpc.aio``'s, on the emulator's own event loop: handlers run between the REST
 handlers and the scheduler's tasks, never in a thread of ours. It listens without TLS; clients
 reach it through an insecure channel (see ``LocalCloud.batch_grpc_client``).
@@ -21,7 +26,9 @@ reach it through an insecure channel (see ``LocalCloud.batch_grpc_client``).
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -55,9 +62,55 @@ NOT_REPRODUCED = (
 # The details ApiError carries must be known to the JSON parser when a status is built.
 _DETAIL_TYPES = (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo)
 
+# Converted list elements kept (a whole task's message and key take about 3 KB).
+_CONVERTED_ELEMENTS = 10_000
+
 #: An RPC's body: the request message in, the response in Google's JSON form out.
 Body = Callable[[Any], dict[str, Any]]
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+#: Turns an answer in JSON form into a new response message.
+Converter = Callable[[dict[str, Any]], Message]
+
+
+class _ListConverter:
+    """A list answer's JSON to its message, each element converted once per distinct content.
+
+    :param response_type: the response message (``ListTasksResponse``'s protobuf)
+    :param field: its repeated field of elements (``tasks``)
+    :param element_type: that field's message (``Task``'s protobuf)
+    """
+
+    def __init__(
+        self, response_type: type[Message], field: str, element_type: type[Message]
+    ) -> None:
+        self._response_type = response_type
+        self._field = field
+        self._element_type = element_type
+        self._converted: OrderedDict[str, Message] = OrderedDict()  # by JSON text, LRU order
+
+    def __call__(self, answer: dict[str, Any]) -> Message:
+        rest = {key: value for key, value in answer.items() if key != self._field}
+        response = json_format.ParseDict(rest, self._response_type())
+        getattr(response, self._field).extend(
+            self._element(element) for element in answer.get(self._field, ())
+        )
+        return response
+
+    def _element(self, element: dict[str, Any]) -> Message:
+        key = json.dumps(element)  # about a tenth of ParseDict's time
+        message = self._converted.get(key)
+        if message is None:
+            message = json_format.ParseDict(element, self._element_type())
+            self._converted[key] = message
+            if len(self._converted) > _CONVERTED_ELEMENTS:
+                self._converted.popitem(last=False)
+        else:
+            self._converted.move_to_end(key)
+        return message
+
+
+def _parse_dict(response_type: type[Message]) -> Converter:
+    return lambda answer: json_format.ParseDict(answer, response_type())
 
 
 def grpc_server(rpcs: BatchRpcs) -> grpc.aio.Server:
@@ -72,7 +125,15 @@ def grpc_server(rpcs: BatchRpcs) -> grpc.aio.Server:
 
 
 def _handlers(rpcs: BatchRpcs) -> tuple[grpc.GenericRpcHandler, ...]:
-    def rpc(method: str, request_type: Any, response_type: Any, body: Body) -> Any:
+    def rpc(
+        method: str,
+        request_type: Any,
+        response_type: Any,
+        body: Body,
+        convert: Converter | None = None,
+    ) -> Any:
+        to_message = convert or _parse_dict(response_type)
+
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Message:
             try:
                 mask = rpcs.begin(method, _metadata(context, FIELD_MASK_KEY))
@@ -86,7 +147,7 @@ def _handlers(rpcs: BatchRpcs) -> tuple[grpc.GenericRpcHandler, ...]:
                 )
             if mask is not None:
                 answer = mask.apply(answer)
-            return json_format.ParseDict(answer, response_type())
+            return to_message(answer)
 
         return grpc.unary_unary_rpc_method_handler(
             handler,
@@ -114,6 +175,7 @@ def _handlers(rpcs: BatchRpcs) -> tuple[grpc.GenericRpcHandler, ...]:
             batch_v1.ListJobsRequest,
             batch_v1.ListJobsResponse.pb(),
             lambda r: rpcs.list_jobs(r.parent, r.filter, r.order_by, r.page_size, r.page_token),
+            _ListConverter(batch_v1.ListJobsResponse.pb(), "jobs", job),
         ),
         "DeleteJob": rpc(
             "DeleteJob", batch_v1.DeleteJobRequest, operation, lambda r: rpcs.delete_job(r.name)
@@ -126,6 +188,7 @@ def _handlers(rpcs: BatchRpcs) -> tuple[grpc.GenericRpcHandler, ...]:
             batch_v1.ListTasksRequest,
             batch_v1.ListTasksResponse.pb(),
             lambda r: rpcs.list_tasks(*_task_group(r.parent), r.filter, r.page_size, r.page_token),
+            _ListConverter(batch_v1.ListTasksResponse.pb(), "tasks", batch_v1.Task.pb()),
         ),
         "GetTask": rpc(
             "GetTask",
