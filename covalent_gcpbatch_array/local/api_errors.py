@@ -10,13 +10,19 @@ end sends the status name's gRPC code.
 An HTTP status does not name the error alone: Google answers 400 for INVALID_ARGUMENT,
 FAILED_PRECONDITION and OUT_OF_RANGE alike (``google/rpc/code.proto``), so an error may carry
 its status name; without one it gets the usual name of its HTTP status (:data:`STATUS_NAMES`).
+:func:`error_response` renders one for the REST front ends (Batch and Logging), which read a
+request's body with :func:`json_object`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["HTTP_STATUSES", "STATUS_NAMES", "ApiError"]
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+__all__ = ["HTTP_STATUSES", "STATUS_NAMES", "ApiError", "error_response", "json_object"]
 
 #: google.rpc.Code name -> the HTTP status Google's REST APIs answer it with (code.proto).
 HTTP_STATUSES: dict[str, int] = {
@@ -141,3 +147,24 @@ class ApiError(Exception):
         if details:
             body["details"] = details
         return {"error": body}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """The REST answer to a refused call: Google's error body, with its HTTP status."""
+    return JSONResponse(exc.to_json(), status_code=exc.code)
+
+
+async def json_object(request: Request, what: str) -> dict[str, Any]:
+    """The request's body, a JSON object (an empty body is ``{}``).
+
+    :param what: the request message, for the error (e.g. ``ListLogEntriesRequest``)
+    :raises ApiError: 400, the body is not JSON or not an object
+    """
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object ({what}), got {body!r:.80}")
+    return body

@@ -13,7 +13,6 @@ The RPCs themselves, shared with the gRPC front end, are :class:`.rpcs.BatchRpcs
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from covalent_gcpbatch_array.local.api_errors import ApiError
+from covalent_gcpbatch_array.local.api_errors import ApiError, error_response, json_object
 from covalent_gcpbatch_array.local.batch.attempt import attempt_output
 from covalent_gcpbatch_array.local.batch.rpcs import BatchRpcs
 from covalent_gcpbatch_array.local.field_mask import field_mask_text
@@ -58,7 +57,7 @@ def create_app(rpcs: BatchRpcs) -> Starlette:
                 mask = rpcs.begin(method, field_mask_text(request.headers, request.query_params))
                 body = await handler(request)
             except ApiError as exc:
-                return _error(exc)
+                return error_response(exc)
             return JSONResponse(body if mask is None else mask.apply(body))
 
         return endpoint
@@ -86,7 +85,7 @@ def create_app(rpcs: BatchRpcs) -> Starlette:
         return rpcs.delete_job(_job_name(request))
 
     async def cancel_job(request: Request) -> dict[str, Any]:
-        await _json_object(request)  # a CancelJobRequest: only requestId, which is optional
+        await json_object(request, "CancelJobRequest")  # only requestId, which is optional
         return rpcs.cancel_job(_job_name(request))
 
     async def get_operation(request: Request) -> dict[str, Any]:
@@ -114,9 +113,9 @@ def create_app(rpcs: BatchRpcs) -> Starlette:
             try:
                 return await handler(request)
             except ApiError as exc:
-                return _error(exc)
+                return error_response(exc)
             except (ValueError, TypeError) as exc:
-                return _error(ApiError(400, str(exc)))
+                return error_response(ApiError(400, str(exc)))
 
         return endpoint
 
@@ -124,7 +123,7 @@ def create_app(rpcs: BatchRpcs) -> Starlette:
         return JSONResponse(scheduler.stats.to_json())
 
     async def fail_calls(request: Request) -> Response:
-        body = await _json_object(request)
+        body = await json_object(request, "the admin request")
         method = _get(body, "method", str)
         status = _get(body, "status", int)
         count = _get(body, "count", int, 1)
@@ -132,7 +131,7 @@ def create_app(rpcs: BatchRpcs) -> Starlette:
         return JSONResponse({"pending": scheduler.call_faults.pending()})
 
     async def fail_task(request: Request) -> Response:
-        body = await _json_object(request)
+        body = await json_object(request, "the admin request")
         scheduler.task_faults.add(
             index=_get(body, "index", int),
             attempt=_get(body, "attempt", int, 0),
@@ -145,7 +144,7 @@ def create_app(rpcs: BatchRpcs) -> Starlette:
     async def settings(request: Request) -> Response:
         if request.method == "GET":
             return JSONResponse(scheduler.settings_json())
-        return JSONResponse(scheduler.configure(await _json_object(request)))
+        return JSONResponse(scheduler.configure(await json_object(request, "the admin request")))
 
     async def task_output(request: Request) -> Response:
         params = request.path_params
@@ -195,17 +194,13 @@ def create_app(rpcs: BatchRpcs) -> Starlette:
 
 
 async def _not_reproduced(request: Request) -> Response:
-    return _error(
+    return error_response(
         ApiError(
             501,
             f"Method {request.method} {request.url.path} is not implemented by the emulator "
             f"(not supported by the local cloud; see docs/local-cloud.md)",
         )
     )
-
-
-def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.code)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -218,12 +213,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         )
     else:
         error = ApiError(404, f"Unknown path {request.url.path}: not a Batch v1 resource")
-    return _error(error)
+    return error_response(error)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.exception("error answering %s %s", request.method, request.url.path)
-    return _error(ApiError(500, f"Internal error in the Batch emulator: {exc!r}"))
+    return error_response(ApiError(500, f"Internal error in the Batch emulator: {exc!r}"))
 
 
 def _parent(request: Request) -> str:
@@ -240,17 +235,6 @@ def _page_size(request: Request) -> int:
     if not text.isdigit():
         raise ApiError.invalid_argument("page_size", f"must be an integer >= 0, got {text!r}")
     return int(text)
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    try:
-        value = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise ApiError(400, f"the body is not JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ApiError(400, f"the body must be a JSON object, got {value!r:.80}")
-    return value
 
 
 _MISSING = object()

@@ -39,7 +39,6 @@ job, as on Google: a deleted job's lines are still listed.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from covalent_gcpbatch_array.local.api_errors import ApiError
+from covalent_gcpbatch_array.local.api_errors import ApiError, error_response, json_object
 from covalent_gcpbatch_array.local.batch.state import JobRecord, rfc3339
 from covalent_gcpbatch_array.local.logging.query import FilterError, parse_filter
 from covalent_gcpbatch_array.local.logging.resources import (
@@ -225,7 +224,7 @@ def logging_routes(index: TaskLogIndex) -> list[Route]:
 
     async def list_entries(request: Request) -> Response:
         try:
-            body = await _json_body(request)
+            body = await json_object(request, "ListLogEntriesRequest")
             if unknown := sorted(set(body) - REQUEST_FIELDS):
                 raise ApiError(400, f"Invalid JSON payload received. Unknown name {unknown[0]!r}")
             if "projectIds" in body:
@@ -237,9 +236,9 @@ def logging_routes(index: TaskLogIndex) -> list[Route]:
             descending = _order(_string(body, "orderBy"))
             size, start = _page(body)
         except FilterError as exc:
-            return _error(ApiError.invalid_argument("filter", f"Unparseable filter: {exc}"))
+            return error_response(ApiError.invalid_argument("filter", f"Unparseable filter: {exc}"))
         except ApiError as exc:
-            return _error(exc)
+            return error_response(exc)
         # Reading the files blocks: keep the emulator's event loop free meanwhile.
         entries = await anyio.to_thread.run_sync(index.entries, projects)
         selected = [entry for entry in entries if predicate(entry)]
@@ -252,21 +251,6 @@ def logging_routes(index: TaskLogIndex) -> list[Route]:
         return JSONResponse(answer)
 
     return [Route("/v2/entries:list", list_entries, methods=["POST"])]
-
-
-def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.code)
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError as exc:
-        raise ApiError(400, f"the request body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object (ListLogEntriesRequest)")
-    return body
 
 
 def _string(body: Mapping[str, Any], key: str) -> str:
