@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -26,8 +25,7 @@ from covalent_gcpbatch_array.config import ExecutorConfig
 from covalent_gcpbatch_array.exceptions import GCPBatchArrayError
 from covalent_gcpbatch_array.local import LocalCloud, LocalCloudError
 from covalent_gcpbatch_array.local.process import free_port
-
-TERMINAL = (batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED)
+from tests.polling import job_reached, wait_until
 
 # What each task of the object-writing job runs: the real storage client, reaching the local
 # GCS only through STORAGE_EMULATOR_HOST, which the emulator sets as a VM's environment would.
@@ -40,18 +38,6 @@ WRITE_OBJECT = textwrap.dedent(
     blob.upload_from_string(f"task {index} of {count}", if_generation_match=0)
     """
 )
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 60.0, interval: float = 0.02
-) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(interval)
-    return True
 
 
 def parent_of(cloud: LocalCloud) -> str:
@@ -82,14 +68,7 @@ def run_job(
     created = client.create_job(
         parent=parent_of(cloud), job=job, job_id=f"t-{uuid.uuid4().hex[:12]}"
     )
-    last: list[batch_v1.Job] = [created]
-
-    def ended() -> bool:
-        last[0] = client.get_job(name=created.name)
-        return last[0].status.state in TERMINAL
-
-    assert wait_until(ended, timeout=timeout, interval=0.05), last[0].status
-    return last[0]
+    return job_reached(client, created.name, {"SUCCEEDED", "FAILED"}, timeout=timeout)
 
 
 def our_children() -> set[int]:
@@ -290,12 +269,7 @@ class TestConfiguration:
             assert list(client.list_tasks(parent=group)) == []  # not provisioned yet
             assert not client.get_job(name=cancelled.name).status.task_groups  # nor counted
             client.cancel_job(name=cancelled.name)
-            assert wait_until(
-                lambda: (
-                    client.get_job(name=cancelled.name).status.state
-                    == batch_v1.JobStatus.State.CANCELLED
-                )
-            )
+            job_reached(client, cancelled.name, {"CANCELLED"}, timeout=30)
             deleted = client.create_job(
                 parent=parent_of(cloud), job=script_job("true", 1), job_id="slow-delete"
             )
@@ -415,7 +389,7 @@ class TestLifecycle:
             )
             with pytest.raises(LocalCloudError, match="Batch emulator exited"):
                 cloud.start()
-        assert wait_until(lambda: our_children() <= children_before)
+        wait_until(lambda: our_children() <= children_before, what="our children to end")
         assert not answers(f"http://127.0.0.1:{storage_port}/storage/v1/b")
 
     def test_no_orphans_when_the_owner_is_killed(

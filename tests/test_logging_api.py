@@ -21,7 +21,7 @@ from covalent_gcpbatch_array.local.logging.resources import (
     JOB_RESOURCE,
     monitored_resource,
 )
-from tests.conftest import wait_until
+from tests.polling import job_reached
 
 FINAL = ("SUCCEEDED", "FAILED")
 
@@ -173,7 +173,7 @@ def _run_job(
         job=job,
         job_id=f"logs-{uuid.uuid4().hex[:12]}",
     )
-    assert wait_until(lambda: client.get_job(name=made.name).status.state.name in FINAL, 60)
+    job_reached(client, made.name, FINAL)
     return made
 
 
