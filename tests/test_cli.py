@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,24 +21,30 @@ from pathlib import Path
 import pytest
 
 from covalent_gcpbatch_array.cli.main import build_parser, main
+from tests.polling import wait_until
 
 CLI = [sys.executable, "-m", "covalent_gcpbatch_array.cli.main"]
 
 
 def read_until(process: subprocess.Popen[bytes], marker: str, timeout: float = 120.0) -> str:
     """Read ``process``'s stdout until ``marker`` appears; fail with what came if it does not."""
-    assert process.stdout is not None
-    received = b""
-    deadline = time.monotonic() + timeout
+    stdout = process.stdout
+    assert stdout is not None
+    received = bytearray()
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while marker.encode() not in received:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no {marker!r} within {timeout} s; got {received!r}"
-            if selector.select(remaining):
-                chunk = os.read(process.stdout.fileno(), 65536)
-                assert chunk, f"stdout closed before {marker!r}; got {received!r}"
-                received += chunk
+        selector.register(stdout, selectors.EVENT_READ)
+
+        def arrived() -> bool:
+            if selector.select(0.1):
+                chunk = os.read(stdout.fileno(), 65536)
+                assert chunk, f"stdout closed before {marker!r}; got {bytes(received)!r}"
+                received.extend(chunk)
+            return marker.encode() in received
+
+        def seen() -> str:
+            return f"{marker!r} on stdout; got {bytes(received)!r}"
+
+        wait_until(arrived, what=seen, timeout=timeout, interval=0)
     return received.decode()
 
 
