@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
+from typing import TypeVar
 
 from covalent_gcpbatch_array.cli.doctor import add_doctor_command
 from covalent_gcpbatch_array.cli.jobs import add_inspect_commands
@@ -84,35 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- argument types ---------------------------------------------------------------------------
 
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_Number = TypeVar("_Number", int, float)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def _bounded(
+    convert: Callable[[str], _Number], what: str, low: _Number, high: _Number | None = None
+) -> Callable[[str], _Number]:
+    """An argument type: ``convert(text)`` (``what`` it must look like), ``low`` to ``high``."""
+
+    def parse(text: str) -> _Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= low and (high is None or value <= high)):  # NaN is neither
+            limits = f">= {low:g}" if high is None else f"{low:g}..{high:g}"
+            raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0..65535, got {text}")
-    return value
+_non_negative_float = _bounded(float, "a number of seconds", 0.0)
+_positive_int = _bounded(int, "a whole number", 1)
+_port = _bounded(int, "a port number", 0, 65535)
 
 
 # -- gcpbatch-array local ---------------------------------------------------------------------
