@@ -24,7 +24,7 @@ from typing import Any
 
 import toml
 
-from .harness import Mode, RunSpec, count_objects, environment
+from .harness import Mode, RunSpec, cloud_counts, count_objects, environment
 from .measure import machine_load, sleepy_electron
 from .original_plugin.run import cloud_options, plugin_env, plugin_settings
 from .original_plugin.venv import ensure_seed_venv
@@ -147,12 +147,7 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
             dispatch_id = ct.dispatch(workflow, dispatcher_addr=server.address)(
                 spec.electrons, spec.task_seconds
             )
-            result = ct.get_result(
-                dispatch_id,
-                wait=True,
-                dispatcher_addr=server.address,
-                results_dir=str(server.results_dir),
-            )
+            result = server.result(dispatch_id)
             workflow_seconds = time.monotonic() - started
             cpu_at_result = sum(process.cpu_times()[:2]) - cpu_before
             stats = _settled_stats(cloud)
@@ -177,7 +172,6 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
         failed = [n for n in electrons if str(n["status"]) != "COMPLETED"]
         status = str(result.status)
 
-    api_calls = {method: int(count) for method, count in stats["api_calls"].items() if count}
     return {
         "kind": "fanout",
         "spec": spec.to_json(),
@@ -189,13 +183,7 @@ def run_covalent_fanout(spec: RunSpec) -> dict[str, Any]:
         "succeeded": spec.electrons - len(failed),
         "failed": len(failed),
         "errors_sample": [str(n["error"])[:500] for n in failed[:5]],
-        "jobs_created": int(stats["jobs_created"]),
-        "vm_boots": int(stats["jobs_created"]),
-        "task_attempts": int(stats["task_attempts"]),
-        "api_calls": api_calls,
-        "api_calls_total": sum(api_calls.values()),
-        "storage_ops": storage,
-        "storage_ops_total": sum(storage.values()),
+        **cloud_counts(stats, storage),
         "arrival_span_s": round(max(starts) - min(starts), 3) if starts else None,
         "time_to_first_result_s": round(min(ends), 3) if ends else None,
         "time_to_last_result_s": round(max(ends), 3) if ends else None,

@@ -73,9 +73,7 @@ def run_one(
     dispatched_at = datetime.now(timezone.utc)
     started = time.monotonic()
     dispatch_id = ct.dispatch(workflow, dispatcher_addr=server.address)(*args)
-    result = ct.get_result(
-        dispatch_id, wait=True, dispatcher_addr=server.address, results_dir=str(server.results_dir)
-    )
+    result = server.result(dispatch_id)
     workflow_s = time.monotonic() - started
     nodes = [
         result.get_node_result(n)

@@ -187,22 +187,30 @@ async def run_fanout(spec: RunSpec) -> dict[str, Any]:
         stats = await anyio.to_thread.run_sync(cloud.stats)
         storage = storage_log.operations()
         objects_left = await anyio.to_thread.run_sync(count_objects, cloud)
-    api_calls = {method: int(count) for method, count in stats["api_calls"].items() if count}
     return {
         "kind": "fanout",
         "spec": spec.to_json(),
         "environment": environment(load_before),
         "electrons": spec.electrons,
+        **cloud_counts(stats, storage),
+        "objects_left": objects_left,
+        "target_s": round(spec.target_seconds, 3),
+        **measured,
+    }
+
+
+def cloud_counts(stats: Mapping[str, Any], storage: Mapping[str, int]) -> dict[str, Any]:
+    """A row's counts from the Batch emulator's ``stats`` and the storage operations of a run:
+    jobs, VM boots (one per job), task attempts, API calls by method and storage operations."""
+    api_calls = {method: int(count) for method, count in stats["api_calls"].items() if count}
+    return {
         "jobs_created": int(stats["jobs_created"]),
         "vm_boots": int(stats["jobs_created"]),
         "task_attempts": int(stats["task_attempts"]),
         "api_calls": api_calls,
         "api_calls_total": sum(api_calls.values()),
-        "storage_ops": storage,
+        "storage_ops": dict(storage),
         "storage_ops_total": sum(storage.values()),
-        "objects_left": objects_left,
-        "target_s": round(spec.target_seconds, 3),
-        **measured,
     }
 
 

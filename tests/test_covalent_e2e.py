@@ -56,9 +56,7 @@ def wait_result(server: CovalentServer, dispatch_id: str) -> Result:
         timeout=_DISPATCH_TIMEOUT,
         interval=0.3,
     )
-    return ct.get_result(
-        dispatch_id, wait=True, dispatcher_addr=server.address, results_dir=str(server.results_dir)
-    )
+    return server.result(dispatch_id)
 
 
 def nodes_named(result: Result, name: str) -> list[dict[str, Any]]:

@@ -6,8 +6,7 @@ port, and stops it at exit even when the block fails::
 
     with LocalCloud() as cloud, CovalentServer(executor_config=cloud.executor_config()) as server:
         dispatch_id = ct.dispatch(workflow, dispatcher_addr=server.address)(...)
-        result = ct.get_result(dispatch_id, wait=True, dispatcher_addr=server.address,
-                               results_dir=str(server.results_dir))
+        result = server.result(dispatch_id)  # ct.get_result(..., wait=True) from this server
 
 ``executor_config`` is written into ``[executors.gcpbatch_array]`` of the server's config file
 before it starts, so electrons with ``executor="gcpbatch_array"`` use it.
@@ -34,7 +33,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import toml
 
@@ -50,6 +49,9 @@ from covalent_gcpbatch_array.local.process import (
     process_gone,
     read_tail,
 )
+
+if TYPE_CHECKING:
+    from covalent._results_manager.result import Result
 
 __all__ = ["CovalentServer"]
 
@@ -280,6 +282,23 @@ class CovalentServer(OneShotService):
         """Set keys of ``[executors.gcpbatch_array]``; the server reads the file again each
         time it makes an executor by its short name."""
         write_executor_config(self.config_file, values)
+
+    def result(self, dispatch_id: str, **options: Any) -> Result:
+        """The dispatch's result once it finished: ``ct.get_result(dispatch_id, wait=True)``
+        from this server, downloading into :attr:`results_dir`.
+
+        :param options: other keywords of ``ct.get_result`` (e.g. ``intermediate_outputs``)
+        """
+        import covalent as ct
+
+        result: Result = ct.get_result(
+            dispatch_id,
+            wait=True,
+            dispatcher_addr=self.address,
+            results_dir=str(self.results_dir),
+            **options,
+        )
+        return result
 
     def log_tail(self, max_bytes: int = 4000) -> str:
         """The end of the server's log."""

@@ -145,13 +145,7 @@ def run_demo(
         watcher = BatchProgress(cloud)
         status, jobs = _show_progress(console, watcher, server.address, dispatch_id, ready)
         finished = time.monotonic()
-        result = ct.get_result(
-            dispatch_id,
-            wait=True,
-            dispatcher_addr=server.address,
-            results_dir=str(server.results_dir),
-            intermediate_outputs=False,
-        )
+        result = server.result(dispatch_id, intermediate_outputs=False)
         output: Any = result.result
         ok = status == "COMPLETED" and isinstance(output, dict)
         if ok:
