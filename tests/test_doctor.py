@@ -157,7 +157,7 @@ class FakeGoogle(requests.adapters.BaseAdapter):
             status, body = 404, {"error": {"code": 404, "message": f"no route {path}"}}
         response = requests.Response()
         response.status_code, response.url, response.request = status, request.url, request
-        response._content = json.dumps(body).encode()
+        response.raw = io.BytesIO(json.dumps(body).encode())
         return response
 
     def close(self) -> None:
