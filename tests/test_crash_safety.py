@@ -15,10 +15,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import cloudpickle
+import covalent as ct
 import pytest
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from electrons import FAST, executor_for
@@ -32,6 +34,7 @@ from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi
 from covalent_gcpbatch_array._core.outcome import task_exit_code
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
 from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
+from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.exceptions import StorageError
 from covalent_gcpbatch_array.local import LocalCloud
 from tests.polling import wait_until
@@ -142,19 +145,14 @@ asyncio.run(main(json.loads(sys.argv[1]), int(sys.argv[2])))
 """
 
 
-class FanOutProcess:
-    """A child process running :data:`FAN_OUT`, and the one job it creates."""
+class NewJob:
+    """The one job that appears in ``cloud`` after construction."""
 
-    def __init__(self, cloud: LocalCloud, electrons: int = 3, **overrides: Any) -> None:
+    def __init__(self, cloud: LocalCloud) -> None:
         self.cloud = cloud
         self.client = cloud.batch_client()
         self.parent = f"projects/{cloud.project_id}/locations/{cloud.region}"
         self.before = self.job_ids()
-        config = cloud.executor_config() | FAST | overrides
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", FAN_OUT, json.dumps(config), str(electrons)],
-            env=os.environ | cloud.environment(),
-        )
         self.job_id = ""
 
     def job_ids(self) -> set[str]:
@@ -185,6 +183,18 @@ class FanOutProcess:
         """The last exit code of each of the job's tasks."""
         tasks = self.client.list_tasks(parent=f"{self.parent}/jobs/{self.job_id}/taskGroups/group0")
         return {task_exit_code(task) for task in tasks}
+
+
+class FanOutProcess(NewJob):
+    """A child process running :data:`FAN_OUT`, and the one job it creates."""
+
+    def __init__(self, cloud: LocalCloud, electrons: int = 3, **overrides: Any) -> None:
+        super().__init__(cloud)
+        config = cloud.executor_config() | FAST | overrides
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", FAN_OUT, json.dumps(config), str(electrons)],
+            env=os.environ | cloud.environment(),
+        )
 
     def stop(self, signum: int) -> int:
         self.process.send_signal(signum)
@@ -349,3 +359,43 @@ class TestADoomedUpload:
         assert isinstance(error, TaskRuntimeError)
         assert isinstance(error.__cause__, StorageError)
         assert "was not uploaded within 2 s" in str(error.__cause__)
+
+
+def covalent_stop(server: CovalentServer) -> None:
+    """Run ``covalent stop`` against ``server``, as its user would: SIGINT to the uvicorn
+    process, then wait for it to exit."""
+    covalent = Path(sys.executable).with_name("covalent")
+    subprocess.run(
+        [str(covalent), "stop"],
+        env=server.environment(),
+        cwd=server.home,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+
+
+class TestCovalentServerStop:
+    """`covalent stop` of the server running the electrons deletes the jobs it owns."""
+
+    def test_a_running_fan_out_is_deleted_and_cleaned_up(self, cloud: LocalCloud) -> None:
+        electron = ct.electron(sleep_then, executor="gcpbatch_array")
+
+        @ct.lattice(executor="local", workflow_executor="local")
+        def fan_out(n: int) -> list[str]:
+            return [electron(600) for _ in range(n)]
+
+        settings = cloud.executor_config() | FAST | {"batch_window": 2.0, "batch_idle_gap": 1.0}
+        with CovalentServer(executor_config=settings) as server:
+            new_job = NewJob(cloud)
+            deletes = cloud.stats()["api_calls"].get("DeleteJob", 0)
+            ct.dispatch(fan_out, dispatcher_addr=server.address)(3)
+            new_job.wait_for_job(_STATE.RUNNING)
+            covalent_stop(server)
+            assert not server.is_running()
+        # Deleted by the stopping server itself, not later by anyone else.
+        assert new_job.job_gone()
+        assert cloud.stats()["api_calls"].get("DeleteJob", 0) - deletes == 1
+        assert folder_objects(cloud, new_job.job_id) == [
+            f"covalent-gcpbatch-array/{new_job.job_id}/manifest.json"
+        ]
