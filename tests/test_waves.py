@@ -17,7 +17,7 @@ import trio.testing
 
 from covalent_gcpbatch_array._core.coalescer import Batch, BatchPolicy, Coalescer, FlushReason
 from covalent_gcpbatch_array._core.covalent_graph import DispatchGraph, GraphNode, GraphUnreadable
-from covalent_gcpbatch_array._core.waves import WaveTracker
+from covalent_gcpbatch_array._core.waves import WaveStatistics, WaveTracker
 
 POLICY = BatchPolicy(window=10.0, idle_gap=2.0, max_size=1000)
 READ_TIME = 0.0625  # virtual seconds per database read
@@ -170,7 +170,12 @@ async def test_a_straggler_holds_the_wave_only_until_the_window_cap() -> None:
         await arrive(h, "d", nodes[:4], gap=0.5)
         await anyio.sleep(20)
         h.run("d", nodes[4])
-    assert h.flushes() == [(FlushReason.WINDOW, 10.0, 4), (FlushReason.WAVE_COMPLETE, 22.0, 1)]
+    # No open batch watched "d" in between, so its snapshot (graph and statuses) is read afresh.
+    straggler = 22.0 + 2 * READ_TIME
+    assert h.flushes() == [
+        (FlushReason.WINDOW, 10.0, 4),
+        (FlushReason.WAVE_COMPLETE, straggler, 1),
+    ]
 
 
 @pytest.mark.anyio
@@ -217,38 +222,73 @@ async def test_the_refresh_drops_a_cancelled_electron_and_the_wave_completes() -
     assert flushed_at is not None and flushed_at < 2.0  # at a refresh, before the idle gap
 
 
+def three_waves(graphs: Graphs) -> tuple[list[int], list[int]]:
+    """Dispatch "d": load (node 0) -> 6 train -> 6 score (each needs load and its train)."""
+    graphs.add("d", 0)
+    train, score = list(range(1, 7)), list(range(11, 17))
+    for t, s in zip(train, score, strict=True):
+        graphs.add("d", t, (0,))
+        graphs.add("d", s, (0, t))
+    return train, score
+
+
+async def run_three_waves(h: Harness, graphs: Graphs) -> list[int]:
+    """Run the waves of :func:`three_waves`, train results ending in two bursts 5 s apart;
+    return the score nodes (their jobs ended, their ends not recorded by Covalent yet)."""
+    train, score = three_waves(graphs)
+    h.run("d", 0)
+    await anyio.sleep(1.0)
+    graphs.status["d"][0] = "COMPLETED"
+    await arrive(h, "d", train, gap=0.25)
+    await anyio.sleep(1.0)
+    for t in train:
+        graphs.status["d"][t] = "RUNNING"
+    # Covalent records the train results one by one, each followed by its score electron.
+    for burst in (train[:3], train[3:]):
+        for t, s in zip(train, score, strict=True):
+            if t in burst:
+                graphs.status["d"][t] = "COMPLETED"
+                h.run("d", s)
+                await anyio.sleep(0.25)
+        await anyio.sleep(5.0)
+    return score
+
+
 @pytest.mark.anyio
 async def test_the_next_wave_after_our_job_arrives_in_bursts_and_makes_one_batch() -> None:
     """load -> 6 train -> 6 score: score waits for train results, which end in bursts."""
     graphs = Graphs()
-    graphs.add("d", 0)  # load
-    train = list(range(1, 7))
-    score = list(range(11, 17))
-    for t, s in zip(train, score, strict=True):
-        graphs.add("d", t, (0,))
-        graphs.add("d", s, (0, t))
     async with Run(graphs) as h:
-        h.run("d", 0)
-        await anyio.sleep(1.0)
-        graphs.status["d"][0] = "COMPLETED"
-        await arrive(h, "d", train, gap=0.25)
-        await anyio.sleep(1.0)
-        for t in train:
-            graphs.status["d"][t] = "RUNNING"
-        # Train results come back in two bursts 5 s apart; Covalent records them one by one.
-        for burst in (train[:3], train[3:]):
-            for t, s in zip(train, score, strict=True):
-                if t in burst:
-                    graphs.status["d"][t] = "COMPLETED"
-                    h.run("d", s)
-                    await anyio.sleep(0.25)
-            await anyio.sleep(5.0)
+        await run_three_waves(h, graphs)
     reasons = [(reason, members) for reason, _, members in h.flushes()]
     assert reasons == [
         (FlushReason.WAVE_COMPLETE, 1),
         (FlushReason.WAVE_COMPLETE, 6),
         (FlushReason.WAVE_COMPLETE, 6),
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("end", ["recorded", "dispatch gone"])
+async def test_a_dispatch_whose_waves_all_ended_leaves_nothing_in_the_tracker(end: str) -> None:
+    """A server that is never idle keeps only what is in flight (issue 13)."""
+    graphs = Graphs()
+    async with Run(graphs) as h:
+        score = await run_three_waves(h, graphs)
+        # Every job ended; Covalent has not recorded the score results yet: only they are held.
+        assert h.tracker.statistics() == WaveStatistics(
+            watched_batches=0, graphs=0, dispatches=1, nodes=len(score)
+        )
+        if end == "recorded":
+            for s in score:
+                graphs.status["d"][s] = "COMPLETED"
+        else:
+            graphs.broken.add("d")
+        await anyio.sleep(1.5)  # one refresh
+        assert h.tracker.statistics() == WaveStatistics(0, 0, 0, 0)
+        reads = graphs.reads
+        await anyio.sleep(5.0)
+        assert graphs.reads == reads  # nothing left to refresh
 
 
 @pytest.mark.anyio

@@ -14,6 +14,12 @@ While some are missing the batch is *expecting* (no idle-gap flush; the window a
 still cap it); when the last one joins it flushes (reason WAVE_COMPLETE). About once a second a
 status query refreshes the expected sets (ended, cancelled or reused nodes drop out).
 
+Memory follows the work in flight, so a server that is never idle does not grow it: a
+dispatch's snapshot is dropped as soon as no open batch watches it (its next wave reads a fresh
+one: one 50-70 ms read per wave, in a worker thread), and a received electron is forgotten once a
+status read shows Covalent recorded its end (the status query, about once a second, also covers
+the dispatches whose jobs ended and whose results Covalent has not recorded yet).
+
 A batch holding an electron of a dispatch whose graph is unknown (still being read, or
 unreadable: outside a server, schema changed, dispatch not found, database error) runs on the
 timers alone, exactly as without this module. Pure anyio: the graph comes from a
@@ -28,7 +34,7 @@ import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 import sqlalchemy
@@ -40,7 +46,14 @@ from covalent_gcpbatch_array._core.covalent_graph import DispatchGraph, GraphNod
 from covalent_gcpbatch_array.config import DEFAULTS, ExecutorConfig, resolve_config
 from covalent_gcpbatch_array.exceptions import ConfigError
 
-__all__ = ["DatabaseReader", "GraphReader", "WaveTracker", "node_keys", "server_reader"]
+__all__ = [
+    "DatabaseReader",
+    "GraphReader",
+    "WaveStatistics",
+    "WaveTracker",
+    "node_keys",
+    "server_reader",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +131,15 @@ class _Known(enum.Enum):
     UNREADABLE = "unreadable"  # fall back to the timers for this dispatch
 
 
+class WaveStatistics(NamedTuple):
+    """A snapshot of what a :class:`WaveTracker` holds: all of it bounded by the work in flight."""
+
+    watched_batches: int  # open batches whose expected electrons it computes
+    graphs: int  # dispatch snapshots: those of the dispatches an open batch watches
+    dispatches: int  # dispatches it holds anything of (a snapshot or received electrons)
+    nodes: int  # electrons received whose end Covalent has not recorded yet
+
+
 @dataclass
 class _Dispatch:
     state: _Known = _Known.READING
@@ -156,9 +178,10 @@ class WaveTracker:
         self._reader = reader
         self._key_of = key_of
         self._refresh_interval = refresh_interval
-        self._dispatches: dict[str, _Dispatch] = {}
+        self._dispatches: dict[str, _Dispatch] = {}  # snapshots of the watched dispatches
         self._watches: dict[str, _Watch] = {}  # open batches, by id
-        self._received: dict[tuple[str, int], Batch[Any, Any]] = {}  # node -> its batch
+        # dispatch -> node -> its batch, until a status read shows Covalent recorded its end
+        self._received: dict[str, dict[int, Batch[Any, Any]]] = {}
         self._task_group: TaskGroup | None = None
 
     async def __aenter__(self) -> WaveTracker:
@@ -183,7 +206,7 @@ class WaveTracker:
         if self._reader is None:
             return
         node = (dispatch_id, node_id)
-        self._received[node] = batch
+        self._received.setdefault(dispatch_id, {})[node_id] = batch
         dispatch = self._dispatches.get(dispatch_id)
         if dispatch is None:
             dispatch = self._dispatches[dispatch_id] = _Dispatch()
@@ -207,6 +230,15 @@ class WaveTracker:
             return None
         return set(watch.missing)
 
+    def statistics(self) -> WaveStatistics:
+        """What the tracker holds now."""
+        return WaveStatistics(
+            watched_batches=len(self._watches),
+            graphs=len(self._dispatches),
+            dispatches=len(self._dispatches.keys() | self._received.keys()),
+            nodes=sum(len(nodes) for nodes in self._received.values()),
+        )
+
     # -- reading --
 
     async def _read_snapshot(self, dispatch_id: str, dispatch: _Dispatch) -> None:
@@ -216,28 +248,42 @@ class WaveTracker:
             statuses = await self._reader.statuses(dispatch_id)
             keys = {node_id: self._key_of(node) for node_id, node in graph.nodes.items()}
         except Exception as exc:  # whatever went wrong, the timers still work
-            logger.debug("dispatch %s: timers only (%s)", dispatch_id, exc)
+            logger.debug("dispatch %s: timers only for this wave (%s)", dispatch_id, exc)
             dispatch.state = _Known.UNREADABLE
         else:
             dispatch.graph, dispatch.statuses, dispatch.keys = graph, statuses, keys
             dispatch.state = _Known.READY
-        self._recompute_dispatch(dispatch_id)
+            self._forget_recorded(dispatch_id, statuses)
+        if self._dispatches.get(dispatch_id) is dispatch:  # still watched
+            self._recompute_dispatch(dispatch_id)
 
     async def _refresh_loop(self) -> None:
         assert self._reader is not None
         while True:
             await anyio.sleep(self._refresh_interval)
             self._forget_flushed()
-            waited_for = {d for watch in self._watches.values() for d in watch.dispatches}
-            for dispatch_id in sorted(waited_for):
-                dispatch = self._dispatches[dispatch_id]
-                if dispatch.state is not _Known.READY:
-                    continue
+            # The watched dispatches, and those whose ended jobs' results Covalent has not
+            # recorded yet (until it has, they still count as coming for the next wave).
+            ended = {
+                dispatch_id
+                for dispatch_id, nodes in self._received.items()
+                if any(batch.phase is BatchPhase.DONE for batch in nodes.values())
+            }
+            for dispatch_id in sorted(self._watched() | ended):
+                dispatch = self._dispatches.get(dispatch_id)
+                if dispatch is not None and dispatch.state is not _Known.READY:
+                    continue  # its snapshot is being read, or it runs on the timers
                 try:
-                    dispatch.statuses = await self._reader.statuses(dispatch_id)
+                    statuses = await self._reader.statuses(dispatch_id)
                 except Exception as exc:  # whatever went wrong, the timers still work
-                    logger.debug("dispatch %s: timers only from now on (%s)", dispatch_id, exc)
-                    dispatch.state = _Known.UNREADABLE
+                    logger.debug("dispatch %s: timers only for this wave (%s)", dispatch_id, exc)
+                    if dispatch is not None:
+                        dispatch.state = _Known.UNREADABLE
+                    self._forget_ended(dispatch_id)  # or a dispatch gone would be read for ever
+                else:
+                    if dispatch is not None:
+                        dispatch.statuses = statuses
+                    self._forget_recorded(dispatch_id, statuses)
                 self._recompute_dispatch(dispatch_id)
 
     # -- deciding --
@@ -258,13 +304,13 @@ class WaveTracker:
     def _settle(self, watch: _Watch) -> None:
         batch = watch.batch
         if batch.phase is not BatchPhase.OPEN:
-            self._watches.pop(batch.batch_id, None)
+            self._unwatch(watch)
         elif not self._graph_known(watch):
             batch.set_expecting(False)
         elif watch.missing:
             batch.set_expecting(True)
         else:
-            self._watches.pop(batch.batch_id, None)
+            self._unwatch(watch)
             batch.flush_complete()
 
     def _graph_known(self, watch: _Watch) -> bool:
@@ -274,13 +320,14 @@ class WaveTracker:
         dispatch = self._dispatches[dispatch_id]
         assert dispatch.graph is not None
         batch_key = (watch.batch.key, watch.batch.policy)
+        received = self._received.get(dispatch_id, {})
         coming: dict[int, bool] = {}
         return {
             (dispatch_id, node_id)
             for node_id, node in dispatch.graph.nodes.items()
             if dispatch.keys[node_id] == batch_key
             and dispatch.statuses.get(node_id) in _WAITING
-            and (dispatch_id, node_id) not in self._received
+            and node_id not in received
             and all(self._coming(dispatch_id, dispatch, p, coming) for p in node.parents)
         }
 
@@ -294,7 +341,7 @@ class WaveTracker:
         assert dispatch.graph is not None
         node = dispatch.graph.nodes.get(node_id)
         status = dispatch.statuses.get(node_id)
-        received = self._received.get((dispatch_id, node_id))
+        received = self._received.get(dispatch_id, {}).get(node_id)
         if node is None:
             value = False
         elif status == covalent_graph.COMPLETED or node.type == covalent_graph.PARAMETER:
@@ -302,7 +349,7 @@ class WaveTracker:
         elif status not in _WAITING:
             value = False  # failed, cancelled, reused: its children never run
         elif received is not None:
-            value = received.phase is not BatchPhase.OPEN  # in a job being monitored
+            value = received.phase is not BatchPhase.OPEN  # in our job, or its result recording
         elif node.type in covalent_graph.COLLECTIONS:
             value = all(self._coming(dispatch_id, dispatch, p, memo) for p in node.parents)
         else:
@@ -310,7 +357,34 @@ class WaveTracker:
         memo[node_id] = value
         return value
 
+    # -- forgetting --
+
+    def _watched(self) -> set[str]:
+        return {d for watch in self._watches.values() for d in watch.dispatches}
+
+    def _unwatch(self, watch: _Watch) -> None:
+        """Stop watching a batch no longer open; drop the snapshots nothing else watches."""
+        self._watches.pop(watch.batch.batch_id, None)
+        for dispatch_id in watch.dispatches - self._watched():
+            self._dispatches.pop(dispatch_id, None)  # its next wave reads a fresh snapshot
+
     def _forget_flushed(self) -> None:
-        for batch_id, watch in list(self._watches.items()):
+        for watch in list(self._watches.values()):
             if watch.batch.phase is not BatchPhase.OPEN:
-                del self._watches[batch_id]
+                self._unwatch(watch)
+
+    def _forget_recorded(self, dispatch_id: str, statuses: dict[int, str]) -> None:
+        """Forget the received electrons whose end Covalent recorded: their status alone now
+        says they are neither expected nor coming."""
+        self._forget(dispatch_id, lambda node_id, _: statuses.get(node_id) not in _WAITING)
+
+    def _forget_ended(self, dispatch_id: str) -> None:
+        """Forget the received electrons whose job ended (their status cannot be read)."""
+        self._forget(dispatch_id, lambda _, batch: batch.phase is BatchPhase.DONE)
+
+    def _forget(self, dispatch_id: str, done: Callable[[int, Batch[Any, Any]], bool]) -> None:
+        nodes = self._received.get(dispatch_id, {})
+        for node_id in [node_id for node_id, batch in nodes.items() if done(node_id, batch)]:
+            del nodes[node_id]
+        if not nodes:
+            self._received.pop(dispatch_id, None)
