@@ -7,7 +7,8 @@ thread that lives as long as they do (the main thread or the event loop's thread
 short-lived worker thread).
 
 :class:`OneShotService` is the lifecycle of a service made of such processes (``LocalCloud``,
-``CovalentServer``): it starts once, stops idempotently, and is its own context manager.
+``CovalentServer``): it starts once, stops idempotently, and is its own context manager, a
+:class:`StoppedOnExit` (as is a started ``GcsEmulator``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "Lifecycle",
     "OneShotService",
     "Spawner",
+    "StoppedOnExit",
     "die_with_parent",
     "free_port",
     "process_gone",
@@ -205,21 +207,37 @@ class Lifecycle(enum.Enum):
     STOPPED = "stopped"  # stopped (or failed to start); cannot be started again
 
 
+_Stopped = TypeVar("_Stopped", bound="StoppedOnExit")
 _Service = TypeVar("_Service", bound="OneShotService")
 
 
-class OneShotService(abc.ABC):
-    """A service of local processes that starts once and stops idempotently."""
+class StoppedOnExit(abc.ABC):
+    """Local processes that a ``with`` block stops when it ends."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop whatever was started; callable at any point, and more than once."""
+
+    def __enter__(self: _Stopped) -> _Stopped:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class OneShotService(StoppedOnExit):
+    """A service of local processes that starts once (on entering a ``with`` block too)."""
 
     state: Lifecycle = Lifecycle.NEW
 
     @abc.abstractmethod
     def start(self: _Service) -> _Service:
         """Start the service (through :meth:`_start_once`) and return it."""
-
-    @abc.abstractmethod
-    def stop(self) -> None:
-        """Stop whatever was started; callable at any point, and more than once."""
 
     def _start_once(self, start_up: Callable[[], None]) -> None:
         """Run ``start_up``, the first time only; if it fails, stop what it started.
@@ -239,11 +257,3 @@ class OneShotService(abc.ABC):
 
     def __enter__(self: _Service) -> _Service:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

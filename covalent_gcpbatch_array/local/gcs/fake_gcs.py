@@ -21,13 +21,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local.process import (
     Spawner,
+    StoppedOnExit,
     free_port,
     read_tail,
     spawn_process,
@@ -76,7 +76,7 @@ def fake_gcs_binary() -> Path:
     return binary
 
 
-class GcsEmulator:
+class GcsEmulator(StoppedOnExit):
     """A running fake-gcs-server process (memory backend, plain HTTP).
 
     Start one with :meth:`start`; use it as a context manager, or call :meth:`stop`.
@@ -198,17 +198,6 @@ class GcsEmulator:
         stop_process(self._process, timeout)
         if self._owns_log_dir:
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
-
-    def __enter__(self) -> GcsEmulator:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _wait_until_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
