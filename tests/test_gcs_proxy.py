@@ -258,12 +258,12 @@ class TestFaults:
             tg.cancel_scope.cancel()
 
 
-def delete_in_a_batch(endpoint: str, names: list[str]) -> list[int]:
+def delete_in_a_batch(endpoint: str, names: list[str], **conditions: int) -> list[int]:
     """Delete ``names`` in one batch request of the real client; the status of each call."""
     client = make_storage_client("proxy-project", endpoint)
     with client.batch(raise_exception=False) as batch:
         for name in names:
-            client.bucket(BUCKET).blob(name).delete(retry=None)
+            client.bucket(BUCKET).blob(name).delete(retry=None, **conditions)
     return [response.status_code for response in batch_responses(batch)]
 
 
@@ -320,6 +320,143 @@ class TestAnswersAsGoogle:
         assert (answer.status_code, answer.content) == (204, b"")
         missing = await http("DELETE", f"{proxy}/storage/v1/b/{BUCKET}/o/deleted")
         assert missing.status_code == 404
+
+
+GOOGLE_412 = {
+    "code": 412,
+    "message": "At least one of the pre-conditions you specified did not hold.",
+    "errors": [
+        {
+            "message": "At least one of the pre-conditions you specified did not hold.",
+            "domain": "global",
+            "reason": "conditionNotMet",
+            "locationType": "header",
+            "location": "If-Match",
+        }
+    ],
+}
+
+
+async def media_upload(
+    endpoint: str, name: str, data: bytes, **conditions: int
+) -> requests.Response:
+    """A simple (uploadType=media) upload, as the executor's ObjectHttp sends it."""
+    params = {"uploadType": "media", "name": name, **conditions}
+    url = f"{endpoint}/upload/storage/v1/b/{BUCKET}/o"
+    return await http("POST", url, params=params, data=data)
+
+
+async def read_directly(gcs: GcsEmulator, name: str) -> bytes:
+    return await call(bucket_via(gcs.endpoint).blob(name).download_as_bytes)
+
+
+class TestPreconditions:
+    """fake-gcs-server ignores most request preconditions; the proxy answers as Google does."""
+
+    @pytest.mark.anyio
+    async def test_a_second_media_create_is_412_with_googles_error(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        assert (await media_upload(proxy, "media/once", b"first", ifGenerationMatch=0)).ok
+        again = await media_upload(proxy, "media/once", b"second", ifGenerationMatch=0)
+        assert again.status_code == 412
+        assert again.json() == {"error": GOOGLE_412}
+        assert await read_directly(gcs, "media/once") == b"first"
+        assert (await stats(proxy))["conditions_not_met"] == 1
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize(
+        ("condition", "offset", "status"),
+        [
+            ("ifGenerationMatch", 1, 412),
+            ("ifGenerationMatch", 0, 200),
+            ("ifGenerationNotMatch", 0, 412),
+            ("ifGenerationNotMatch", 1, 200),
+            ("ifMetagenerationMatch", 1, 412),
+            ("ifMetagenerationNotMatch", 0, 412),
+        ],
+    )
+    async def test_each_condition_of_a_media_upload_is_checked(
+        self, proxy: str, gcs: GcsEmulator, condition: str, offset: int, status: int
+    ) -> None:
+        name = f"media/{condition}-{offset}"
+        await upload_each(gcs.endpoint, [name])
+        live = await call(bucket_via(gcs.endpoint).get_blob, name)
+        current = live.generation if "Generation" in condition else live.metageneration
+        answer = await media_upload(proxy, name, b"new", **{condition: current + offset})
+        assert answer.status_code == status, answer.text
+        assert await read_directly(gcs, name) == (b"new" if status == 200 else name.encode())
+
+    @pytest.mark.anyio
+    async def test_a_second_resumable_create_is_412(self, proxy: str, gcs: GcsEmulator) -> None:
+        # Over 8 MiB the client uploads resumably (as the runner does a large result): the
+        # session URL carries the condition, checked when the upload completes.
+        first, second = os.urandom(9 * 1024 * 1024), os.urandom(9 * 1024 * 1024)
+        blob = bucket_via(proxy).blob("resumable/once")
+        await call(blob.upload_from_string, first, if_generation_match=0, retry=None)
+        with pytest.raises(api_exceptions.PreconditionFailed, match="pre-conditions"):
+            await call(blob.upload_from_string, second, if_generation_match=0, retry=None)
+        assert await read_directly(gcs, "resumable/once") == first
+
+    @pytest.mark.anyio
+    async def test_a_multipart_upload_checks_the_metageneration(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        await upload_each(gcs.endpoint, ["multipart/meta"])
+        blob = bucket_via(proxy).blob("multipart/meta")
+        with pytest.raises(api_exceptions.PreconditionFailed):
+            await call(blob.upload_from_string, b"new", if_metageneration_match=5, retry=None)
+        assert await read_directly(gcs, "multipart/meta") == b"multipart/meta"
+
+    @pytest.mark.anyio
+    async def test_reads_answer_412_or_304(self, proxy: str, gcs: GcsEmulator) -> None:
+        await upload_each(gcs.endpoint, ["read/me"])
+        bucket = bucket_via(proxy)
+        generation = (await call(bucket.get_blob, "read/me")).generation
+        blob = bucket.blob("read/me")
+        with pytest.raises(api_exceptions.PreconditionFailed):
+            await call(blob.download_as_bytes, if_generation_match=generation + 1, retry=None)
+        with pytest.raises(api_exceptions.NotModified):  # Google: a read's "NotMatch" is a 304
+            await call(blob.download_as_bytes, if_generation_not_match=generation, retry=None)
+        with pytest.raises(api_exceptions.PreconditionFailed):
+            await call(bucket.get_blob, "read/me", if_metageneration_match=7, retry=None)
+        held = await call(blob.download_as_bytes, if_generation_match=generation, retry=None)
+        assert held == b"read/me"
+
+    @pytest.mark.anyio
+    async def test_a_delete_whose_condition_fails_keeps_the_object(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        await upload_each(gcs.endpoint, ["delete/kept"])
+        blob = bucket_via(proxy).blob("delete/kept")
+        with pytest.raises(api_exceptions.PreconditionFailed):
+            await call(blob.delete, if_generation_match=0, retry=None)
+        assert await exists_directly(gcs, ["delete/kept"]) == [True]
+        statuses = await call(delete_in_a_batch, proxy, ["delete/kept"], if_generation_match=1)
+        assert statuses == [412]
+        assert await exists_directly(gcs, ["delete/kept"]) == [True]
+
+    @pytest.mark.anyio
+    async def test_of_concurrent_creates_exactly_one_wins(
+        self, proxy: str, gcs: GcsEmulator
+    ) -> None:
+        statuses: list[int] = []
+
+        async def create(data: bytes) -> None:
+            answer = await media_upload(proxy, "race/once", data, ifGenerationMatch=0)
+            statuses.append(answer.status_code)
+
+        async with anyio.create_task_group() as tg:
+            for writer in range(8):
+                tg.start_soon(create, b"writer %d" % writer)
+        assert sorted(statuses) == [200] + [412] * 7
+        assert (await read_directly(gcs, "race/once")).startswith(b"writer ")
+
+    @pytest.mark.anyio
+    async def test_a_condition_that_is_not_a_number_is_400(self, proxy: str) -> None:
+        answer = await media_upload(proxy, "media/bad", b"x", ifGenerationMatch="zero")  # type: ignore[arg-type]
+        assert answer.status_code == 400
+        assert "ifGenerationMatch" in answer.json()["error"]["message"]
 
 
 class TestBatch:
@@ -502,9 +639,9 @@ class TestLocalCloudWiring:
         assert local_cloud.storage_endpoint != local_cloud.gcs_endpoint
         assert local_cloud.gcs_proxy_pid is not None
         assert "batches" in local_cloud.storage_stats()
-        # Tasks send no batch requests: without faults to meet they skip the hop.
+        # Tasks too: a large outcome is a resumable upload, whose condition only the proxy checks.
         host = task_storage_host(local_cloud, f"storage-host-{uuid.uuid4().hex[:8]}")
-        assert host == local_cloud.gcs_endpoint
+        assert host == local_cloud.storage_endpoint
         with pytest.raises(LocalCloudError, match=r"LocalCloud\(gcs_faults=True\)"):
             local_cloud.fail_storage("GET")
 
@@ -528,3 +665,15 @@ def test_local_clouds_storage_endpoint_refuses_a_wrong_checksum(local_cloud: Loc
     with pytest.raises(api_exceptions.BadRequest, match="Provided CRC32C"):
         blob.upload_from_string(b"hello", checksum=None, retry=None)
     assert not local_cloud.storage_client(direct=True).bucket(bucket.name).blob(blob.name).exists()
+
+
+def test_local_clouds_storage_endpoint_refuses_a_second_media_create(
+    local_cloud: LocalCloud,
+) -> None:
+    """The executor's simple uploads (``_core/object_http.py``) meet Google's preconditions."""
+    name = f"media-create-{uuid.uuid4().hex}"
+    url = f"{local_cloud.storage_endpoint}/upload/storage/v1/b/{local_cloud.bucket_name}/o"
+    params = {"uploadType": "media", "name": name, "ifGenerationMatch": "0"}
+    assert requests.post(url, params=params, data=b"first", timeout=10).status_code == 200
+    again = requests.post(url, params=params, data=b"second", timeout=10)
+    assert (again.status_code, again.json()) == (412, {"error": GOOGLE_412})

@@ -9,11 +9,11 @@
         print(cloud.stats())                                # API calls answered, by method
 
 Cloud Storage is fake-gcs-server behind our proxy (:mod:`.gcs_proxy`), which answers batch
-requests (``/batch/storage/v1``, which fake-gcs-server lacks): the executor (through
-:meth:`executor_config`) and any client of :meth:`environment` reach storage through it. The
-Batch emulator's tasks, which send no batch requests, reach fake-gcs-server directly, one hop
-less, unless ``LocalCloud(gcs_faults=True)``: then they go through the proxy too, which fails
-chosen requests of both::
+requests (``/batch/storage/v1``, which fake-gcs-server lacks) and enforces the request
+preconditions it ignores: the executor (through :meth:`executor_config`), any client of
+:meth:`environment` and the Batch emulator's tasks reach storage through it (a task's outcome
+over 8 MiB is a resumable upload, whose ``ifGenerationMatch=0`` only the proxy honours). With
+``LocalCloud(gcs_faults=True)`` it also fails chosen requests of both::
 
         cloud.fail_storage("PUT", status=503, count=2)      # or drop=True, path="result.pkl"
         print(cloud.storage_stats())                        # requests seen, faults injected
@@ -108,9 +108,9 @@ class LocalCloud(OneShotService):
     :param startup_timeout: seconds each server gets to become ready
     :param gcs_proxy: put our proxy in front of fake-gcs-server (the default): it answers
         Cloud Storage batch requests as Google does; ``False`` lets clients talk to
-        fake-gcs-server directly (one hop less, no batch API)
+        fake-gcs-server directly (one hop less, no batch API, preconditions not all enforced)
     :param gcs_faults: let :meth:`fail_storage` fail chosen storage requests of the executor
-        and the tasks: the tasks then reach storage through the proxy too (needs ``gcs_proxy``)
+        and the tasks (needs ``gcs_proxy``)
     :param jobs_per_window: job-creation quota per ``quota_window_seconds`` (``None``: none)
     :param quota_window_seconds: the quota's sliding window; shorter than Google's minute lets
         a test meet the quota and see it pass in seconds
@@ -263,9 +263,8 @@ class LocalCloud(OneShotService):
         self._gcs.create_bucket(self.bucket_name, self.project_id)
         if self.gcs_proxy:
             self._start_gcs_proxy(spawn, self._gcs.endpoint, self._workdir)
-        # Tasks send no batch requests: they need the proxy's hop only to meet faults.
-        task_storage = self._proxy_endpoint if self.gcs_faults else self._gcs.endpoint
-        self._start_batch_server(spawn, task_storage or self._gcs.endpoint, self._workdir)
+        # Tasks too: their outcome writes need the preconditions the proxy enforces.
+        self._start_batch_server(spawn, self._proxy_endpoint or self._gcs.endpoint, self._workdir)
 
     def _start_batch_server(self, spawn: Spawner, storage_endpoint: str, workdir: Path) -> None:
         argv = [

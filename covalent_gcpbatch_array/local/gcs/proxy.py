@@ -19,7 +19,12 @@ answer); a fault can also hit the batch request itself (``method="POST", path="/
 
 Where fake-gcs-server answers otherwise than Cloud Storage, the proxy answers as Google does: an
 upload whose declared CRC32C or MD5 does not match its bytes is refused with 400
-(:mod:`.checksums`), and an object DELETE answers 204 without a body (in batch requests too).
+(:mod:`.checksums`), an object DELETE answers 204 without a body (in batch requests too), and a
+request whose precondition (``ifGenerationMatch`` and the three others) does not hold is refused
+with 412 (304 for a read), on every kind of upload, read and delete (:mod:`.preconditions`):
+the check and the write it guards hold a lock on the object's name, so of two concurrent
+creates only one succeeds. A resumable upload's conditions are checked when it completes (its
+session URL carries them, as Google's does).
 
 Process contract (like the Batch emulator's)::
 
@@ -75,6 +80,17 @@ from covalent_gcpbatch_array.local.gcs.checksums import (
     multipart_parts,
     upload_mismatch,
 )
+from covalent_gcpbatch_array.local.gcs.preconditions import (
+    NOT_MET_MESSAGE,
+    ObjectKey,
+    ObjectLocks,
+    ObjectState,
+    conditions_in,
+    failed_status,
+    is_final_chunk,
+    object_of,
+    unsupported,
+)
 
 __all__ = ["ProxyStats", "StorageFault", "StorageFaults", "main", "serve"]
 
@@ -94,7 +110,10 @@ _UPSTREAM_ERRORS = (
     httpcore.ProtocolError,
     httpcore.TimeoutException,
 )
-_UPLOAD_NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # in a multipart upload's metadata
+_UPLOAD_NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # in an upload's metadata
+#: Uploads whose body (small: metadata, or metadata and data) the proxy reads ahead for the name.
+_NAMED_IN_BODY = re.compile(r"[?&]uploadType=(multipart|resumable)(&|$)")
+_READS = ("GET", "HEAD")
 _REASONS = {
     400: "badRequest",
     401: "required",
@@ -191,6 +210,7 @@ class ProxyStats:
     corrupted: int = 0  # answers passed on with a flipped byte
     batches: int = 0  # batch requests answered (their calls count as requests of their own)
     refused: int = 0  # uploads refused here as Google would (a checksum that does not match)
+    conditions_not_met: int = 0  # requests answered 412 or 304: a precondition did not hold
     faulted: deque[str] = field(default_factory=lambda: deque(maxlen=_FAULT_LOG))  # recent hits
 
     def to_json(self, pending: int) -> dict[str, Any]:
@@ -203,6 +223,7 @@ class ProxyStats:
             "corrupted": self.corrupted,
             "batches": self.batches,
             "refused": self.refused,
+            "conditions_not_met": self.conditions_not_met,
             "pending": pending,
             "faulted": list(self.faulted),
         }
@@ -269,6 +290,7 @@ class GcsProxy:
         self.faults = StorageFaults()
         self.stats = ProxyStats()
         self._pool = httpcore.AsyncConnectionPool(max_keepalive_connections=_IDLE_CONNECTIONS)
+        self._locks = ObjectLocks()  # per object: a precondition's check and the write it guards
 
     async def aclose(self) -> None:
         """Close the kept-alive connections to fake-gcs-server."""
@@ -301,12 +323,15 @@ class GcsProxy:
         self.stats.requests[method] += 1
         described = urllib.parse.unquote(target)
         body: bytes | None = None  # read ahead only for multipart uploads (small by design)
-        if method == "POST" and "uploadType=multipart" in target:
-            # A multipart upload names its object in the body's metadata part, not the URL.
+        upload_name: str | None = None
+        if method == "POST" and (kind := _NAMED_IN_BODY.search(target)):
+            # A multipart or resumable upload names its object in the body's metadata, not the URL.
             body = await _read_body(client)
             if match := _UPLOAD_NAME.search(body[:_MAX_HEAD]):
                 with contextlib.suppress(ValueError):
-                    described += "&name=" + str(json.loads(b'"' + match[1] + b'"'))
+                    upload_name = str(json.loads(b'"' + match[1] + b'"'))
+            if upload_name is not None and kind[1] == "multipart":
+                described += "&name=" + upload_name
         fault = self.faults.take(method, described)
         if fault is not None:
             self.stats.faulted.append(f"{method} {described}")
@@ -331,7 +356,95 @@ class GcsProxy:
                 self.stats.refused += 1
                 await _send_error(client, 400, refusal, reason="invalid")
                 return True
-        return await self._forward(client, request, body, fault)
+        if reason := unsupported(target):
+            if body is None:
+                await _read_body(client)
+            await _send_error(client, 400, reason, reason="invalid")
+            return True
+        key = object_of(method, target, upload_name)
+        if key is None:
+            return await self._forward(client, request, body, fault)
+        if method in _READS:
+            return await self._conditional(client, request, key, body, fault)
+        async with self._locks.hold(key):  # a write: no other write of it in between
+            return await self._conditional(client, request, key, body, fault)
+
+    async def _conditional(
+        self,
+        client: _Peer,
+        request: h11.Request,
+        key: ObjectKey,
+        body: bytes | None,
+        fault: StorageFault | None,
+    ) -> bool:
+        """Forward a request on object ``key`` if its preconditions hold, else refuse it."""
+        method, target = request.method.decode("ascii"), request.target.decode("latin-1")
+        refusal = await self._precondition_refusal(method, target, key, request.headers)
+        if refusal is None:
+            suffix = ""
+            if method == "POST" and "uploadType=resumable" in target:
+                suffix = _condition_query(target)  # checked when the upload completes
+            return await self._forward(client, request, body, fault, location_query=suffix)
+        if body is None:
+            await _read_body(client)
+        if refusal.status == 304:
+            await client.send(h11.Response(status_code=304, headers=[]), h11.EndOfMessage())
+        else:
+            await _send_inner(client, refusal)
+        return True
+
+    async def _precondition_refusal(
+        self, method: str, target: str, key: ObjectKey, headers: Iterable[tuple[bytes, bytes]]
+    ) -> InnerResponse | None:
+        """Google's answer to a request on ``key`` whose precondition does not hold, or None.
+
+        A resumable upload's are checked when it completes, not when it starts; a read or a
+        delete of an object that does not exist is left to fake-gcs-server (404).
+        """
+        try:
+            conditions = conditions_in(urllib.parse.urlsplit(target).query)
+        except ValueError as exc:
+            return _error_answer(400, str(exc), reason="invalid")
+        if not conditions or (method == "POST" and "uploadType=resumable" in target):
+            return None
+        if method == "PUT" and "upload_id=" in target:
+            content_range = next((v for k, v in headers if k.lower() == b"content-range"), b"")
+            if not is_final_chunk(content_range.decode("latin-1")):
+                return None
+        try:
+            state = await self._object_state(key)
+        except OSError as exc:
+            return _error_answer(502, f"the proxy could not read {key.name}'s generation: {exc}")
+        if state is None and not target.startswith("/upload/"):
+            return None
+        status = failed_status(method, conditions, state)
+        if not status:
+            return None
+        self.stats.conditions_not_met += 1
+        if status == 304:
+            return InnerResponse(304, (), b"")
+        return _error_answer(412, NOT_MET_MESSAGE, location="If-Match")
+
+    async def _object_state(self, key: ObjectKey) -> ObjectState | None:
+        """Object ``key``'s generation and metageneration, or None if it does not exist.
+
+        :raises OSError: fake-gcs-server cannot be reached, or answers neither 200 nor 404
+        """
+        try:
+            response = await self._send_upstream(b"GET", key.metadata_target(), (), b"")
+            try:
+                answer = await _read_upstream(response)
+            finally:
+                await response.aclose()
+        except _Closed as exc:
+            raise OSError(str(exc)) from exc
+        if response.status == 404:
+            return None
+        try:
+            document = json.loads(answer)
+            return ObjectState(int(document["generation"]), int(document["metageneration"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OSError(f"answer {response.status} {answer[:200]!r}") from exc
 
     async def _batch(self, client: _Peer, request: h11.Request, fault: StorageFault | None) -> bool:
         """Answer a batch request: each call goes to fake-gcs-server, which has no batch API."""
@@ -375,6 +488,19 @@ class GcsProxy:
                     return None
                 self.stats.failed += 1
                 return _error_answer(fault.status, f"Injected fault: {call.method} {described}")
+        if reason := unsupported(call.target):
+            return _error_answer(400, reason, reason="invalid")
+        key = object_of(call.method, call.target, None)
+        if key is None:
+            return await self._batch_forward(request, call, fault)
+        async with self._locks.hold(key):
+            refusal = await self._precondition_refusal(call.method, call.target, key, ())
+            return refusal or await self._batch_forward(request, call, fault)
+
+    async def _batch_forward(
+        self, request: h11.Request, call: InnerRequest, fault: StorageFault | None
+    ) -> InnerResponse | None:
+        """Send one call of a batch to fake-gcs-server; its answer as Google would give it."""
         headers = inner_headers(request.headers, call)
         try:
             response = await self._send_upstream(
@@ -409,8 +535,18 @@ class GcsProxy:
         return InnerResponse(status, kept, body)
 
     async def _forward(
-        self, client: _Peer, request: h11.Request, body: bytes | None, fault: StorageFault | None
+        self,
+        client: _Peer,
+        request: h11.Request,
+        body: bytes | None,
+        fault: StorageFault | None,
+        location_query: str = "",
     ) -> bool:
+        """Forward a request to fake-gcs-server and its answer to the client.
+
+        :param location_query: appended to the answer's ``Location`` (a resumable session's
+            URL then carries the upload's preconditions to the request that completes it)
+        """
         if body is None and not _declares_body(request):
             body = await _read_body(client)  # only the end of the message: nothing to stream
         try:
@@ -428,7 +564,7 @@ class GcsProxy:
         try:
             if fault is None and not _is_json(head) and not deleted:
                 # Media (up to 100 MB here) streams through, in writes of about _CHUNK bytes.
-                pending: list[Any] = [self._rewritten(head)]
+                pending: list[Any] = [self._rewritten(head, location_query=location_query)]
                 size = 0
                 async for chunk in _upstream_chunks(response):
                     pending.append(h11.Data(data=chunk))
@@ -448,7 +584,8 @@ class GcsProxy:
             elif fault is not None:
                 return await self._lose_answer(client, head, answer, fault)
             body_events = [h11.Data(data=answer)] if answer else []
-            await client.send(self._rewritten(head, len(answer)), *body_events, h11.EndOfMessage())
+            rewritten = self._rewritten(head, len(answer), location_query)
+            await client.send(rewritten, *body_events, h11.EndOfMessage())
             return True
         finally:
             await response.aclose()
@@ -507,10 +644,13 @@ class GcsProxy:
             return body
         return body.replace(self.upstream.encode(), self.endpoint.encode())
 
-    def _rewritten(self, response: h11.Response, length: int | None = None) -> h11.Response:
+    def _rewritten(
+        self, response: h11.Response, length: int | None = None, location_query: str = ""
+    ) -> h11.Response:
         """The upstream's response head for our client: Location points at the proxy.
 
         :param length: the body's new length, when the proxy rewrote the body
+        :param location_query: parameters appended to Location's query (``&a=1&b=2``)
         """
         headers = []
         for name, value in response.headers:
@@ -520,7 +660,7 @@ class GcsProxy:
             if length is not None and lower in (b"content-length", b"transfer-encoding"):
                 continue
             if lower == b"location":
-                value = self._rewrite_links(value)
+                value = self._rewrite_links(value) + location_query.encode()
             headers.append((name, value))
         if length is not None:
             headers.append((b"content-length", b"%d" % length))
@@ -566,10 +706,32 @@ def _flip_a_byte(data: bytes) -> bytes:
     return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
 
 
-def _error_answer(status: int, message: str) -> InnerResponse:
-    """Cloud Storage's error JSON as the answer to one call of a batch."""
-    body = json.dumps({"error": _error_document(status, message)}).encode()
+def _error_answer(status: int, message: str, reason: str = "", location: str = "") -> InnerResponse:
+    """Cloud Storage's error JSON as an answer (to one call of a batch, or to a request).
+
+    :param location: the header the error is about (Google names ``If-Match`` for a 412)
+    """
+    document = _error_document(status, message, reason)
+    if location:
+        document["errors"][0].update(domain="global", locationType="header", location=location)
+    body = json.dumps({"error": document}).encode()
     return InnerResponse(status, ((b"content-type", b"application/json; charset=UTF-8"),), body)
+
+
+async def _send_inner(peer: _Peer, answer: InnerResponse) -> None:
+    """Send an answer composed here (with its body) to the client."""
+    headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
+    await peer.send(
+        h11.Response(status_code=answer.status, headers=headers),
+        h11.Data(data=answer.body),
+        h11.EndOfMessage(),
+    )
+
+
+def _condition_query(target: str) -> str:
+    """A request's precondition parameters, as ``&name=value...`` (empty without any)."""
+    query = urllib.parse.urlsplit(target).query
+    return "".join(f"&{name}={value}" for name, value in conditions_in(query).items())
 
 
 def _declares_body(request: h11.Request) -> bool:
