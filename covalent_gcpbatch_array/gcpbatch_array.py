@@ -276,6 +276,9 @@ async def _upload_unless_withdrawn(
 ) -> None:
     """Upload the input, giving up as soon as the batch withdraws the member (too slow).
 
+    Giving up stops the upload's retries at once and waits for an attempt in flight: nothing
+    writes the input after this returns, so ``run()``'s clean-up deletes whatever landed.
+
     :raises StorageError: the upload failed (raised as itself, not in an exception group)
     """
     failed: list[Exception] = []

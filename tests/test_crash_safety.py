@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +27,15 @@ from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeErr
 from electrons import FAST, executor_for
 from google.api_core import exceptions as api_exceptions
 from google.cloud import batch_v1
+from google.cloud.storage.retry import DEFAULT_RETRY
 from test_inspect_cli import run_json  # a sibling test module (tests/ is on sys.path)
 
 from covalent_gcpbatch_array._core import runtime
 from covalent_gcpbatch_array._core.contract import EXIT_ORPHANED, TaskRef
-from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi
+from covalent_gcpbatch_array._core.jobs import TASK_STATE_FIELDS, JobsApi, new_job_id
 from covalent_gcpbatch_array._core.outcome import task_exit_code
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
-from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
+from covalent_gcpbatch_array._core.storage import AsyncTaskStore, TaskObject, TaskStore
 from covalent_gcpbatch_array.cli.covalent_server import CovalentServer
 from covalent_gcpbatch_array.exceptions import StorageError
 from covalent_gcpbatch_array.local import LocalCloud
@@ -324,41 +326,113 @@ class TestCancelLeavesNothing:
         ]
 
 
+def uploads_in_flight() -> int:
+    """How many threads of this process are writing an object (inside ``TaskStore.upload``)."""
+    code = TaskStore.upload.__code__
+    found = 0
+    for frame in sys._current_frames().values():
+        caller: Any = frame
+        while caller is not None and caller.f_code is not code:
+            caller = caller.f_back
+        found += caller is not None
+    return found
+
+
+async def four_squares(cloud: LocalCloud) -> dict[int, Any]:
+    """Electrons 0-3 of one batch (its window 1 s): each one's result or TaskRuntimeError."""
+    outcomes: dict[int, Any] = {}
+
+    async def one(index: int) -> None:
+        ex = executor_for(cloud, batch_window=1.0, batch_idle_gap=0.0)
+        metadata = {"dispatch_id": "doomed", "node_id": index}
+        try:
+            outcomes[index] = await ex.run(square, [index], {}, metadata)
+        except TaskRuntimeError as exc:
+            outcomes[index] = exc
+
+    async with anyio.create_task_group() as tg:
+        for index in range(4):
+            tg.start_soon(one, index)
+    await ExecutorRuntime.wait_idle()
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def faulty_cloud() -> Iterator[LocalCloud]:
+    """A LocalCloud whose Cloud Storage requests can be made to fail."""
+    with LocalCloud(gcs_faults=True) as local_cloud:
+        yield local_cloud
+
+
 class TestADoomedUpload:
-    """One input upload that keeps failing does not hold its job-mates (issue 12)."""
+    """One input upload that keeps failing does not hold its job-mates (issue 12), and goes on
+    no longer than its electron waits for it."""
 
-    @pytest.fixture
-    def faulty_cloud(self) -> Iterator[LocalCloud]:
-        with LocalCloud(gcs_faults=True) as local_cloud:
-            yield local_cloud
-
-    @pytest.mark.anyio
-    async def test_its_electron_leaves_the_batch_the_rest_run(
-        self, faulty_cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    @pytest.fixture(autouse=True)
+    def short_settle(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(runtime, "INPUT_SETTLE_SECONDS", 2.0)
-        # Every upload of task 3's input answers 503: the client retries it for 120 s.
-        faulty_cloud.fail_storage("POST", 503, count=10_000, path="tasks/3/input.pkl")
-        outcomes: dict[int, Any] = {}
 
-        async def one(index: int) -> None:
-            ex = executor_for(faulty_cloud, batch_window=1.0, batch_idle_gap=0.0)
-            metadata = {"dispatch_id": "doomed", "node_id": index}
-            try:
-                outcomes[index] = await ex.run(square, [index], {}, metadata)
-            except TaskRuntimeError as exc:
-                outcomes[index] = exc
-
-        async with anyio.create_task_group() as tg:
-            for index in range(4):
-                tg.start_soon(one, index)
-        await ExecutorRuntime.wait_idle()
-        faulty_cloud.clear_storage_faults()
+    @staticmethod
+    def assert_left_the_batch(outcomes: dict[int, Any]) -> None:
         assert {index: outcomes[index] for index in range(3)} == {0: 0, 1: 1, 2: 4}
         error = outcomes[3]
         assert isinstance(error, TaskRuntimeError)
         assert isinstance(error.__cause__, StorageError)
         assert "was not uploaded within 2 s" in str(error.__cause__)
+
+    @pytest.mark.anyio
+    async def test_its_electron_leaves_the_batch_the_rest_run(
+        self, faulty_cloud: LocalCloud
+    ) -> None:
+        # Every upload of task 3's input answers 503: the client retries it for 120 s.
+        faulty_cloud.fail_storage("POST", 503, count=10_000, path="tasks/3/input.pkl")
+        outcomes = await four_squares(faulty_cloud)
+        # Its retries ended with its electron: no thread goes on writing it (before: one did
+        # for 120 s, and a user's process could not exit until it had given up).
+        assert uploads_in_flight() == 0
+        faulty_cloud.clear_storage_faults()
+        self.assert_left_the_batch(outcomes)
+
+    @pytest.mark.anyio
+    async def test_an_upload_gives_up_at_the_stores_timeout(self, faulty_cloud: LocalCloud) -> None:
+        faulty_cloud.fail_storage("POST", 503, count=10_000, path="tasks/0/input.pkl")
+        client = faulty_cloud.storage_client()
+        retry = DEFAULT_RETRY.with_timeout(2.0)
+        store = AsyncTaskStore(TaskStore(client, faulty_cloud.bucket_name, "p", retry=retry))
+        try:
+            with pytest.raises(StorageError, match=r"503 .*gave up after retrying for 2 s"):
+                await store.upload_input(TaskRef(new_job_id(), 0), b"input")
+        finally:
+            faulty_cloud.clear_storage_faults()
+        assert uploads_in_flight() == 0
+
+    @pytest.mark.anyio
+    async def test_an_input_landing_after_its_electron_left_is_deleted(
+        self, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        write = TaskStore.upload_input
+        landed = threading.Event()
+        late: list[TaskRef] = []
+
+        def late_write(self: TaskStore, ref: TaskRef, data: bytes, **options: Any) -> None:
+            # Task 3's input is written late, once its job-mates' job has run and been cleaned
+            # up (its folder keeps only the manifest): long after its electron left the batch.
+            if ref.index == 3:
+                late.append(ref)
+                manifest = f"covalent-gcpbatch-array/{ref.job_id}/manifest.json"
+                wait_until(lambda: folder_objects(cloud, ref.job_id) == [manifest], timeout=120)
+            write(self, ref, data, **options)
+            if ref.index == 3:
+                landed.set()
+
+        monkeypatch.setattr(TaskStore, "upload_input", late_write)
+        outcomes = await four_squares(cloud)
+        job_id = late[0].job_id
+        # Its run() ended only after the write in flight, and deleted what it wrote (before:
+        # the write went on in its thread and the input stayed in the bucket, for gc).
+        assert landed.is_set()
+        assert folder_objects(cloud, job_id) == [f"covalent-gcpbatch-array/{job_id}/manifest.json"]
+        self.assert_left_the_batch(outcomes)
 
 
 def covalent_stop(server: CovalentServer) -> None:

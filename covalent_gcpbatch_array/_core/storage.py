@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,7 +43,7 @@ import google.cloud.storage as storage
 import requests
 import urllib3
 from google.api_core import exceptions as api_exceptions
-from google.api_core.retry import Retry
+from google.api_core.retry import Retry, exponential_sleep_generator
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from covalent_gcpbatch_array._core.compat import (
@@ -277,15 +279,20 @@ class TaskStore:
                 None,
             )
 
-    def upload(self, ref: TaskRef, obj: TaskObject, data: bytes) -> None:
-        """Write ``obj`` of task ``ref``, replacing what is there (input, stdout, stderr)."""
-        name = self.layout(ref.job_id).object_name(ref.index, obj)
-        with self._errors(f"write {obj.value} of task {ref.index} of job {ref.job_id}"):
-            self._retry(self._objects.put)(name, data, "application/octet-stream")
+    def upload(self, ref: TaskRef, obj: TaskObject, data: bytes, *, retried: bool = True) -> None:
+        """Write ``obj`` of task ``ref``, replacing what is there (input, stdout, stderr).
 
-    def upload_input(self, ref: TaskRef, data: bytes) -> None:
-        """Write the input envelope of task ``ref``."""
-        self.upload(ref, TaskObject.INPUT, data)
+        :param retried: retry it with the store's policy (False: one attempt, for a caller that
+            retries it itself)
+        """
+        name = self.layout(ref.job_id).object_name(ref.index, obj)
+        put = self._retry(self._objects.put) if retried else self._objects.put
+        with self._errors(f"write {obj.value} of task {ref.index} of job {ref.job_id}"):
+            put(name, data, "application/octet-stream")
+
+    def upload_input(self, ref: TaskRef, data: bytes, *, retried: bool = True) -> None:
+        """Write the input envelope of task ``ref`` (``retried``: as :meth:`upload`)."""
+        self.upload(ref, TaskObject.INPUT, data, retried=retried)
 
     def write_if_absent(self, ref: TaskRef, obj: TaskObject, data: bytes) -> bool:
         """Write ``obj`` of task ``ref`` only if it does not exist yet.
@@ -557,6 +564,9 @@ class TaskStore:
 #: never queue behind the inputs of the next batches.
 INPUT_THREADS = 16
 OTHER_THREADS = 16
+#: The backoff between the attempts of an input upload (seconds), google-cloud-storage's own.
+_FIRST_DELAY = 1.0
+_MAX_DELAY = 60.0
 
 
 class AsyncTaskStore:
@@ -587,16 +597,33 @@ class AsyncTaskStore:
     async def upload_input(self, ref: TaskRef, data: bytes) -> None:
         """Write the input envelope of task ``ref``, on the threads kept for inputs.
 
-        Cancelled, it returns at once and leaves the upload to end in its thread (its electron
-        gave up on it: see ``BatchPolicy.settle_timeout``).
+        Retried as the store retries any request (its policy's predicate and timeout), but only
+        each attempt runs in a worker thread; the waits between attempts run here. Cancelled
+        (its electron gave up on it: see ``BatchPolicy.settle_timeout``; or the process is
+        stopping), it stops at once, or once the attempt in flight has ended: no upload goes on
+        after its caller, who then knows whether the input may be in the bucket.
+
+        :raises StorageError: it failed, or still failed transiently when the timeout was up
         """
-        await anyio.to_thread.run_sync(
-            self.sync.upload_input,
-            ref,
-            data,
-            limiter=self._input_limiter,
-            abandon_on_cancel=True,
-        )
+        timeout = self.sync._retry.timeout or math.inf
+        deadline = anyio.current_time() + timeout
+        for delay in exponential_sleep_generator(_FIRST_DELAY, _MAX_DELAY):
+            try:
+                await anyio.to_thread.run_sync(
+                    functools.partial(self.sync.upload_input, ref, data, retried=False),
+                    limiter=self._input_limiter,
+                )
+                return
+            except StorageError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, Exception) and self.sync._retried(cause)):
+                    raise
+                if anyio.current_time() + delay > deadline:
+                    raise StorageError(
+                        f"{exc} (gave up after retrying for {timeout:g} s; check the network "
+                        "and https://status.cloud.google.com)"
+                    ) from cause
+            await anyio.sleep(delay)  # backing off between attempts, not synchronisation
 
     async def download(self, ref: TaskRef, obj: TaskObject) -> bytes | None:
         """Read ``obj`` of task ``ref``, or ``None`` if it does not exist."""
