@@ -81,6 +81,10 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a job's tasks keep running after its executor stopped renewing the job's lease
     # (killed, or its machine lost); 0: they run to their end.
     "orphan_timeout": 600.0,
+    # Seconds a closed batch waits for an input upload that is not done (Cloud Storage failing,
+    # or a large input on a slow link); then that electron fails and the job is created for the
+    # others. 0: as long as the upload takes.
+    "upload_timeout": 60.0,
 }
 
 REQUIRED_KEYS = ("project_id", "bucket_name", "container_image_uri")
@@ -160,6 +164,7 @@ class ExecutorConfig:
     keep_objects: bool
     queue_timeout: float
     orphan_timeout: float
+    upload_timeout: float
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], *, require: bool = True) -> ExecutorConfig:
@@ -379,4 +384,5 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "keep_objects": _flag,
     "queue_timeout": _number(float, minimum=0),
     "orphan_timeout": _number(float, minimum=0),
+    "upload_timeout": _number(float, minimum=0),
 }

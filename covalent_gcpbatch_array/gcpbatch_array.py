@@ -114,6 +114,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
         keep_objects: bool | None = None,
         queue_timeout: float | None = None,
         orphan_timeout: float | None = None,
+        upload_timeout: float | None = None,
         log_stdout: str = "",
         log_stderr: str = "",
     ) -> None:

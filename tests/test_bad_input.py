@@ -92,6 +92,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("queue_timeout", -1, "at least 0"),
     ("graph_aware", "yes", "true or false"),
     ("orphan_timeout", -1, "at least 0"),
+    ("upload_timeout", -1, "at least 0"),
 ]
 
 

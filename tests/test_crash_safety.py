@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -339,11 +340,12 @@ def uploads_in_flight() -> int:
 
 
 async def four_squares(cloud: LocalCloud) -> dict[int, Any]:
-    """Electrons 0-3 of one batch (its window 1 s): each one's result or TaskRuntimeError."""
+    """Electrons 0-3 of one batch (its window 1 s, ``upload_timeout`` 2 s): each one's result
+    or TaskRuntimeError."""
     outcomes: dict[int, Any] = {}
 
     async def one(index: int) -> None:
-        ex = executor_for(cloud, batch_window=1.0, batch_idle_gap=0.0)
+        ex = executor_for(cloud, batch_window=1.0, batch_idle_gap=0.0, upload_timeout=2.0)
         metadata = {"dispatch_id": "doomed", "node_id": index}
         try:
             outcomes[index] = await ex.run(square, [index], {}, metadata)
@@ -368,10 +370,6 @@ class TestADoomedUpload:
     """One input upload that keeps failing does not hold its job-mates (issue 12), and goes on
     no longer than its electron waits for it."""
 
-    @pytest.fixture(autouse=True)
-    def short_settle(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(runtime, "INPUT_SETTLE_SECONDS", 2.0)
-
     @staticmethod
     def assert_left_the_batch(outcomes: dict[int, Any]) -> None:
         assert {index: outcomes[index] for index in range(3)} == {0: 0, 1: 1, 2: 4}
@@ -379,6 +377,7 @@ class TestADoomedUpload:
         assert isinstance(error, TaskRuntimeError)
         assert isinstance(error.__cause__, StorageError)
         assert "was not uploaded within 2 s" in str(error.__cause__)
+        assert "upload_timeout" in str(error.__cause__)
 
     @pytest.mark.anyio
     async def test_its_electron_leaves_the_batch_the_rest_run(
@@ -392,6 +391,11 @@ class TestADoomedUpload:
         assert uploads_in_flight() == 0
         faulty_cloud.clear_storage_faults()
         self.assert_left_the_batch(outcomes)
+
+    def test_upload_timeout_0_waits_as_long_as_the_upload_takes(self, cloud: LocalCloud) -> None:
+        assert runtime.batch_policy(executor_for(cloud).config).settle_timeout == 60.0
+        config = executor_for(cloud, upload_timeout=0).config
+        assert runtime.batch_policy(config).settle_timeout == math.inf
 
     @pytest.mark.anyio
     async def test_an_upload_gives_up_at_the_stores_timeout(self, faulty_cloud: LocalCloud) -> None:

@@ -450,7 +450,8 @@ class Batch(Generic[K, T]):
                         f"the input of task {member.index} of batch {self.batch_id} was not "
                         f"uploaded within {self.policy.settle_timeout:g} s of the batch's "
                         "flush: the batch was launched without it (Cloud Storage kept failing "
-                        "or the input is very large); dispatch the electron again"
+                        "or the input is very large); dispatch the electron again, and for a "
+                        "large input on a slow link raise the executor's upload_timeout"
                     )
                 )
 

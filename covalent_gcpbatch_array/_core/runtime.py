@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import threading
@@ -56,10 +57,6 @@ _CURRENT: RunVar[ExecutorRuntime | None] = RunVar("gcpbatch_array_runtime", defa
 #: Threads (and so HTTP connections) per event loop for the Batch API; Cloud Storage's are
 #: storage.INPUT_THREADS for inputs and storage.OTHER_THREADS for the rest.
 BATCH_API_THREADS = 8
-#: How long a flushed batch waits for an input upload that is not done (Cloud Storage failing
-#: and retried, or a very large input); then that electron leaves the batch with a
-#: StorageError and the job is created for the others.
-INPUT_SETTLE_SECONDS = 60.0
 #: How long deleting the input of an electron that gave up before launch may take.
 DISCARD_SECONDS = 10.0
 #: Member states of an electron that gave up (before launch, for discard_unlaunched).
@@ -84,7 +81,9 @@ def batch_policy(config: ExecutorConfig) -> BatchPolicy:
         window=config.batch_window,
         idle_gap=config.batch_idle_gap,
         max_size=min(config.max_tasks_per_job, MAX_TASKS_PER_JOB),
-        settle_timeout=INPUT_SETTLE_SECONDS,
+        # upload_timeout: how long a flushed batch waits for an input upload that is not done
+        # (then that electron leaves it with a StorageError); 0: as long as the upload takes.
+        settle_timeout=config.upload_timeout or math.inf,
     )
 
 
