@@ -46,7 +46,13 @@ from {PLUGIN} import GCPBatchArrayExecutor
 assert ct.executor.GCPBatchArrayExecutor is GCPBatchArrayExecutor, ct.executor.GCPBatchArrayExecutor
 assert covalent_gcpbatch_array.GCPBatchArrayExecutor is GCPBatchArrayExecutor
 assert _executor_manager.executor_plugins_map["gcpbatch_array"] is GCPBatchArrayExecutor
-executor = _executor_manager.get_executor("gcpbatch_array")  # what executor="gcpbatch_array" runs
+# What executor="gcpbatch_array" runs on the server: built from the config file's table.
+ct.set_config({{
+    "executors.gcpbatch_array.project_id": "my-project-1",
+    "executors.gcpbatch_array.bucket_name": "my-bucket",
+    "executors.gcpbatch_array.container_image_uri": "us-docker.pkg.dev/my-project-1/r/runner:1",
+}})
+executor = _executor_manager.get_executor("gcpbatch_array")
 assert type(executor) is GCPBatchArrayExecutor, type(executor)
 print("plugin found")
 """

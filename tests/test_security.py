@@ -359,10 +359,13 @@ class TestNoSecretsLeak:
                 assert secret not in text, f"the job's key is in {what}"
 
         assert_clean("the labels", repr(dict(job.labels)))
-        assert dict(job.labels) == {
+        labels = dict(job.labels)
+        assert labels == {
             "team": "science",
             "created-by": "covalent-gcpbatch-array",
-            "cga-version": dict(job.labels)["cga-version"],
+            "cga-version": labels["cga-version"],
+            "cga-flush-reason": labels["cga-flush-reason"],
+            "batch-job-id": job.name.rsplit("/", 1)[1],  # Batch's own predefined label
         }
         assert_clean("the executor's logs", caplog.text)
         for outcome in fan:
