@@ -263,11 +263,14 @@ class TestConcurrentDispatches:
         prefix = f"shared-{time.time_ns()}"
         # One batch of exactly the 4 + 4 electrons: it flushes the moment it is full, not on
         # a timer (the window and idle gap only stop it flushing before the second dispatch's
-        # electrons join); objects are kept to read the manifests.
+        # electrons join); objects are kept to read the manifests. On the timers alone: with
+        # the graph, the first dispatch's wave is complete (and flushed) before the second
+        # one's electrons arrive (tests/test_waves.py has two dispatches sharing a wave batch).
         executor = explicit_executor(
             cloud,
             bucket_prefix=prefix,
             keep_objects=True,
+            graph_aware=False,
             max_tasks_per_job=8,
             batch_window=120.0,
             batch_idle_gap=120.0,
