@@ -4,7 +4,7 @@
     python -m benchmarks.fanout --electrons 100 --arrival trickle --rate 2
     python -m benchmarks.fanout --all                            # regenerate RESULTS.md
     python -m benchmarks.fanout --quick                          # a miniature, in < 1 min
-    python -m benchmarks.fanout --original                       # against the original plugin
+    python -m benchmarks.fanout --original [--electrons 10 100]  # against the original plugin
     python -m benchmarks.fanout --behaviours                     # raise, preemption, quota, cancel
 
 Each run starts its own local cloud (our Batch emulator and fake-gcs-server) with the given
@@ -67,7 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--report-only", action="store_true", help="redraw plots and RESULTS.md from the JSON"
     )
-    parser.add_argument("--electrons", type=int, nargs="+", default=[100], help="fan-out sizes")
+    parser.add_argument(
+        "--electrons",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fan-out sizes (default: 100; with --original, its 10, 100 and 1,000)",
+    )
     parser.add_argument(
         "--modes",
         nargs="+",
@@ -137,7 +143,7 @@ def _adhoc_plan(options: argparse.Namespace) -> list[Planned]:
         "trace_memory": options.trace_memory,
     }
     plans = []
-    for electrons in options.electrons:
+    for electrons in options.electrons or [100]:
         for mode in map(Mode, options.modes):
             name = f"adhoc-{options.arrival}-{mode.value}-{electrons}"
             spec = RunSpec(name=name, group="adhoc", mode=mode, electrons=electrons, **knobs)
@@ -192,7 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if options.all or options.quick or options.original:
         results = options.results or RESULTS_DIR
-        plan = full_plan() if options.all else original_plan() if options.original else quick_plan()
+        if options.all:
+            plan = full_plan()
+        elif options.original:
+            plan = original_plan(*([options.electrons] if options.electrons else []))
+        else:
+            plan = quick_plan()
         anyio.run(
             lambda: run_plan(
                 plan,
