@@ -69,7 +69,13 @@ def test_object_of(method: str, target: str, upload_name: str | None, key: Objec
 
 @pytest.mark.parametrize(
     ("content_range", "final"),
-    [("bytes 0-9/10", True), ("bytes */10", True), ("bytes 0-262143/*", False), ("", False)],
+    [
+        ("bytes 0-9/10", True),
+        ("bytes */0", True),
+        ("bytes */10", False),  # a status query, also after the upload completed
+        ("bytes 0-262143/*", False),
+        ("", False),
+    ],
 )
 def test_only_the_chunk_that_states_the_total_completes_a_resumable_upload(
     content_range: str, final: bool

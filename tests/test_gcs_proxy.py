@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import gc
 import os
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 
 import anyio
 import google.cloud.storage as storage
+import google_crc32c
 import pytest
 import requests
 from google.api_core import exceptions as api_exceptions
@@ -303,6 +305,34 @@ class TestAnswersAsGoogle:
         both = "crc32c=mnG7TA==,md5=XUFAKrxLKna5cZ2REBfFkg=="
         right = await http("POST", upload, data=b"hello", headers={"X-Goog-Hash": both})
         assert right.status_code == 200, right.text
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("good", [True, False])
+    async def test_a_resumable_upload_in_chunks_is_checked_once_complete(
+        self, proxy: str, gcs: GcsEmulator, good: bool
+    ) -> None:
+        # Its last chunk's X-Goog-Hash declares the whole object's CRC32C (as the client sends
+        # it over 100 MiB), which only fake-gcs-server sees whole.
+        name, first, last = f"chunked/{good}", os.urandom(256 * 1024), b"tail"
+        started = await http(
+            "POST",
+            f"{proxy}/upload/storage/v1/b/{BUCKET}/o?uploadType=resumable",
+            json={"name": name},
+        )
+        session = started.headers["Location"]
+        partial = await http(
+            "PUT", session, data=first, headers={"Content-Range": f"bytes 0-{len(first) - 1}/*"}
+        )
+        assert partial.status_code == 308, partial.text
+        crc = base64.b64encode(google_crc32c.Checksum(first + last).digest()).decode()
+        end = len(first) + len(last)
+        headers = {
+            "Content-Range": f"bytes {len(first)}-{end - 1}/{end}",
+            "X-Goog-Hash": f"crc32c={crc if good else 'AAAAAQ=='}",
+        }
+        done = await http("PUT", session, data=last, headers=headers)
+        assert done.status_code == (200 if good else 400), done.text
+        assert await exists_directly(gcs, [name]) == [good]
 
     @pytest.mark.anyio
     async def test_the_clients_own_checksums_pass(self, proxy: str) -> None:

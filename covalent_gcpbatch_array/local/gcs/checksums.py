@@ -4,7 +4,8 @@ An upload may declare the object's CRC32C or MD5: in a multipart upload's metada
 (``"crc32c"``, ``"md5Hash"``, base64 of the big-endian digest, as google-cloud-storage sends by
 default) or in an ``X-Goog-Hash: crc32c=...,md5=...`` header. Cloud Storage refuses an upload
 whose bytes do not match with 400; the GCS proxy (:mod:`.proxy`) calls :func:`upload_mismatch`
-on the uploads it reads whole (multipart, and single-request media uploads carrying the header).
+on the uploads it reads whole (multipart, and single-request media uploads carrying the header),
+and :func:`stored_mismatch` on a resumable upload sent in several chunks, once it completes.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 
 import google_crc32c
 
-__all__ = ["HashHeaderError", "declared_in_header", "multipart_parts", "upload_mismatch"]
+__all__ = [
+    "HashHeaderError",
+    "declared_in_header",
+    "multipart_parts",
+    "stored_mismatch",
+    "upload_mismatch",
+]
 
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?')
 
@@ -77,11 +85,19 @@ def declared_in_header(value: str) -> dict[str, str]:
 
 def upload_mismatch(declared: dict[str, object], data: bytes) -> str | None:
     """Google's message for the first declared checksum ``data`` does not have, else None."""
-    for key, _, label, compute in _CHECKSUMS:
+    computed = {key: compute(data) for key, _, _, compute in _CHECKSUMS if key in declared}
+    return stored_mismatch(declared, computed)
+
+
+def stored_mismatch(declared: Mapping[str, object], stored: Mapping[str, object]) -> str | None:
+    """Google's message for the first declared checksum the stored object's differs from.
+
+    :param stored: the object's checksums (``crc32c``, ``md5Hash``) as fake-gcs-server
+        reports them (for a resumable upload, whose chunks the proxy never holds at once)
+    """
+    for key, _, label, _ in _CHECKSUMS:
         wanted = declared.get(key)
-        if wanted is None:
-            continue
-        actual = compute(data)
-        if wanted != actual:
+        if wanted is not None and wanted != stored.get(key):
+            actual = stored.get(key)
             return f'Provided {label} "{wanted}" doesn\'t match calculated {label} "{actual}".'
     return None

@@ -140,8 +140,9 @@ def failed_status(method: str, conditions: Mapping[str, int], state: ObjectState
 
 
 def is_final_chunk(content_range: str) -> bool:
-    """Whether a resumable upload's PUT completes it (its Content-Range states the total)."""
-    return bool(re.fullmatch(r"bytes (?:\d+-\d+|\*)/\d+", content_range.strip()))
+    """Whether a resumable upload's PUT completes it: its last bytes with the total, or an
+    empty object's ``bytes */0`` (``bytes */N`` asks how far an upload got: not checked)."""
+    return bool(re.fullmatch(r"bytes (?:\d+-\d+/\d+|\*/0)", content_range.strip()))
 
 
 class ObjectLocks:

@@ -19,7 +19,8 @@ answer); a fault can also hit the batch request itself (``method="POST", path="/
 
 Where fake-gcs-server answers otherwise than Cloud Storage, the proxy answers as Google does: an
 upload whose declared CRC32C or MD5 does not match its bytes is refused with 400
-(:mod:`.checksums`), an object DELETE answers 204 without a body (in batch requests too), and a
+(:mod:`.checksums`; a resumable upload sent in chunks is checked against what fake-gcs-server
+stored once it completes, and the object deleted if they differ), an object DELETE answers 204 without a body (in batch requests too), and a
 request whose precondition (``ifGenerationMatch`` and the three others) does not hold is refused
 with 412 (304 for a read), on every kind of upload, read and delete (:mod:`.preconditions`):
 the check and the write it guards hold a lock on the object's name, so of two concurrent
@@ -78,6 +79,7 @@ from covalent_gcpbatch_array.local.gcs.checksums import (
     HashHeaderError,
     declared_in_header,
     multipart_parts,
+    stored_mismatch,
     upload_mismatch,
 )
 from covalent_gcpbatch_array.local.gcs.preconditions import (
@@ -347,10 +349,11 @@ class GcsProxy:
             return True
         if method == "POST" and urllib.parse.urlsplit(target).path == BATCH_PATH:
             return await self._batch(client, request, fault)
-        if target.startswith("/upload/"):
+        if target.startswith("/upload/") and not _later_chunk(request):
             if body is None and _header(request, b"x-goog-hash"):
                 body = await _read_body(client)  # a media upload declaring its checksum
-            if refusal := _upload_refusal(request, body):
+            started = method == "POST" and "uploadType=resumable" in target  # body: metadata
+            if refusal := _upload_refusal(request, None if started else body):
                 if body is None:
                     await _read_body(client)
                 self.stats.refused += 1
@@ -576,6 +579,10 @@ class GcsProxy:
                 return True
             # Metadata carries links (mediaLink, selfLink) a client may follow: make them ours.
             answer = self._rewrite_links(await _read_upstream(response))
+            if head.status_code == 200 and (refusal := await self._stored_refusal(request, answer)):
+                self.stats.refused += 1
+                await _send_error(client, 400, refusal, reason="invalid")
+                return True
             if deleted:  # fake-gcs-server answers 200 "null"; Google 204 and no body
                 head, answer = _no_content(head), b""
             if fault is not None and fault.corrupt and answer:
@@ -589,6 +596,30 @@ class GcsProxy:
             return True
         finally:
             await response.aclose()
+
+    async def _stored_refusal(self, request: h11.Request, answer: bytes) -> str | None:
+        """Why Google would refuse the resumable upload whose last chunk this answer completes.
+
+        Its ``X-Goog-Hash`` declares the whole object's checksums, which only fake-gcs-server
+        saw whole: they are compared with those it stored, and the object is deleted if they
+        differ (Google keeps the previous one; here the object is gone).
+        """
+        hash_header = _header(request, b"x-goog-hash").decode("latin-1")
+        if not hash_header or not _later_chunk(request):
+            return None
+        try:
+            stored = json.loads(answer)
+            refusal = stored_mismatch(declared_in_header(hash_header), stored)
+        except HashHeaderError as exc:
+            refusal = str(exc)
+        except ValueError:
+            return None  # not an object's metadata: nothing to compare
+        key = object_of("PUT", request.target.decode("latin-1"), None)
+        if refusal and key is not None:
+            with contextlib.suppress(OSError):
+                response = await self._send_upstream(b"DELETE", key.metadata_target(), (), b"")
+                await response.aclose()
+        return refusal
 
     async def _send_upstream(
         self,
@@ -775,6 +806,15 @@ def _no_content(response: h11.Response) -> h11.Response:
     return h11.Response(status_code=204, headers=headers, reason=b"No Content")
 
 
+def _later_chunk(request: h11.Request) -> bool:
+    """Whether this is a chunk of a resumable upload that does not carry the whole object."""
+    if request.method != b"PUT" or b"upload_id=" not in request.target:
+        return False
+    content_range = _header(request, b"content-range").decode("latin-1")
+    whole = re.fullmatch(r"bytes 0-(\d+)/(\d+)", content_range.strip())
+    return whole is None or int(whole[1]) + 1 != int(whole[2])
+
+
 def _upload_refusal(request: h11.Request, body: bytes | None) -> str | None:
     """Why Cloud Storage would refuse this upload (a checksum its bytes lack), or None.
 
@@ -784,8 +824,8 @@ def _upload_refusal(request: h11.Request, body: bytes | None) -> str | None:
     parts = None if body is None else multipart_parts(_header(request, b"content-type"), body)
     if hash_header and body is None:
         return (
-            "X-Goog-Hash on a resumable upload is not supported by the local cloud: "
-            "declare the checksum in a single-request (multipart or media) upload"
+            "X-Goog-Hash on the request that starts a resumable upload is not supported by the "
+            "local cloud: declare the checksum on its last chunk, or in a single-request upload"
         )
     declared: dict[str, object] = dict(parts[0]) if parts is not None else {}
     if hash_header:
