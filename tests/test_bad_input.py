@@ -406,8 +406,9 @@ class TestLargeValues:
 
     @pytest.mark.anyio
     async def test_large_values_survive_dropped_chunks(self, cloud: LocalCloud) -> None:
-        # Over 8 MB both sides upload in resumable chunks (PUT): drop one on each side.
-        cloud.fail_storage("PUT", drop=True, count=1, path="input.pkl")
+        # The executor sends an input in one request (POST, uploadType=media); over 8 MB the
+        # task uploads its result in resumable chunks (PUT): drop one request on each side.
+        cloud.fail_storage("POST", drop=True, count=1, path="input.pkl")
         cloud.fail_storage("PUT", 503, count=1, path="result.pkl")
         cloud.fail_storage("GET", drop=True, lose_answer=True, count=1, path="result.pkl?alt=media")
         spec = Spec(0, new_token(), "echo", b"x" * (20 * 1024 * 1024))
