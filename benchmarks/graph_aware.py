@@ -10,6 +10,10 @@ for every electron. Scenarios:
   job per electron (``batch_window = 0``);
 - ``big`` (``--big``): 1,000 electrons: jobs, first and last result.
 
+Each row also has the span from the first to the last electron started (Covalent's own pace),
+the ``batch_window`` in force, ``ceil(span / batch_window)`` (issue 13's bound on the jobs) and
+why each new job stopped filling (its flush-reason label).
+
 Run: ``.venv/bin/python -m benchmarks.graph_aware [--big] [--out FILE]``.
 """
 
@@ -18,11 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from typing import Any
 from covalent_gcpbatch_array.config import DEFAULTS
 
 from .harness import environment, sleepy_electron
+from .measure import machine_load
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "graph_aware.json"
 BUSY = "while True: pass"
@@ -58,6 +65,18 @@ def _seconds_since(moment: datetime, times: list[Any]) -> list[float]:
     return [(t - moment).total_seconds() for t in utc]
 
 
+def window_bound(span_s: float | None, batch_window: float) -> int | None:
+    """``ceil(span / batch_window)``, at least one job; ``None`` without a span or a window."""
+    if span_s is None or batch_window <= 0:
+        return None
+    return max(1, math.ceil(span_s / batch_window))
+
+
+def _flush_reasons(jobs: Iterable[Any]) -> dict[str, int]:
+    reasons = Counter(job.flushed or "unknown" for job in jobs)
+    return dict(sorted(reasons.items()))
+
+
 def run_one(
     ct: Any,
     cloud: Any,
@@ -68,8 +87,13 @@ def run_one(
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Dispatch ``workflow(*args)`` with ``settings`` in the server's config; measure it."""
-    server.write_executor_config(cloud.executor_config() | SETTINGS | dict(settings))
+    from covalent_gcpbatch_array.cli.demo import BatchProgress
+
+    effective = SETTINGS | dict(settings)
+    server.write_executor_config(cloud.executor_config() | effective)
     jobs_before = int(cloud.stats()["jobs_created"])
+    listing = BatchProgress(cloud)
+    known = {job.job_id for job in listing.read()}
     dispatched_at = datetime.now(timezone.utc)
     started = time.monotonic()
     dispatch_id = ct.dispatch(workflow, dispatcher_addr=server.address)(*args)
@@ -81,10 +105,18 @@ def run_one(
     ]
     ours = [n for n in nodes if n["node_name"] in name.split(",")]
     ends = _seconds_since(dispatched_at, [n["end_time"] for n in ours])
+    starts = _seconds_since(dispatched_at, [n["start_time"] for n in ours])
+    span = round(max(starts) - min(starts), 2) if starts else None
+    new_jobs = [job for job in listing.read() if job.job_id not in known]
     return {
         "status": str(result.status),
         "electrons": len(ours),
         "jobs": int(cloud.stats()["jobs_created"]) - jobs_before,
+        "tasks_per_job": [job.tasks for job in new_jobs],
+        "flush_reasons": _flush_reasons(new_jobs),
+        "batch_window": float(effective["batch_window"]),
+        "arrival_span_s": span,
+        "window_bound_jobs": window_bound(span, float(effective["batch_window"])),
         "first_result_s": round(min(ends), 2) if ends else None,
         "last_result_s": round(max(ends), 2) if ends else None,
         "workflow_s": round(workflow_s, 2),
@@ -118,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     from covalent_gcpbatch_array.local import LocalCloud
 
     rows: list[dict[str, Any]] = []
+    load_before = machine_load()
 
     def record(scenario: str, **row: Any) -> None:
         rows.append({"scenario": scenario, **row})
@@ -165,7 +198,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 record("1000 electrons", graph_aware=graph_aware, **row)
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))
+    options.out.write_text(
+        json.dumps(
+            {"environment": environment(load_before), "settings": SETTINGS, "rows": rows},
+            indent=2,
+        )
+    )
     print(f"wrote {options.out}")
 
 
