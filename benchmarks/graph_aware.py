@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big-only", action="store_true", help="only 1,000 electrons")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each demo case")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    options = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    options = parser.parse_args(arguments)
 
     import cloudpickle
 
@@ -200,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(
         json.dumps(
-            {"environment": environment(load_before), "settings": SETTINGS, "rows": rows},
+            {
+                "environment": environment(load_before),
+                "command": " ".join(["python -m benchmarks.graph_aware", *arguments]),
+                "settings": SETTINGS,
+                "rows": rows,
+            },
             indent=2,
         )
     )
