@@ -3,7 +3,9 @@
 - ``calls_vs_size.png``: jobs created and Batch API calls against fan-out size, log-log;
 - ``time_vs_size.png``: time to the last result against fan-out size, both modes;
 - ``window_sweep.png``: time to the first and the last result, and jobs created, against
-  ``batch_window``, one line per ``batch_idle_gap``, for a burst and for a trickle.
+  ``batch_window``, one line per ``batch_idle_gap``, for a burst and for a trickle;
+- ``graph_aware.png``: jobs per scenario of ``benchmarks/graph_aware.py``, graph-aware against
+  the timers alone (and one job per electron).
 """
 
 from __future__ import annotations
@@ -19,11 +21,25 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["draw_all", "load_results"]
+__all__ = [
+    "GRAPH_AWARE_MODES",
+    "draw_all",
+    "graph_aware_mode",
+    "graph_aware_scenario",
+    "load_graph_aware",
+    "load_results",
+]
 
 _MODE_COLOURS = {"batched": "tab:blue", "baseline": "tab:red"}
 _ARRIVAL_STYLES = {"burst": "-", "trickle": "--"}
+GRAPH_AWARE_MODES = ("graph-aware", "timers", "one job per electron")
+_GRAPH_AWARE_COLOURS = {
+    "graph-aware": "tab:green",
+    "timers": "tab:blue",
+    "one job per electron": "tab:red",
+}
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -34,6 +50,31 @@ def load_results(results_dir: Path) -> list[dict[str, Any]]:
         if isinstance(data, dict) and data.get("kind") == "fanout":
             results.append(data)
     return results
+
+
+def load_graph_aware(results_dir: Path) -> dict[str, Any] | None:
+    """``graph_aware.json`` of ``benchmarks/graph_aware.py`` in ``results_dir``, if there."""
+    path = results_dir / "graph_aware.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def graph_aware_mode(row: dict[str, Any]) -> str:
+    """A graph-aware row's mode: its ``mode``, else from its ``graph_aware`` flag."""
+    return str(row.get("mode") or GRAPH_AWARE_MODES[0 if row["graph_aware"] else 1])
+
+
+def graph_aware_scenario(row: dict[str, Any]) -> str:
+    """A graph-aware row's scenario, the demo's with its machine (idle or loaded)."""
+    scenario = str(row["scenario"])
+    return f"{scenario}, {row['machine']}" if "machine" in row else scenario
+
+
+def _save(figure: Any, path: Path) -> Path:
+    """Lay ``figure`` out, write it to ``path`` and free it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def _series(
@@ -78,11 +119,7 @@ def _plot_calls(results: list[dict[str, Any]], out: Path) -> Path | None:
         )
     _size_axes(jobs_axes, "Batch jobs created (= VM boots)", "jobs")
     _size_axes(calls_axes, "Batch API calls (all methods)", "calls")
-    figure.tight_layout()
-    path = out / "calls_vs_size.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, out / "calls_vs_size.png")
 
 
 def _plot_time(results: list[dict[str, Any]], out: Path) -> Path | None:
@@ -110,11 +147,7 @@ def _plot_time(results: list[dict[str, Any]], out: Path) -> Path | None:
                 label=f"arrival + window + boot + task + poll ({arrival})",
             )
     _size_axes(axes, "Time from the first arrival to the last result", "seconds")
-    figure.tight_layout()
-    path = out / "time_vs_size.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, out / "time_vs_size.png")
 
 
 def _plot_sweep(results: list[dict[str, Any]], out: Path) -> Path | None:
@@ -161,11 +194,39 @@ def _plot_sweep(results: list[dict[str, Any]], out: Path) -> Path | None:
             axes.set_ylabel(ylabel)
             axes.grid(True, alpha=0.3)
             axes.legend(fontsize="small")
-    figure.tight_layout()
-    path = out / "window_sweep.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, out / "window_sweep.png")
+
+
+def _plot_graph_aware(data: dict[str, Any] | None, out: Path) -> Path | None:
+    if not data or not data["rows"]:
+        return None
+    jobs: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for row in data["rows"]:
+        jobs[graph_aware_scenario(row)][graph_aware_mode(row)].append(row["jobs"])
+    scenarios = list(jobs)
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(GRAPH_AWARE_MODES)
+    for offset, mode in enumerate(GRAPH_AWARE_MODES):
+        places = [i for i, scenario in enumerate(scenarios) if mode in jobs[scenario]]
+        if not places:
+            continue
+        runs = [jobs[scenarios[i]][mode] for i in places]
+        bars = axes.bar(
+            [i + (offset - 1) * width for i in places],
+            [max(counts) for counts in runs],
+            width,
+            color=_GRAPH_AWARE_COLOURS[mode],
+            label=mode,
+        )
+        labels = [", ".join(str(count) for count in counts) for counts in runs]
+        axes.bar_label(bars, labels=labels, fontsize="small")
+    axes.set_xticks(range(len(scenarios)), scenarios)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("Batch jobs (bar: the most of the runs)")
+    axes.set_title("Jobs made: graph-aware coalescing against the timers alone")
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save(figure, out / "graph_aware.png")
 
 
 def draw_all(results_dir: Path) -> list[Path]:
@@ -173,4 +234,5 @@ def draw_all(results_dir: Path) -> list[Path]:
     results = load_results(results_dir)
     drawn = [_plot_calls(results, results_dir), _plot_time(results, results_dir)]
     drawn.append(_plot_sweep(results, results_dir))
+    drawn.append(_plot_graph_aware(load_graph_aware(results_dir), results_dir))
     return [path for path in drawn if path is not None]

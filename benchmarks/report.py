@@ -13,12 +13,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .plots import draw_all, load_results
+from .plots import (
+    GRAPH_AWARE_MODES,
+    draw_all,
+    graph_aware_mode,
+    graph_aware_scenario,
+    load_graph_aware,
+    load_results,
+)
 
 __all__ = [
     "Goal",
     "behaviour_table",
     "goals",
+    "graph_aware_section",
     "load_behaviours",
     "original_headline",
     "write_report",
@@ -445,6 +453,168 @@ def _behaviours_section(results_dir: Path) -> list[str]:
     ]
 
 
+def _grouped(rows: list[Result]) -> dict[tuple[str, str], list[Result]]:
+    """(scenario, mode) -> the runs of it, scenarios as first run, modes in their order."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    ordered = sorted(rows, key=lambda row: GRAPH_AWARE_MODES.index(graph_aware_mode(row)))
+    scenarios = list(dict.fromkeys(graph_aware_scenario(row) for row in rows))
+    for row in sorted(ordered, key=lambda row: scenarios.index(graph_aware_scenario(row))):
+        groups.setdefault((graph_aware_scenario(row), graph_aware_mode(row)), []).append(row)
+    return groups
+
+
+def _runs(runs: list[Result], key: str) -> str:
+    return ", ".join(_fmt(run.get(key)) for run in runs)
+
+
+def _reasons(runs: list[Result]) -> str:
+    if not any("flush_reasons" in run for run in runs):
+        return "not recorded"
+    total: dict[str, int] = {}
+    for run in runs:
+        for reason, count in run.get("flush_reasons", {}).items():
+            total[reason] = total.get(reason, 0) + count
+    return ", ".join(f"{reason}: {count:,}" for reason, count in sorted(total.items())) or "-"
+
+
+def _statuses(runs: list[Result]) -> str:
+    statuses = [run["status"] for run in runs]
+    failed = [s for s in statuses if s != "COMPLETED"]
+    errors = sorted({e for run in runs for e in run.get("errors", [])})
+    text = "completed" if not failed else ", ".join(statuses)
+    return text + (f"; {_cell(errors[0], 120)}" if errors else "")
+
+
+def _mode_rows(chosen: dict[str, list[Result]], keys: tuple[str, ...]) -> list[list[str]]:
+    """A row per mode: ``keys`` of each run, the flush reasons, how the electrons ended."""
+    return [
+        [mode, *(_runs(runs, key) for key in keys), _reasons(runs), _statuses(runs)]
+        for mode, runs in chosen.items()
+    ]
+
+
+def _demo_table(groups: dict[tuple[str, str], list[Result]]) -> str:
+    rows = []
+    for (scenario, mode), runs in groups.items():
+        if not scenario.startswith("demo"):
+            continue
+        packing = "; ".join("+".join(str(n) for n in run.get("tasks_per_job", [])) for run in runs)
+        goal = "-"
+        if mode == "graph-aware":
+            goal = _mark(all(run["jobs"] == 3 for run in runs))
+        rows.append(
+            [
+                scenario.removeprefix("demo, "),
+                mode,
+                _runs(runs, "jobs"),
+                packing or "-",
+                _reasons(runs),
+                _runs(runs, "last_result_s"),
+                _statuses(runs),
+                goal,
+            ]
+        )
+    header = [
+        "machine",
+        "coalescing",
+        "jobs (each run)",
+        "tasks per job",
+        "flushed",
+        "last result (s)",
+    ]
+    return _table([*header, "electrons", "3 jobs"], rows)
+
+
+def _small_table(groups: dict[tuple[str, str], list[Result]], poll: float) -> list[str]:
+    chosen = {mode: runs for (scenario, mode), runs in groups.items() if scenario == "10 electrons"}
+    if not chosen:
+        return []
+    rows = _mode_rows(chosen, ("jobs", "first_result_s", "last_result_s"))
+    lines = [
+        "10 electrons at once (a fan-out of a trivial function), through the same server:",
+        "",
+        _table(
+            ["coalescing", "jobs", "first result (s)", "last result (s)", "flushed", "electrons"],
+            rows,
+        ),
+        "",
+    ]
+    ours, single = chosen.get("graph-aware"), chosen.get("one job per electron")
+    if ours and single:
+        last = max(run["last_result_s"] for run in ours)
+        limit = max(run["last_result_s"] for run in single) + poll
+        lines += [
+            f"Goal: no slower than one job per electron plus one poll ({_fmt(limit)} s): "
+            f"{_mark(last <= limit)}, the last result after {_fmt(last)} s.",
+            "",
+        ]
+    return lines
+
+
+def _big_table(groups: dict[tuple[str, str], list[Result]]) -> list[str]:
+    chosen = {
+        mode: runs for (scenario, mode), runs in groups.items() if scenario == "1000 electrons"
+    }
+    if not chosen:
+        return ["1,000 electrons: not run in these results (`--big`).", ""]
+    keys = ("jobs", "first_result_s", "last_result_s", "arrival_span_s", "window_bound_jobs")
+    rows = _mode_rows(chosen, keys)
+    header = ["coalescing", "jobs", "first result (s)", "last result (s)", "arrival span (s)"]
+    header += ["ceil(span / batch_window)", "flushed", "electrons"]
+    lines = [
+        "1,000 electrons at once, through the same server (*arrival span*: from the first to the "
+        "last electron started, Covalent's own pace):",
+        "",
+        _table(header, rows),
+        "",
+    ]
+    ours, timers = chosen.get("graph-aware"), chosen.get("timers")
+    bounds = [run.get("window_bound_jobs") for run in ours or []]
+    if ours and timers and None not in bounds:
+        met = all(run["jobs"] <= bound for run, bound in zip(ours, bounds, strict=True))
+        met = met and max(run["jobs"] for run in ours) <= min(run["jobs"] for run in timers)
+        lines += [
+            "Goal: at most ceil(span / batch_window) jobs and never more than the timers alone: "
+            f"{_mark(met)}.",
+            "",
+        ]
+    return lines
+
+
+def graph_aware_section(results_dir: Path, image_dir: str) -> list[str]:
+    """The section from ``graph_aware.json`` (``python -m benchmarks.graph_aware``), if any."""
+    data = load_graph_aware(results_dir)
+    if not data or not data["rows"]:
+        return []
+    settings = data.get("settings", {})
+    knobs = ", ".join(f"`{key} = {json.dumps(value)}`" for key, value in settings.items())
+    groups = _grouped(data["rows"])
+    return [
+        "## Graph-aware coalescing against the timers",
+        "",
+        f"`{data.get('command', 'python -m benchmarks.graph_aware')}` (issue 13): one local "
+        "cloud and one "
+        "private Covalent server; each dispatch writes its coalescing keys into the server's "
+        "config file, which the server reads for every electron"
+        + (f" (defaults: {knobs})" if knobs else "")
+        + ". *graph-aware* is `graph_aware = true`, *timers* `graph_aware = false` (the window "
+        "and the idle gap alone), *one job per electron* `graph_aware = false` and "
+        "`batch_window = 0`. *flushed*: why each job stopped filling (its flush-reason label), "
+        "summed over the runs. Times are seconds from the dispatch. " + _environment([data]),
+        "",
+        "The demo's grid search (1 load, 24 train, 24 score: three waves, 49 electrons) on an "
+        "idle machine and beside two processes spinning on a core each (*loaded*); the goal is "
+        "3 jobs in both:",
+        "",
+        _demo_table(groups),
+        "",
+        *_small_table(groups, float(settings.get("poll_freq", 1.0))),
+        *_big_table(groups),
+        f"![jobs per scenario, graph-aware against the timers]({image_dir}graph_aware.png)",
+        "",
+    ]
+
+
 def _sweep_table(results: list[Result]) -> str:
     points = [r for r in results if r["spec"]["group"] == "sweep"]
     points.sort(
@@ -519,9 +689,17 @@ def render(results_dir: Path, image_dir: str) -> str:
     """The text of RESULTS.md; ``image_dir`` is the plots' folder relative to it."""
     results = load_results(results_dir)
     behaviours = _behaviours_section(results_dir)
+    graph_aware = graph_aware_section(results_dir, image_dir)
     if not results:
         return "\n".join(
-            ["# Benchmark results", "", "No results yet: run `make bench`.", "", *behaviours]
+            [
+                "# Benchmark results",
+                "",
+                "No results yet: run `make bench`.",
+                "",
+                *behaviours,
+                *graph_aware,
+            ]
         )
     sample = _find(results, "sizes", "batched", headline_size(results)) or results[0]
     spec = sample["spec"]
@@ -611,6 +789,7 @@ def render(results_dir: Path, image_dir: str) -> str:
         original_headline(results),
         "",
         *behaviours,
+        *graph_aware,
         "## Window sweep",
         "",
         _sweep_table(results),

@@ -19,9 +19,17 @@ import pytest
 
 from benchmarks.behaviour_cases import CASES, behaviour_electron, describe_error
 from benchmarks.behaviours import behaviour_path, not_run, run_behaviour
+from benchmarks.graph_aware import window_bound
 from benchmarks.harness import Arrival, Mode, RunSpec, environment
 from benchmarks.profiling import frame_name, summarise
-from benchmarks.report import goals, headline_size, load_behaviours, original_headline, render
+from benchmarks.report import (
+    goals,
+    headline_size,
+    load_behaviours,
+    original_headline,
+    render,
+    write_report,
+)
 from benchmarks.storage_log import classify
 from benchmarks.suite import full_plan, original_plan, quick_plan
 
@@ -245,6 +253,110 @@ class TestGoals:
 
     def test_render_without_results_says_how_to_make_them(self, tmp_path: Path) -> None:
         assert "make bench" in render(tmp_path, "")
+
+
+def graph_aware_row(scenario: str, jobs: int, **values: Any) -> dict[str, Any]:
+    """One row as ``benchmarks.graph_aware`` records it."""
+    return {
+        "scenario": scenario,
+        "status": "COMPLETED",
+        "electrons": 10,
+        "jobs": jobs,
+        "tasks_per_job": [10 // jobs] * jobs,
+        "flush_reasons": {"wave complete": jobs},
+        "batch_window": 10.0,
+        "arrival_span_s": 4.0,
+        "window_bound_jobs": 1,
+        "first_result_s": 20.0,
+        "last_result_s": 30.0,
+        "workflow_s": 31.0,
+        "errors": [],
+    } | values
+
+
+def graph_aware_results(tmp_path: Path, rows: list[dict[str, Any]]) -> Path:
+    data = {
+        "environment": environment([2.0, 1.0, 0.5]),
+        "command": "python -m benchmarks.graph_aware --big --repeat 2",
+        "settings": {"poll_freq": 1.0, "batch_window": 10.0, "graph_aware": True},
+        "rows": rows,
+    }
+    (tmp_path / "graph_aware.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def table_row(text: str, *cells: str) -> str:
+    """The one line of ``text`` that starts with ``cells`` as a table row."""
+    start = "| " + " | ".join(cells) + " |"
+    (line,) = [line for line in text.splitlines() if line.startswith(start)]
+    return line
+
+
+class TestGraphAwareSection:
+    def test_the_section_comes_from_graph_aware_json(self, tmp_path: Path) -> None:
+        demo = [
+            graph_aware_row("demo", 3, machine=machine, graph_aware=True, tasks_per_job=[1, 24, 24])
+            for machine in ("idle", "loaded", "idle", "loaded")
+        ] + [
+            graph_aware_row(
+                "demo",
+                5,
+                machine="loaded",
+                graph_aware=False,
+                flush_reasons={"idle gap": 4, "window cap": 1},
+            )
+        ]
+        small = [
+            graph_aware_row("10 electrons", 1, mode="graph-aware", last_result_s=12.5),
+            graph_aware_row("10 electrons", 1, mode="timers", last_result_s=22.0),
+            graph_aware_row("10 electrons", 10, mode="one job per electron", last_result_s=12.0),
+        ]
+        big = [
+            graph_aware_row("1000 electrons", 2, graph_aware=True, window_bound_jobs=3),
+            graph_aware_row("1000 electrons", 4, graph_aware=False, arrival_span_s=25.0),
+        ]
+        results = graph_aware_results(tmp_path, demo + small + big)
+        write_report(results, results / "RESULTS.md")
+        text = (results / "RESULTS.md").read_text()
+
+        assert "## Graph-aware coalescing against the timers" in text
+        assert "`python -m benchmarks.graph_aware --big --repeat 2`" in text
+        idle = table_row(text, "idle", "graph-aware", "3, 3", "1+24+24; 1+24+24")
+        assert "| wave complete: 6 |" in idle and idle.endswith("| met |")
+        timers = table_row(text, "loaded", "timers", "5")
+        assert "| idle gap: 4, window cap: 1 |" in timers and timers.endswith("| - |")
+        assert "| one job per electron | 10 | 20 | 12 |" in text
+        assert "plus one poll (13 s): met, the last result after 12.5 s" in text
+        assert "| graph-aware | 2 | 20 | 30 | 4 | 3 |" in text
+        assert "| timers | 4 | 20 | 30 | 25 | 1 |" in text
+        assert "never more than the timers alone: met" in text
+        assert "![jobs per scenario, graph-aware against the timers](graph_aware.png)" in text
+        assert (results / "graph_aware.png").read_bytes().startswith(PNG_MAGIC)
+
+    def test_a_missed_goal_and_what_was_not_recorded_say_so(self, tmp_path: Path) -> None:
+        older = {"flush_reasons", "tasks_per_job", "arrival_span_s", "window_bound_jobs"}
+        rows = [
+            graph_aware_row("demo", jobs, machine="loaded", graph_aware=True) for jobs in (3, 4)
+        ] + [
+            graph_aware_row("10 electrons", 1, mode="graph-aware", last_result_s=25.0),
+            graph_aware_row("10 electrons", 10, mode="one job per electron", last_result_s=12.0),
+            graph_aware_row("1000 electrons", 7, graph_aware=True, status="FAILED"),
+        ]
+        rows[-1] = {key: value for key, value in rows[-1].items() if key not in older}
+        text = render(graph_aware_results(tmp_path, rows), "")
+
+        assert table_row(text, "loaded", "graph-aware", "3, 4").endswith("| **missed** |")
+        assert "(13 s): **missed**, the last result after 25 s" in text
+        big = table_row(text, "graph-aware", "7")
+        assert "| - | - | not recorded | FAILED |" in big
+        assert "never more than the timers alone" not in text  # no bound, no timers row
+
+    def test_the_window_bound_is_at_least_one_job(self) -> None:
+        assert window_bound(25.0, 10.0) == 3
+        assert window_bound(20.0, 10.0) == 2
+        assert window_bound(0.0, 10.0) == 1
+        assert window_bound(5.0, 0.0) is None
+        assert window_bound(None, 10.0) is None
 
 
 class TestEnvironment:
