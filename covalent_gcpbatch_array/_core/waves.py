@@ -14,11 +14,11 @@ While some are missing the batch is *expecting* (no idle-gap flush; the window a
 still cap it); when the last one joins it flushes (reason WAVE_COMPLETE). About once a second a
 status query refreshes the expected sets (ended, cancelled or reused nodes drop out).
 
-Memory follows the work in flight, so a server that is never idle does not grow it: a
-dispatch's snapshot is dropped as soon as no open batch watches it (its next wave reads a fresh
-one: one 50-70 ms read per wave, in a worker thread), and a received electron is forgotten once a
-status read shows Covalent recorded its end (the status query, about once a second, also covers
-the dispatches whose jobs ended and whose results Covalent has not recorded yet).
+Memory follows the work in flight, so a server that is never idle does not grow it: a received
+electron is forgotten once a status read shows Covalent recorded its end (the status query, about
+once a second, also covers the dispatches whose jobs ended and whose results Covalent has not
+recorded yet), and a dispatch's snapshot is dropped once no open batch watches it and none of its
+electrons is in flight here (a later wave of it reads a fresh one, in a worker thread).
 
 A batch holding an electron of a dispatch whose graph is unknown (still being read, or
 unreadable: outside a server, schema changed, dispatch not found, database error) runs on the
@@ -363,10 +363,19 @@ class WaveTracker:
         return {d for watch in self._watches.values() for d in watch.dispatches}
 
     def _unwatch(self, watch: _Watch) -> None:
-        """Stop watching a batch no longer open; drop the snapshots nothing else watches."""
+        """Stop watching a batch no longer open; drop the snapshots nothing needs any more."""
         self._watches.pop(watch.batch.batch_id, None)
-        for dispatch_id in watch.dispatches - self._watched():
-            self._dispatches.pop(dispatch_id, None)  # its next wave reads a fresh snapshot
+        for dispatch_id in watch.dispatches:
+            self._drop_snapshot_if_idle(dispatch_id)
+
+    def _drop_snapshot_if_idle(self, dispatch_id: str) -> None:
+        """Drop a dispatch's snapshot once no open batch watches it and none of its electrons
+        is still in flight here. While one is, its next wave is forming (Covalent starts it as
+        that electron's result is recorded) and must find the graph known at once: a fresh read
+        then would leave the wave's first electrons on the timers for the read's duration, long
+        enough under load for the idle gap to split the wave."""
+        if dispatch_id not in self._watched() and dispatch_id not in self._received:
+            self._dispatches.pop(dispatch_id, None)
 
     def _forget_flushed(self) -> None:
         for watch in list(self._watches.values()):
@@ -388,3 +397,4 @@ class WaveTracker:
             del nodes[node_id]
         if not nodes:
             self._received.pop(dispatch_id, None)
+            self._drop_snapshot_if_idle(dispatch_id)
