@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     from covalent_gcpbatch_array.local import LocalCloud
 
     rows: list[dict[str, Any]] = []
-    load_before = machine_load()
+    # Taken at the start: the commit is the code the run loaded, even if one lands meanwhile.
+    measured = environment(machine_load())
 
     def record(scenario: str, **row: Any) -> None:
         rows.append({"scenario": scenario, **row})
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     options.out.write_text(
         json.dumps(
             {
-                "environment": environment(load_before),
+                "environment": measured | {"load_average_after": machine_load()},
                 "command": " ".join(["python -m benchmarks.graph_aware", *arguments]),
                 "settings": SETTINGS,
                 "rows": rows,
