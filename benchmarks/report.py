@@ -571,11 +571,12 @@ def _big_table(groups: dict[tuple[str, str], list[Result]]) -> list[str]:
     ours, timers = chosen.get("graph-aware"), chosen.get("timers")
     bounds = [run.get("window_bound_jobs") for run in ours or []]
     if ours and timers and None not in bounds:
-        met = all(run["jobs"] <= bound for run, bound in zip(ours, bounds, strict=True))
-        met = met and max(run["jobs"] for run in ours) <= min(run["jobs"] for run in timers)
+        bounded = all(run["jobs"] <= bound for run, bound in zip(ours, bounds, strict=True))
+        most, fewest = max(run["jobs"] for run in ours), min(run["jobs"] for run in timers)
         lines += [
-            "Goal: at most ceil(span / batch_window) jobs and never more than the timers alone: "
-            f"{_mark(met)}.",
+            f"Goal: at most ceil(span / batch_window) jobs: {_mark(bounded)} ({_runs(ours, 'jobs')}"
+            f" against {_runs(ours, 'window_bound_jobs')}); never more than the timers alone: "
+            f"{_mark(most <= fewest)} ({_fmt(most)} against {_fmt(fewest)}).",
             "",
         ]
     return lines

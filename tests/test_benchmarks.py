@@ -329,7 +329,9 @@ class TestGraphAwareSection:
         assert "plus one poll (13 s): met, the last result after 12.5 s" in text
         assert "| graph-aware | 2 | 20 | 30 | 4 | 3 |" in text
         assert "| timers | 4 | 20 | 30 | 25 | 1 |" in text
-        assert "never more than the timers alone: met" in text
+        assert (
+            "jobs: met (2 against 3); never more than the timers alone: met (2 against 4)" in text
+        )
         assert "![jobs per scenario, graph-aware against the timers](graph_aware.png)" in text
         assert (results / "graph_aware.png").read_bytes().startswith(PNG_MAGIC)
 
