@@ -2,7 +2,7 @@
 
     python -m benchmarks.fanout --electrons 100 1000             # both modes, burst
     python -m benchmarks.fanout --electrons 100 --arrival trickle --rate 2
-    python -m benchmarks.fanout --all                            # regenerate RESULTS.md
+    python -m benchmarks.fanout --all                            # everything in RESULTS.md
     python -m benchmarks.fanout --quick                          # a miniature, in < 1 min
     python -m benchmarks.fanout --original [--electrons 10 100]  # against the original plugin
     python -m benchmarks.fanout --behaviours                     # raise, preemption, quota, cancel
@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan = parser.add_mutually_exclusive_group()
     plan.add_argument(
-        "--all", action="store_true", help="run the whole suite, then write plots and RESULTS.md"
+        "--all",
+        action="store_true",
+        help="run the whole suite and the behaviours, then write plots and RESULTS.md",
     )
     plan.add_argument("--quick", action="store_true", help="a miniature suite, for the tests")
     plan.add_argument(
@@ -189,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     if options.report_only:
         write_report(options.results or RESULTS_DIR)
         return
-    if options.behaviours:
-        from .behaviours import run_behaviours
+    from .behaviours import run_behaviours
 
+    if options.behaviours:
         results = options.results or RESULTS_DIR
         anyio.run(lambda: run_behaviours(results, parallel=options.parallel))
         print(f"wrote {write_report(results)}")
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                 in_process=options.quick,
             )
         )
+        if options.all:
+            anyio.run(lambda: run_behaviours(results, parallel=options.parallel))
         print(f"wrote {write_report(results)}")
         return
     results = options.results or RESULTS_DIR / "adhoc"

@@ -5,7 +5,9 @@
 - ``window_sweep.png``: time to the first and the last result, and jobs created, against
   ``batch_window``, one line per ``batch_idle_gap``, for a burst and for a trickle;
 - ``graph_aware.png``: jobs per scenario of ``benchmarks/graph_aware.py``, graph-aware against
-  the timers alone (and one job per electron).
+  the timers alone (and one job per electron);
+- ``original_vs_size.png``: jobs, Batch API calls and time to the last result against fan-out
+  size, covalent-gcpbatch-plugin 0.15.0 beside both modes of ours, burst and through Covalent.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ __all__ = [
     "load_results",
 ]
 
-_MODE_COLOURS = {"batched": "tab:blue", "baseline": "tab:red"}
-_ARRIVAL_STYLES = {"burst": "-", "trickle": "--"}
+_MODE_COLOURS = {"batched": "tab:blue", "baseline": "tab:red", "original": "tab:purple"}
+_ARRIVAL_STYLES = {"burst": "-", "trickle": "--", "covalent": ":"}
+_ORIGINAL_LABELS = {
+    "original": "covalent-gcpbatch-plugin 0.15.0",
+    "batched": "ours, batched",
+    "baseline": "ours, one job per electron",
+}
 GRAPH_AWARE_MODES = ("graph-aware", "timers", "one job per electron")
 _GRAPH_AWARE_COLOURS = {
     "graph-aware": "tab:green",
@@ -229,10 +236,37 @@ def _plot_graph_aware(data: dict[str, Any] | None, out: Path) -> Path | None:
     return _save(figure, out / "graph_aware.png")
 
 
+def _plot_original(results: list[dict[str, Any]], out: Path) -> Path | None:
+    series = _series(results, ("original",))
+    if not series:
+        return None
+    figure, grid = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (
+        ("jobs_created", "Batch jobs created (= VM boots)", "jobs"),
+        ("api_calls_total", "Batch API calls (all methods)", "calls"),
+        ("time_to_last_result_s", "Time to the last result", "seconds"),
+    )
+    for (mode, arrival), points in series.items():
+        sizes = [r["electrons"] for r in points]
+        for axes, (key, _, _) in zip(grid, panels, strict=True):
+            axes.plot(
+                sizes,
+                [r[key] for r in points],
+                marker="o",
+                color=_MODE_COLOURS[mode],
+                linestyle=_ARRIVAL_STYLES[arrival],
+                label=f"{_ORIGINAL_LABELS[mode]}, {arrival}",
+            )
+    for axes, (_, title, ylabel) in zip(grid, panels, strict=True):
+        _size_axes(axes, title, ylabel)
+    return _save(figure, out / "original_vs_size.png")
+
+
 def draw_all(results_dir: Path) -> list[Path]:
     """Draw every plot the results in ``results_dir`` allow; returns the files written."""
     results = load_results(results_dir)
     drawn = [_plot_calls(results, results_dir), _plot_time(results, results_dir)]
     drawn.append(_plot_sweep(results, results_dir))
     drawn.append(_plot_graph_aware(load_graph_aware(results_dir), results_dir))
+    drawn.append(_plot_original(results, results_dir))
     return [path for path in drawn if path is not None]

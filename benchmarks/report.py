@@ -708,9 +708,11 @@ def render(results_dir: Path, image_dir: str) -> str:
     lines = [
         "# Benchmark results: array jobs against one job per electron",
         "",
-        "Regenerate everything below (about an hour, mostly waiting on the simulated quota and "
-        "VM boots) with `make bench`, i.e. `python -m benchmarks.fanout --all`; redraw from the "
-        "JSON only with `python -m benchmarks.fanout --report-only`. " + _environment(results),
+        "Regenerate everything below (a few hours on 2 cores, mostly waiting on the simulated "
+        "quota and VM boots) with `make bench`, i.e. `python -m benchmarks.fanout --all`, "
+        "except the graph-aware section (`python -m benchmarks.graph_aware --big`); redraw "
+        "from the JSON only with `python -m benchmarks.fanout --report-only`. "
+        + _environment(results),
         "",
         "Every run starts its own local cloud: our Batch emulator with a provisioning delay of "
         f"{spec['provisioning_delay']:g} s per job (a VM boot) and a job-creation quota of "
@@ -788,6 +790,8 @@ def render(results_dir: Path, image_dir: str) -> str:
         _original_table(results),
         "",
         original_headline(results),
+        "",
+        f"![against the original plugin]({image_dir}original_vs_size.png)",
         "",
         *behaviours,
         *graph_aware,

@@ -3,7 +3,7 @@
 Every run is one :class:`~benchmarks.harness.RunSpec` measured by ``python -m
 benchmarks.harness`` in a process of its own, on a local cloud of its own, so that CPU time,
 peak memory and the API counters belong to that run alone. Runs that mostly wait are run side
-by side to fit the whole plan in about an hour on 2 cores:
+by side to fit the whole plan in a few hours on 2 cores:
 
 - *heavy* runs (thousands of task processes on this machine) run first, one at a time, with
   nothing else running: they give the headline numbers;
@@ -199,7 +199,7 @@ def original_plan(
 
 
 def full_plan() -> list[Planned]:
-    """Everything RESULTS.md shows (about an hour on 2 cores, most of it waiting)."""
+    """Every fan-out RESULTS.md shows (a few hours on 2 cores, most of it waiting)."""
     from .sweep import sweep_plan
 
     return [*size_plan(), *trickle_plan(), *covalent_plan(), *original_plan(), *sweep_plan()]

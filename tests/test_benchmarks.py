@@ -21,6 +21,7 @@ from benchmarks.behaviour_cases import CASES, behaviour_electron, describe_error
 from benchmarks.behaviours import behaviour_path, not_run, run_behaviour
 from benchmarks.graph_aware import window_bound
 from benchmarks.harness import Arrival, Mode, RunSpec, environment
+from benchmarks.plots import draw_all
 from benchmarks.profiling import frame_name, summarise
 from benchmarks.report import (
     goals,
@@ -250,6 +251,9 @@ class TestGoals:
         headline = original_headline([json.loads(p.read_text()) for p in tmp_path.glob("*.json")])
         assert "made 1 Batch job(s) where covalent-gcpbatch-plugin 0.15.0 made 10" in headline
         assert "11 Batch API calls against 54" in headline and "37 s against 40.5 s" in headline
+        assert "![against the original plugin](original_vs_size.png)" in text
+        assert draw_all(tmp_path) == [tmp_path / "original_vs_size.png"]
+        assert (tmp_path / "original_vs_size.png").read_bytes().startswith(PNG_MAGIC)
 
     def test_render_without_results_says_how_to_make_them(self, tmp_path: Path) -> None:
         assert "make bench" in render(tmp_path, "")
