@@ -12,6 +12,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import pytest
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
@@ -140,3 +141,18 @@ def test_give_task_streams() -> None:
     )
     stdout, stderr = compat.give_task_streams(executor)
     assert (executor.task_stdout, executor.task_stderr) == (stdout, stderr)
+
+
+def test_batch_rest_session(local_cloud: LocalCloud) -> None:
+    from google.auth.transport.requests import AuthorizedSession
+    from google.cloud import batch_v1
+
+    session, host = compat.batch_rest_session(local_cloud.batch_client())
+    assert isinstance(session, AuthorizedSession)
+    assert isinstance(session.credentials, AnonymousCredentials)
+    assert host == local_cloud.batch_endpoint.rstrip("/")
+    # Google's own endpoint keeps its scheme: the same URL the client's own requests go to.
+    google = batch_v1.BatchServiceClient(transport="rest", credentials=AnonymousCredentials())
+    assert compat.batch_rest_session(google)[1] == "https://batch.googleapis.com"
+    with pytest.raises(TypeError, match="REST"):
+        compat.batch_rest_session(local_cloud.batch_grpc_client())

@@ -7,6 +7,8 @@ so an upgrade that moves one of them fails there, loudly, instead of somewhere d
 - google-cloud-storage: a client's credentials (to name the account in a permission error),
   and the per-call responses of a batch request (its context manager keeps ``finish()``'s
   return value only as ``_responses``);
+- google-cloud-batch: a REST client's authorized session and endpoint (to list task states
+  without its per-task protobuf conversion, :mod:`.task_states`);
 - google-api-core: a ``Retry``'s predicate (to judge the calls of a batch request as the
   client would judge a request of their own);
 - covalent: the per-task output buffers of an executor, which Covalent's ``execute()`` sets
@@ -34,10 +36,13 @@ if TYPE_CHECKING:
     from covalent.executor.base import AsyncBaseExecutor
     from google.api_core.retry import Retry
     from google.auth.credentials import Credentials
+    from google.auth.transport.requests import AuthorizedSession
+    from google.cloud import batch_v1
     from google.cloud.storage.batch import Batch
 
 __all__ = [
     "batch_responses",
+    "batch_rest_session",
     "give_task_streams",
     "in_covalent_server",
     "join_non_daemon_threads",
@@ -62,6 +67,24 @@ def batch_responses(batch: Batch) -> list[requests.Response]:
     """
     responses: list[requests.Response] = batch._responses
     return responses
+
+
+def batch_rest_session(client: batch_v1.BatchServiceClient) -> tuple[AuthorizedSession, str]:
+    """A REST Batch client's session and endpoint URL (``transport._session``, ``._host``).
+
+    The session carries the client's credentials (anonymous for an ``http://`` endpoint), its
+    mTLS setting and its connection pool; the URL has its scheme (``https://batch.googleapis.com``).
+
+    :raises TypeError: ``client`` does not speak REST
+    """
+    from google.cloud.batch_v1.services.batch_service.transports.rest import (
+        BatchServiceRestTransport,
+    )
+
+    transport = client.transport
+    if not isinstance(transport, BatchServiceRestTransport):
+        raise TypeError(f"a REST BatchServiceClient is needed, not one over {transport.kind}")
+    return transport._session, transport._host
 
 
 def retry_predicate(retry: Retry) -> Callable[[Exception], Any]:
