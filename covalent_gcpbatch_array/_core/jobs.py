@@ -34,6 +34,7 @@ from covalent_gcpbatch_array._core.contract import (
     NEVER_RETRIED_EXIT_CODES,
     RUNNER_MODULE,
 )
+from covalent_gcpbatch_array._core.task_states import TaskStateReader, TaskStates
 from covalent_gcpbatch_array.config import JobShape
 from covalent_gcpbatch_array.exceptions import BatchApiError
 
@@ -47,7 +48,7 @@ FLUSH_REASON_LABEL = "cga-flush-reason"
 TASK_PAGE_SIZE = 1000
 #: The ListTasks fields a poller needs: each task's name (its index) and state, and the paging
 #: token. Without status events and their timestamps the answer is a fraction of the size and
-#: parses several times faster (``list_tasks(..., fields=TASK_STATE_FIELDS)``).
+#: parses several times faster (:meth:`JobsApi.task_states` asks for these).
 TASK_STATE_FIELDS = ("tasks.name", "tasks.status.state", "nextPageToken", "unreachable")
 #: Worker threads for creates when the caller gives no ``create_limiter``: a create may retry a
 #: quota for minutes, and must not hold the threads that reads need.
@@ -279,6 +280,7 @@ class JobsApi:
         create_limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         self._client = client
+        self._task_states = TaskStateReader.of(client)
         self.parent = f"projects/{project_id}/locations/{region}"
         self._limiter = limiter or anyio.CapacityLimiter(8)
         self._create_limiter = create_limiter or anyio.CapacityLimiter(CREATE_THREADS)
@@ -340,7 +342,7 @@ class JobsApi:
 
         :raises BatchApiError: ``NotFound`` is chained when the job or the task does not exist
         """
-        name = f"{self.job_name(job_id)}/taskGroups/group0/tasks/{index}"
+        name = f"{self._task_group(job_id)}/tasks/{index}"
         with _mapped_errors(f"reading task {index} of job {job_id}"):
             return await self._call(self._client.get_task, name=name, retry=READ_RETRY)
 
@@ -354,9 +356,7 @@ class JobsApi:
             empty for whole tasks. ``nextPageToken`` is added if missing: paging needs it.
         """
         request = batch_v1.ListTasksRequest(
-            parent=f"{self.job_name(job_id)}/taskGroups/group0",
-            filter=" OR ".join(f"State={state}" for state in states),
-            page_size=TASK_PAGE_SIZE,
+            parent=self._task_group(job_id), filter=_state_filter(states), page_size=TASK_PAGE_SIZE
         )
         if fields and "nextPageToken" not in fields:
             fields = (*fields, "nextPageToken")
@@ -368,6 +368,29 @@ class JobsApi:
 
         with _mapped_errors(f"listing tasks of job {job_id}"):
             return await anyio.to_thread.run_sync(list_all, limiter=self._limiter)
+
+    async def task_states(self, job_id: str, states: tuple[str, ...] = ()) -> TaskStates:
+        """Each task's state by task index, optionally only tasks in ``states``: a poll's listing.
+
+        The tasks of :meth:`list_tasks` with :data:`TASK_STATE_FIELDS`, read as plain JSON
+        (:mod:`~covalent_gcpbatch_array._core.task_states`): the client's protobuf conversion
+        of each task costs more CPU than the rest of a poll. Retried and mapped as every call.
+        """
+
+        def read() -> TaskStates:
+            return self._task_states.read(
+                self._task_group(job_id),
+                filter_text=_state_filter(states),
+                page_size=TASK_PAGE_SIZE,
+                fields=TASK_STATE_FIELDS,
+                retry=READ_RETRY,
+            )
+
+        with _mapped_errors(f"listing tasks of job {job_id}"):
+            return await anyio.to_thread.run_sync(read, limiter=self._limiter)
+
+    def _task_group(self, job_id: str) -> str:
+        return f"{self.job_name(job_id)}/taskGroups/group0"
 
     async def list_jobs(self) -> list[batch_v1.Job]:
         """Every job this executor created in the project and region."""
@@ -392,6 +415,11 @@ class JobsApi:
             except api_exceptions.NotFound:
                 return
             await anyio.to_thread.run_sync(operation.result, limiter=self._limiter)
+
+
+def _state_filter(states: tuple[str, ...]) -> str:
+    """The ListTasks filter that selects tasks in any of ``states`` (all tasks if empty)."""
+    return " OR ".join(f"State={state}" for state in states)
 
 
 def _job_prefix(job: batch_v1.Job) -> str:
