@@ -104,10 +104,11 @@ class FakeCloud:
             return script.state
         return "RUNNING" if self._elapsed() >= script.runs_at else "PENDING"
 
-    def task(self, index: int, *, whole: bool = False) -> batch_v1.Task:
+    def task(self, index: int) -> batch_v1.Task:
+        """The task's whole record, with the status event of its exit code if it has one."""
         status = batch_v1.TaskStatus(state=batch_v1.TaskStatus.State[self.state_of(index)])
         code = self.scripts[index].exit_code
-        if whole and code is not None:
+        if code is not None:
             status.status_events.append(
                 batch_v1.StatusEvent(
                     description=f"task exited with {code}",
@@ -154,20 +155,14 @@ class FakeCloud:
             raise error
         return self._job()
 
-    async def list_tasks(
-        self, job_id: str, states: tuple[str, ...] = (), *, fields: Sequence[str] = ()
-    ) -> list[batch_v1.Task]:
+    async def task_states(self, job_id: str, states: tuple[str, ...] = ()) -> dict[int, str]:
         self._record("ListTasks", states)
-        tasks = [self.task(index) for index in self.scripts]
-        return [
-            t
-            for t in tasks
-            if not states or batch_v1.TaskStatus.State(t.status.state).name in states
-        ]
+        listed = {index: self.state_of(index) for index in self.scripts}
+        return {index: state for index, state in listed.items() if not states or state in states}
 
     async def get_task(self, job_id: str, index: int) -> batch_v1.Task:
         self._record("GetTask", index)
-        return self.task(index, whole=True)
+        return self.task(index)
 
     async def delete(self, job_id: str) -> None:
         self._record("DeleteJob")

@@ -24,13 +24,8 @@ from google.cloud import batch_v1
 from covalent_gcpbatch_array._core.coalescer import Batch, Member
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.envelopes import ElectronOrigin, decode_error, decode_result
-from covalent_gcpbatch_array._core.jobs import (
-    FLUSH_REASON_LABEL,
-    TASK_STATE_FIELDS,
-    JobsApi,
-    build_job,
-)
-from covalent_gcpbatch_array._core.outcome import ElectronOutcome, infrastructure_error, task_index
+from covalent_gcpbatch_array._core.jobs import FLUSH_REASON_LABEL, JobsApi, build_job
+from covalent_gcpbatch_array._core.outcome import ElectronOutcome, infrastructure_error
 from covalent_gcpbatch_array._core.storage import AsyncTaskStore, ManifestEntry, TaskObject
 from covalent_gcpbatch_array.config import ExecutorConfig, JobShape
 from covalent_gcpbatch_array.exceptions import (
@@ -254,15 +249,13 @@ class _JobMonitor:
         if finished != self.finished_seen or terminal:
             states = () if terminal else _FINISHED_TASK_STATES
             try:
-                tasks = await self.ctx.jobs.list_tasks(
-                    self.job_id, states, fields=TASK_STATE_FIELDS
-                )
+                task_states = await self.ctx.jobs.task_states(self.job_id, states)
             except BatchApiError as exc:
                 logger.warning("listing tasks of %s failed, will retry: %s", self.job_id, exc)
                 return True
             self.finished_seen = finished
-            for task in tasks:
-                self._collect_if_finished(tg, task)
+            for index, state in task_states.items():
+                self._collect_if_finished(tg, index, state)
             if terminal:
                 self._fail_unfinished_of_terminal_job()
         return True
@@ -298,16 +291,14 @@ class _JobMonitor:
         )
         return True
 
-    def _collect_if_finished(self, tg: anyio.abc.TaskGroup, task: batch_v1.Task) -> None:
-        index = task_index(task)
+    def _collect_if_finished(self, tg: anyio.abc.TaskGroup, index: int, state: str) -> None:
         member = self.launched.get(index)
-        state = batch_v1.TaskStatus.State(task.status.state).name
         if state in _FINISHED_TASK_STATES:
             self.finished.add(index)
         if member is None or index in self.handled or state not in _FINISHED_TASK_STATES:
             return
         self.handled.add(index)
-        tg.start_soon(self._collect, member, task)
+        tg.start_soon(self._collect, member, state)
 
     def _fail_unfinished_of_terminal_job(self) -> None:
         assert self.job is not None
@@ -323,7 +314,7 @@ class _JobMonitor:
                     )
                 )
 
-    async def _collect(self, member: Member[ElectronOutcome], task: batch_v1.Task) -> None:
+    async def _collect(self, member: Member[ElectronOutcome], state: str) -> None:
         """Read the task's objects and resolve (or fail) its electron, and only its electron.
 
         Whatever reading one task's outcome raises ends up as that electron's error: raised
@@ -332,7 +323,7 @@ class _JobMonitor:
         ref = TaskRef(self.job_id, member.index)
         for read in range(1, _OUTCOME_READS + 1):
             try:
-                outcome = await self._read_outcome(ref, task)
+                outcome = await self._read_outcome(ref, state)
                 break
             except Exception as raised:
                 error = _first_error(raised)
@@ -352,17 +343,15 @@ class _JobMonitor:
         else:
             member.resolve(outcome)
 
-    async def _read_outcome(
-        self, ref: TaskRef, task: batch_v1.Task
-    ) -> ElectronOutcome | BaseException:
-        """The outcome the runner recorded, in one download when the task state says which.
+    async def _read_outcome(self, ref: TaskRef, state: str) -> ElectronOutcome | BaseException:
+        """The outcome the runner recorded, in one download when the task's state says which.
 
         A succeeded task normally has ``result.pkl``, a failed one ``error.pkl``; the other
         object is read only when the expected one is absent (a result written by an attempt
         that Batch then counted as failed is still the electron's result).
         """
         store, key = self.ctx.store, self.payload.key
-        succeeded = task.status.state == batch_v1.TaskStatus.State.SUCCEEDED
+        succeeded = state == "SUCCEEDED"
         reads = (TaskObject.RESULT, TaskObject.ERROR)
         for obj in reads if succeeded else reversed(reads):
             data = await store.download(ref, obj)
@@ -385,18 +374,21 @@ class _JobMonitor:
                 f"task {ref.index} of job {ref.job_id} was cancelled (its cancel marker is set)"
             )
         return infrastructure_error(
-            await self._whole_task(ref, task),
+            await self._whole_task(ref),
             time_limit=self.config.time_limit,
             retries=self.config.retries,
         )
 
-    async def _whole_task(self, ref: TaskRef, listed: batch_v1.Task) -> batch_v1.Task:
-        """The task with its status events (exit codes, attempts), which polls do not list."""
+    async def _whole_task(self, ref: TaskRef) -> batch_v1.Task | None:
+        """The task with its status events (exit codes, attempts), which polls do not list.
+
+        ``None`` when it cannot be read: the error then says what a task without events says.
+        """
         try:
             return await self.ctx.jobs.get_task(ref.job_id, ref.index)
         except BatchApiError as exc:
             logger.warning("could not read task %d of job %s: %s", ref.index, ref.job_id, exc)
-            return listed
+            return None
 
     async def mark_cancellations(self) -> None:
         """Write the ``cancelled`` marker of every electron cancelled after launch."""
