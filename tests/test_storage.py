@@ -19,6 +19,7 @@ from typing import Any
 import anyio.from_thread
 import pytest
 import requests
+from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 from hypothesis import given
@@ -29,6 +30,7 @@ from covalent_gcpbatch_array._core.contract import (
     JOB_ID_PATTERN,
     TaskRef,
 )
+from covalent_gcpbatch_array._core.object_http import ObjectHttp
 from covalent_gcpbatch_array._core.storage import (
     JobLayout,
     ManifestEntry,
@@ -606,18 +608,47 @@ class TestBatchDeletes:
     ) -> None:
         write_tasks(client, bucket, "job-refused", 2)
         proxy_admin("POST", "faults", {"method": "DELETE", "status": 403, "path": "tasks/1/"})
-        with pytest.raises(StorageError, match="refused to delete runs/cga/job-refused/tasks/"):
+        with pytest.raises(
+            StorageError, match="refused to delete runs/cga/job-refused/tasks/"
+        ) as info:
             batch_store.delete_tasks("job-refused")
+        assert f"gs://{bucket}" in str(info.value)
         remaining = batch_store.job_task_objects("job-refused")
         assert remaining == {1: {TaskObject.INPUT}}  # only the refused one, not retried
 
+    @pytest.mark.parametrize("direct", [False, True], ids=["proxy", "fake-gcs-server"])
+    def test_names_that_need_quoting(
+        self,
+        make_client: Callable[..., storage.Client],
+        batch_endpoint: str,
+        gcs_endpoint: str,
+        bucket: str,
+        direct: bool,
+    ) -> None:
+        # Through our proxy, and to fake-gcs-server's own batch API (Go's multipart reader).
+        client = make_client("p", gcs_endpoint if direct else batch_endpoint)
+        names = ["a b/c d", "ünï/cödé ✓", "x/y/z%2F?#&+=", "plain", "gone"]
+        for name in names[:-1]:
+            client.bucket(bucket).blob(name).upload_from_string(b"x")
+        errors = ObjectHttp(client, bucket).delete_many(names)
+        assert errors[:-1] == [None] * 4
+        assert isinstance(errors[-1], api_exceptions.NotFound), errors[-1]
+        assert "DELETE gone" in str(errors[-1])
+        assert [blob.name for blob in client.list_blobs(bucket)] == []
+
+    # 404 and 405: no such endpoint or method; 200: an answer that is not multipart/mixed.
+    @pytest.mark.parametrize("status", [404, 405, 200])
     def test_an_endpoint_without_the_batch_api_gets_one_delete_per_object(
-        self, make_client: Callable[..., storage.Client], gcs_endpoint: str, bucket: str
+        self,
+        make_client: Callable[..., storage.Client],
+        gcs_endpoint: str,
+        bucket: str,
+        status: int,
     ) -> None:
         client = make_client("p", gcs_endpoint)
         write_tasks(client, bucket, "job-a", 2)
         write_tasks(client, bucket, "job-b", 2)
-        with ScriptedProxy(gcs_endpoint, status=503, fail_first=0) as proxy:
+        with ScriptedProxy(gcs_endpoint, status=status, fail_first=100, only="/batch/") as proxy:
             store = TaskStore(make_client("p", proxy.endpoint), bucket, "runs/cga")
             assert store.delete_tasks("job-a") == 4
             assert store.delete_tasks("job-b") == 4

@@ -20,8 +20,8 @@ The I/O of :class:`TaskStore` is synchronous on purpose: the runner calls it dir
 executor goes through :class:`AsyncTaskStore`, which runs each call in a worker thread. Every request is retried by the client's ``DEFAULT_RETRY``
 (429, 5xx, dropped connections), and every failure that remains is translated to
 :class:`~covalent_gcpbatch_array.exceptions.StorageError` in one place, :func:`_storage_errors`.
-Deleting a folder is the exception to the retry: it sends batch requests of 100 deletes, which
-the client never retries, and sends again one by one what failed transiently
+Deleting a folder is the exception to the retry: it sends batch requests of 100 deletes, not
+retried as such, and sends again one by one what failed transiently
 (:meth:`TaskStore._delete_batch`).
 """
 
@@ -46,13 +46,9 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry, exponential_sleep_generator
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from covalent_gcpbatch_array._core.compat import (
-    batch_responses,
-    retry_predicate,
-    storage_credentials,
-)
+from covalent_gcpbatch_array._core.compat import retry_predicate, storage_credentials
 from covalent_gcpbatch_array._core.contract import TaskRef, validate_job_id, validate_prefix
-from covalent_gcpbatch_array._core.object_http import BucketNotFound, ObjectHttp
+from covalent_gcpbatch_array._core.object_http import BatchUnsupported, BucketNotFound, ObjectHttp
 from covalent_gcpbatch_array.exceptions import StorageError
 
 __all__ = [
@@ -502,45 +498,33 @@ class TaskStore:
     def _delete_batch(self, names: list[str]) -> int:
         """Delete up to 100 objects in one batch request; returns how many this call deleted.
 
-        google-cloud-storage's Batch retries nothing: neither the batch request nor its inner
-        calls. Calls that failed as the store's retry policy retries (429, 5xx, ...), or all of
+        Neither the batch request (:meth:`ObjectHttp.delete_many`) nor its calls are retried as
+        such: calls that failed as the store's retry policy retries (429, 5xx, ...), or all of
         them when the batch request itself failed that way, are deleted again one by one with
-        that policy (a delete is
-        idempotent: a second try that meets 404 is a success). A 404 means someone else
-        (another cleanup) deleted it first; any other failure raises, translated by
-        :func:`_storage_errors`. An endpoint without the batch API (fake-gcs-server alone)
-        gets one delete per object from then on.
+        that policy (a delete is idempotent: a second try that meets 404 is a success). A 404
+        means someone else (another cleanup) deleted it first; any other failure raises,
+        translated by :func:`_storage_errors`. An endpoint without the batch API
+        (fake-gcs-server alone) gets one delete per object from then on.
         """
         if not self._batch_deletes:
             return self._delete_each(names)
         try:
-            with self._client.batch(raise_exception=False) as batch:
-                for name in names:
-                    # No retry: inside a batch the call is only recorded, never sent.
-                    self._bucket.blob(name).delete(retry=None)
-        except (api_exceptions.NotFound, api_exceptions.MethodNotAllowed, ValueError):
-            # No batch endpoint here (a 404/405, or an answer that is not multipart).
+            errors = self._objects.delete_many(names)
+        except BatchUnsupported:
             self._batch_deletes = False
             return self._delete_each(names)
-        except (
-            api_exceptions.GoogleAPICallError,
-            requests.RequestException,
-            ConnectionError,
-        ) as exc:
+        except Exception as exc:
             if not self._retried(exc):
                 raise
             return self._delete_each(names)
-        deleted = 0
         again = []
-        for name, response in zip(names, batch_responses(batch), strict=True):
-            if 200 <= response.status_code < 300:
-                deleted += 1
-            elif response.status_code != 404:
-                error = google.cloud.exceptions.from_http_response(response)
-                if not self._retried(error):
-                    raise error
-                again.append(name)
-        return deleted + self._delete_each(again)
+        for name, error in zip(names, errors, strict=True):
+            if error is None or isinstance(error, api_exceptions.NotFound):
+                continue
+            if not self._retried(error):
+                raise error
+            again.append(name)
+        return errors.count(None) + self._delete_each(again)
 
     def _retried(self, exc: Exception) -> bool:
         """Whether the store's retry policy sends a request that failed with ``exc`` again.
