@@ -1,4 +1,4 @@
-"""REST in worker threads (the executor today) vs the native async gRPC client, per Batch call.
+"""REST in worker threads vs the gRPC clients vs plain JSON, per Batch call.
 
     .venv/bin/python -m benchmarks.batch_transport [--tasks 1000] [--calls 200] [--pollers 16]
         [--json PATH]
@@ -11,6 +11,11 @@ measures:
   ``anyio.to_thread``, limited to ``BATCH_API_THREADS`` worker threads);
 - ``grpc``: ``BatchServiceAsyncClient`` on a ``grpc.aio`` channel, awaited on the event loop
   (no worker threads of ours), with the same requests and field mask (as metadata);
+- ``grpc-sync`` (the poll's listing only): the synchronous ``BatchServiceClient`` on a gRPC
+  channel, through the same worker threads as ``rest``;
+- ``json`` (the poll's listing only): :meth:`JobsApi.task_states`, what the executor polls with:
+  the same GETs over the REST client's session, read with ``json.loads`` into
+  ``{index: state}``, no protobuf;
 
 each once sequentially (``--calls`` calls one after the other: latency percentiles) and once
 with ``--pollers`` concurrent callers (throughput). Client CPU is this process's CPU time
@@ -21,6 +26,7 @@ with ``--pollers`` concurrent callers (throughput). Client CPU is this process's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -91,12 +97,8 @@ async def finished(rest: JobsApi, job_id: str) -> None:
 
 async def run(tasks: int, calls: int, pollers: int) -> dict[str, dict[str, dict[str, float]]]:
     async with LocalCloud(preload=()) as cloud:
-        rest = JobsApi(
-            cloud.batch_client(),
-            cloud.project_id,
-            cloud.region,
-            limiter=anyio.CapacityLimiter(BATCH_API_THREADS),
-        )
+        threads = anyio.CapacityLimiter(BATCH_API_THREADS)
+        rest = JobsApi(cloud.batch_client(), cloud.project_id, cloud.region, limiter=threads)
         job_id = f"bench-{uuid.uuid4().hex[:8]}"
         script = batch_v1.Runnable(script={"text": "true"})
         group = batch_v1.TaskGroup(
@@ -109,39 +111,47 @@ async def run(tasks: int, calls: int, pollers: int) -> dict[str, dict[str, dict[
         request = batch_v1.ListTasksRequest(
             parent=f"{name}/taskGroups/group0", page_size=TASK_PAGE_SIZE
         )
-        async with cloud.batch_grpc_async_client() as client:
+        with cloud.batch_grpc_client() as grpc_sync:
+            async with cloud.batch_grpc_async_client() as client:
 
-            async def grpc_list(metadata: list[tuple[str, str]]) -> list[batch_v1.Task]:
-                return [task async for task in await client.list_tasks(request, metadata=metadata)]
+                async def grpc_list(metadata: list[tuple[str, str]]) -> list[batch_v1.Task]:
+                    pages = await client.list_tasks(request, metadata=metadata)
+                    return [task async for task in pages]
 
-            def check(listed: list[batch_v1.Task]) -> list[batch_v1.Task]:
-                if len(listed) != tasks:
-                    raise AssertionError(f"listed {len(listed)} tasks of {tasks}")
-                return listed
+                async def grpc_list_all() -> list[batch_v1.Task]:
+                    return await grpc_list([])
 
-            cases: dict[str, dict[str, Call]] = {
-                "GetJob": {
-                    "rest": lambda: rest.get(job_id),
-                    "grpc": lambda: client.get_job(name=name),
-                },
-                "ListTasks": {
-                    "rest": lambda: rest.list_tasks(job_id),
-                    "grpc": lambda: grpc_list([]),
-                },
-                "ListTasks(TASK_STATE_FIELDS)": {
-                    "rest": lambda: rest.list_tasks(job_id, fields=TASK_STATE_FIELDS),
-                    "grpc": lambda: grpc_list(mask),
-                },
-            }
-            check(await cases["ListTasks"]["grpc"]())
-            check(await cases["ListTasks(TASK_STATE_FIELDS)"]["rest"]())
-            results: dict[str, dict[str, dict[str, float]]] = {}
-            for method, transports in cases.items():
-                results[method] = {}
-                for transport, call in transports.items():
-                    results[method][transport] = await measure(
-                        call, calls, pollers, cloud.batch_pid
-                    )
+                async def grpc_sync_list() -> list[batch_v1.Task]:
+                    pages = functools.partial(grpc_sync.list_tasks, request, metadata=mask)
+                    return await anyio.to_thread.run_sync(lambda: list(pages()), limiter=threads)
+
+                cases: dict[str, dict[str, Call]] = {
+                    "GetJob": {
+                        "rest": lambda: rest.get(job_id),
+                        "grpc": lambda: client.get_job(name=name),
+                    },
+                    "ListTasks": {
+                        "rest": lambda: rest.list_tasks(job_id),
+                        "grpc": grpc_list_all,
+                    },
+                    "ListTasks(TASK_STATE_FIELDS)": {
+                        "rest": lambda: rest.list_tasks(job_id, fields=TASK_STATE_FIELDS),
+                        "grpc": lambda: grpc_list(mask),
+                        "grpc-sync": grpc_sync_list,
+                        "json": lambda: rest.task_states(job_id),
+                    },
+                }
+                listings = [*cases["ListTasks(TASK_STATE_FIELDS)"].values(), grpc_list_all]
+                for listing in listings:
+                    if (listed := len(await listing())) != tasks:
+                        raise AssertionError(f"listed {listed} tasks of {tasks}")
+                results: dict[str, dict[str, dict[str, float]]] = {}
+                for method, transports in cases.items():
+                    results[method] = {}
+                    for transport, call in transports.items():
+                        results[method][transport] = await measure(
+                            call, calls, pollers, cloud.batch_pid
+                        )
         return results
 
 
