@@ -17,8 +17,9 @@ as google-api-core exceptions, the ones the client raises, so the same retry pol
 same translation to ``StorageError`` apply.
 
 Deleting a job's objects is here too (:meth:`ObjectHttp.delete_many`): the client's ``Batch``
-builds and parses each batch request with the ``email`` package, about 2.5 ms of CPU per 100
-deletes; the same batch request built and read with plain string work costs a fraction of it.
+builds and parses each batch request with the ``email`` package and a ``Blob`` per call, about
+15 ms of CPU per batch request of 100 deletes; the same request built and read with plain string
+work costs about 1.5 ms.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class BucketNotFound(api_exceptions.NotFound):
 
 
 class BatchUnsupported(Exception):
-    """The endpoint has no batch API (fake-gcs-server alone): a 404 or 405, or an answer that
-    is not multipart/mixed."""
+    """The endpoint has no batch API (an emulator without one): a 404 or 405, or an answer
+    that is not multipart/mixed."""
 
 
 def _connection_pool(endpoint: str, size: int) -> urllib3.PoolManager:

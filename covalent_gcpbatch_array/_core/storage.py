@@ -503,8 +503,8 @@ class TaskStore:
         them when the batch request itself failed that way, are deleted again one by one with
         that policy (a delete is idempotent: a second try that meets 404 is a success). A 404
         means someone else (another cleanup) deleted it first; any other failure raises,
-        translated by :func:`_storage_errors`. An endpoint without the batch API
-        (fake-gcs-server alone) gets one delete per object from then on.
+        translated by :func:`_storage_errors`. An endpoint without the batch API (an emulator
+        without one) gets one delete per object from then on.
         """
         if not self._batch_deletes:
             return self._delete_each(names)
