@@ -219,3 +219,38 @@ class TestCrashSafetyBounds:
             with pytest.raises(ConfigError, match="orphan_timeout"):
                 config(orphan_timeout=value)
         assert config().shape != config(orphan_timeout=60).shape
+
+
+class TestSharing:
+    """An executor per electron: thousands of pending electrons must share one config."""
+
+    def test_equal_values_give_the_same_config(self) -> None:
+        assert config() is config()
+        assert config(labels={"team": "a"}) is config(labels={"team": "a"})
+        assert config(vcpus=4) is not config()
+
+    def test_a_config_has_no_dict_of_its_own(self) -> None:
+        # 32 fields: as a plain instance, each config would carry an unshared 1.6 KB dict.
+        assert not hasattr(config(), "__dict__")
+
+    @pytest.mark.parametrize(
+        ("key", "valid", "invalid"),
+        [("retries", 1, True), ("vcpus", 1, True), ("keep_objects", False, 0)],
+    )
+    def test_a_value_equal_to_a_valid_one_is_still_validated(
+        self, key: str, valid: Any, invalid: Any
+    ) -> None:
+        config(**{key: valid})  # remembered; the invalid one compares equal to it
+        with pytest.raises(ConfigError, match=key):
+            config(**{key: invalid})
+
+    @pytest.mark.parametrize(("key", "value"), [("region", ["us-east1"]), ("labels", {"a": []})])
+    def test_an_unhashable_value_is_refused_as_before(self, key: str, value: Any) -> None:
+        with pytest.raises(ConfigError, match=key):
+            config(**{key: value})
+
+    def test_required_keys_may_be_left_empty_only_when_asked(self) -> None:
+        empty = dict(DEFAULTS)
+        assert ExecutorConfig.from_values(empty, require=False).project_id == ""
+        with pytest.raises(ConfigError, match="is required"):
+            ExecutorConfig.from_values(empty)
