@@ -34,7 +34,11 @@ from covalent_gcpbatch_array._core.contract import (
     NEVER_RETRIED_EXIT_CODES,
     RUNNER_MODULE,
 )
-from covalent_gcpbatch_array._core.task_states import TaskStateReader, TaskStates
+from covalent_gcpbatch_array._core.task_states import (
+    FIELD_MASK_HEADER,
+    TaskStateReader,
+    TaskStates,
+)
 from covalent_gcpbatch_array.config import JobShape
 from covalent_gcpbatch_array.exceptions import BatchApiError
 
@@ -53,11 +57,6 @@ TASK_STATE_FIELDS = ("tasks.name", "tasks.status.state", "nextPageToken", "unrea
 #: Worker threads for creates when the caller gives no ``create_limiter``: a create may retry a
 #: quota for minutes, and must not hold the threads that reads need.
 CREATE_THREADS = 2
-#: The response field mask travels as the ``X-Goog-FieldMask`` header, the header form of the
-#: ``$fields`` system parameter every Google API takes
-#: (https://cloud.google.com/apis/docs/system-parameters); the REST transport sends a call's
-#: ``metadata`` pairs as HTTP headers, so it rides along on every page of a listing.
-_FIELD_MASK_HEADER = "x-goog-fieldmask"
 
 _T = TypeVar("_T")
 
@@ -360,7 +359,7 @@ class JobsApi:
         )
         if fields and "nextPageToken" not in fields:
             fields = (*fields, "nextPageToken")
-        metadata = [(_FIELD_MASK_HEADER, ",".join(fields))] if fields else []
+        metadata = [(FIELD_MASK_HEADER, ",".join(fields))] if fields else []
 
         def list_all() -> list[batch_v1.Task]:
             pages = self._client.list_tasks(request=request, retry=READ_RETRY, metadata=metadata)

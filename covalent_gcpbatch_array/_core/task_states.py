@@ -25,10 +25,16 @@ if TYPE_CHECKING:
     from google.api_core.retry import Retry
     from google.cloud import batch_v1
 
-__all__ = ["TaskStateReader", "TaskStates"]
+__all__ = ["FIELD_MASK_HEADER", "TaskStateReader", "TaskStates"]
 
 #: Task index -> the name of its state ("PENDING", "RUNNING", "SUCCEEDED", ...).
 TaskStates = dict[int, str]
+#: The response field mask travels as the ``X-Goog-FieldMask`` header, the header form of the
+#: ``$fields`` system parameter every Google API takes
+#: (https://cloud.google.com/apis/docs/system-parameters). The REST transport sends a call's
+#: ``metadata`` pairs as HTTP headers, so it rides along on every page of the client's listings
+#: too.
+FIELD_MASK_HEADER = "x-goog-fieldmask"
 #: Seconds one page may take, the client's own default for ListTasks.
 PAGE_TIMEOUT = 60.0
 #: A task whose state is the enum's zero value has none in proto3 JSON.
@@ -85,7 +91,7 @@ class TaskStateReader:
         response = self.session.get(
             f"{self.host}/v1/{parent}/tasks",
             params=params,
-            headers={"X-Goog-FieldMask": mask},
+            headers={FIELD_MASK_HEADER: mask},
             timeout=PAGE_TIMEOUT,
         )
         if response.status_code >= 400:
