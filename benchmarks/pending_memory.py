@@ -76,8 +76,13 @@ async def measure_pending(electrons: int, *, trace: bool) -> dict[str, Any]:
     from covalent_gcpbatch_array.local import LocalCloud
 
     async with LocalCloud(provisioning_delay=NEVER) as cloud:
-        # upload_timeout 0: on a loaded machine, 1,000 uploads may take longer than a batch waits.
-        settings: dict[str, Any] = cloud.executor_config() | {"retries": 0, "upload_timeout": 0.0}
+        settings: dict[str, Any] = cloud.executor_config() | {
+            "retries": 0,
+            # On a loaded machine 1,000 uploads may take longer than a batch waits for them.
+            "upload_timeout": 0.0,
+            # The cloud's bucket goes with it: deleting 10,000 objects first would take minutes.
+            "keep_objects": True,
+        }
         dispatch_id = f"memory-{uuid.uuid4().hex[:8]}"
 
         async def electron(index: int) -> None:
@@ -148,15 +153,20 @@ def _grouped(diffs: list[tracemalloc.StatisticDiff], electrons: int) -> dict[str
     }
 
 
-def run(electrons: int) -> dict[str, Any]:
-    """Both passes, each in a child process; the merged result with its environment."""
+def run(electrons: int, trace_electrons: int | None = None) -> dict[str, Any]:
+    """Both passes, each in a child process; the merged result with its environment.
+
+    :param trace_electrons: electrons of the ``trace`` pass (default: ``electrons``); tracing
+        slows the executor down several times
+    """
     load_before = machine_load()
     result: dict[str, Any] = {"kind": "pending_memory", "electrons": electrons}
-    for phase in ("rss", "trace"):
+    counts = {"rss": electrons, "trace": trace_electrons or electrons}
+    for phase, count in counts.items():
         completed = subprocess.run(
             [
                 *(sys.executable, "-m", "benchmarks.pending_memory"),
-                *("--phase", phase, "--electrons", str(electrons)),
+                *("--phase", phase, "--electrons", str(count)),
             ],
             capture_output=True,
             text=True,
@@ -166,7 +176,9 @@ def run(electrons: int) -> dict[str, Any]:
         if completed.returncode:
             raise RuntimeError(f"the {phase} pass failed:\n{completed.stderr[-4000:]}")
         result[phase] = json.loads(completed.stdout.splitlines()[-1])
-    result["command"] = f"python -m benchmarks.pending_memory --electrons {electrons}"
+    result["command"] = f"python -m benchmarks.pending_memory --electrons {electrons}" + (
+        f" --trace-electrons {trace_electrons}" if trace_electrons else ""
+    )
     result["environment"] = environment(load_before)
     return result
 
@@ -175,7 +187,8 @@ def table(result: dict[str, Any]) -> str:
     """The result as a plain-text table."""
     rss, trace = result["rss"], result["trace"]
     rows = [
-        f"{result['electrons']} electrons pending in {rss['jobs_created']} jobs",
+        f"{result['electrons']} electrons pending in {rss['jobs_created']} jobs "
+        f"(traced: {trace['electrons']} in {trace['jobs_created']})",
         f"RSS growth: {rss['rss_growth_mb']} MB ({rss['rss_kb_per_electron']} KB per electron, "
         f"from {rss['rss_before_mb']} MB)",
         "traced KB per electron:",
@@ -194,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     """Measure, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--electrons", type=int, default=10_000)
+    parser.add_argument("--trace-electrons", type=int, help="for the tracemalloc pass")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
     parser.add_argument("--phase", choices=("rss", "trace"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         measured = anyio.run(functools.partial(measure_pending, options.electrons, trace=trace))
         print(json.dumps(measured))
         return
-    result = run(options.electrons)
+    result = run(options.electrons, options.trace_electrons)
     print(table(result))
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(result, indent=1) + "\n")
