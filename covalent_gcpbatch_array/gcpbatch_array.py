@@ -286,7 +286,8 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
     # Covalent's runtime hooks exist only when Covalent's runner drives the executor.
 
     def _in_covalent_runtime(self) -> bool:
-        return "_send_queue" in self.__dict__
+        # Not `in self.__dict__`: reading it gives every executor a dict object of its own.
+        return getattr(self, "_send_queue", None) is not None
 
     async def _cancel_requested(self) -> bool:
         return bool(self._in_covalent_runtime() and await self.get_cancel_requested())

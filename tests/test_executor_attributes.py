@@ -5,6 +5,7 @@ class only up to 30 keys)."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import sys
 
 import covalent  # noqa: F401  (import covalent before the plugin module, as the server does)
@@ -60,6 +61,13 @@ class TestMemory:
         for executor in (GCPBatchArrayExecutor(**GOOD), GCPBatchArrayExecutor(**GOOD)):
             plain = {key: value for key, value in vars(executor).items()}
             assert sys.getsizeof(vars(executor)) < sys.getsizeof(plain)
+
+    def test_looking_for_covalents_runtime_leaves_the_attributes_in_place(self) -> None:
+        # Reading __dict__ would give the executor a dict object of its own (~60 bytes).
+        executor = GCPBatchArrayExecutor(**GOOD)
+        assert not executor._in_covalent_runtime()
+        held = gc.get_referents(executor)
+        assert not [r for r in held if isinstance(r, dict) and "project_id" in r]
 
     def test_executors_with_equal_settings_share_their_config(self) -> None:
         assert GCPBatchArrayExecutor(**GOOD).config is GCPBatchArrayExecutor(**GOOD).config
