@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copyreg
 import dataclasses
+import importlib.metadata
 import socket
 import struct
 import sys
@@ -391,6 +392,15 @@ class TestVersions:
         assert "electron 12 of dispatch dispatch-1" in message
         assert "runner_image/README.md" in message
         assert tripwire == []
+
+    def test_versions_are_looked_up_once_per_process(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        here = RuntimeVersions.current()
+
+        def read_again(name: str) -> str:
+            raise AssertionError(f"package metadata of {name} read again")
+
+        monkeypatch.setattr(importlib.metadata, "version", read_again)
+        assert RuntimeVersions.current() == here
 
     def test_other_cloudpickle_version_is_accepted(self, key: bytes) -> None:
         here = RuntimeVersions.current()
