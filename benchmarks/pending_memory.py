@@ -109,6 +109,7 @@ async def measure_pending(electrons: int, *, trace: bool) -> dict[str, Any]:
         if trace:
             tracemalloc.start(TRACE_FRAMES)
             before = tracemalloc.take_snapshot()
+            traced_before = tracemalloc.get_traced_memory()[0]
         async with anyio.create_task_group() as tg:
             for index in range(electrons):
                 tg.start_soon(electron, index)
@@ -118,8 +119,11 @@ async def measure_pending(electrons: int, *, trace: bool) -> dict[str, Any]:
             result: dict[str, Any] = {"electrons": electrons, "jobs_created": jobs}
             if trace:
                 after = tracemalloc.take_snapshot()
+                peak = tracemalloc.get_traced_memory()[1] - traced_before
                 tracemalloc.stop()
                 result |= _grouped(after.compare_to(before, "traceback"), electrons)
+                # What the burst held at its height (inputs waiting for their upload, ...).
+                result["traced_peak_kb_per_electron"] = round(peak / _KB / electrons, 3)
             else:
                 result["rss_before_mb"] = round(rss_before / _KB / _KB, 1)
                 result["rss_growth_mb"] = round((rss_pending - rss_before) / _KB / _KB, 1)
@@ -193,7 +197,8 @@ def table(result: dict[str, Any]) -> str:
         f"from {rss['rss_before_mb']} MB)",
         "traced KB per electron:",
         *(f"  {name:<16}{kb:>8.2f}" for name, kb in trace["traced_kb_per_electron"].items()),
-        f"  {'total':<16}{trace['traced_total_kb_per_electron']:>8.2f}",
+        f"  {'total':<16}{trace['traced_total_kb_per_electron']:>8.2f}"
+        f" (at the burst's peak: {trace['traced_peak_kb_per_electron']:.2f})",
         "ours, by line (KB per electron):",
         *(
             f"  {line:<44}{kb:>8.3f}"
