@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
@@ -29,17 +28,6 @@ def test_storage_credentials() -> None:
         assert isinstance(compat.storage_credentials(client), AnonymousCredentials)
     finally:
         client.close()
-
-
-def test_batch_responses_one_per_call_in_order(local_cloud: LocalCloud) -> None:
-    client = local_cloud.storage_client()
-    bucket = client.bucket(local_cloud.bucket_name)
-    present = f"compat-{uuid.uuid4().hex}"
-    bucket.blob(present).upload_from_string(b"x")
-    with client.batch(raise_exception=False) as batch:
-        bucket.blob(f"compat-missing-{uuid.uuid4().hex}").delete(retry=None)
-        bucket.blob(present).delete(retry=None)
-    assert [response.status_code for response in compat.batch_responses(batch)] == [404, 204]
 
 
 def test_retry_predicate() -> None:

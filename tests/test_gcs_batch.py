@@ -12,7 +12,6 @@ import pytest
 from google.cloud import storage
 
 from covalent_gcpbatch_array._core.clients import make_storage_client
-from covalent_gcpbatch_array._core.compat import batch_responses
 from covalent_gcpbatch_array.local.gcs.batch_requests import (
     MAX_BATCH_CALLS,
     BatchFormatError,
@@ -22,6 +21,7 @@ from covalent_gcpbatch_array.local.gcs.batch_requests import (
     inner_headers,
     parse_batch_request,
 )
+from tests.gcs_batch_client import batch_responses
 
 
 class BatchEndpoint:

@@ -23,11 +23,11 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from benchmarks.storage_log import StorageLog
 from covalent_gcpbatch_array._core.clients import make_storage_client
-from covalent_gcpbatch_array._core.compat import batch_responses
 from covalent_gcpbatch_array.exceptions import LocalCloudError
 from covalent_gcpbatch_array.local import LocalCloud
 from covalent_gcpbatch_array.local.gcs.fake_gcs import GcsEmulator
 from covalent_gcpbatch_array.local.gcs.proxy import StorageFault, StorageFaults, serve
+from tests.gcs_batch_client import batch_responses
 from tests.polling import job_reached, wait_until
 
 # google-cloud-storage does not close the streamed response of a failed download (see

@@ -4,9 +4,7 @@ Each function below reaches into a library where no public API does the job; eve
 uses public APIs only. ``tests/test_compat.py`` calls each against the installed libraries,
 so an upgrade that moves one of them fails there, loudly, instead of somewhere downstream.
 
-- google-cloud-storage: a client's credentials (to name the account in a permission error),
-  and the per-call responses of a batch request (its context manager keeps ``finish()``'s
-  return value only as ``_responses``);
+- google-cloud-storage: a client's credentials (to name the account in a permission error);
 - google-cloud-batch: a REST client's authorized session and endpoint (to list task states
   without its per-task protobuf conversion, :mod:`.task_states`);
 - google-api-core: a ``Retry``'s predicate (to judge the calls of a batch request as the
@@ -32,16 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import google.cloud.storage as storage
-    import requests
     from covalent.executor.base import AsyncBaseExecutor
     from google.api_core.retry import Retry
     from google.auth.credentials import Credentials
     from google.auth.transport.requests import AuthorizedSession
     from google.cloud import batch_v1
-    from google.cloud.storage.batch import Batch
 
 __all__ = [
-    "batch_responses",
     "batch_rest_session",
     "give_task_streams",
     "in_covalent_server",
@@ -57,16 +52,6 @@ def storage_credentials(client: storage.Client) -> Credentials:
     """The credentials a Cloud Storage client sends (``Client._credentials``)."""
     credentials: Credentials = client._credentials
     return credentials
-
-
-def batch_responses(batch: Batch) -> list[requests.Response]:
-    """The responses of a finished Cloud Storage batch request, one per call, in order.
-
-    ``Batch.finish()`` returns them, but ``with client.batch():`` calls it in ``__exit__``
-    and keeps its return value only as ``Batch._responses``.
-    """
-    responses: list[requests.Response] = batch._responses
-    return responses
 
 
 def batch_rest_session(client: batch_v1.BatchServiceClient) -> tuple[AuthorizedSession, str]:
