@@ -12,11 +12,13 @@ import pytest
 from google.cloud import storage
 
 from covalent_gcpbatch_array._core.clients import make_storage_client
+from covalent_gcpbatch_array._core.object_http import ObjectHttp
 from covalent_gcpbatch_array.local.gcs.batch_requests import (
     MAX_BATCH_CALLS,
     BatchFormatError,
     InnerRequest,
     InnerResponse,
+    RefusedPart,
     compose_batch_response,
     inner_headers,
     parse_batch_request,
@@ -87,9 +89,17 @@ def call(method: str, target: str, content_id: str | None = None) -> InnerReques
     return InnerRequest(method, target, (), b"", content_id)
 
 
+def calls_of(content_type: str, body: bytes) -> list[InnerRequest]:
+    """The calls of a batch request none of whose parts may be refused."""
+    parts = parse_batch_request(content_type, body)
+    refused = [part for part in parts if isinstance(part, RefusedPart)]
+    assert not refused
+    return [part for part in parts if isinstance(part, InnerRequest)]
+
+
 class TestParse:
     def test_the_clients_own_batch(self) -> None:
-        calls = parse_batch_request(*client_batch(["a/b c.txt", "d"]))
+        calls = calls_of(*client_batch(["a/b c.txt", "d"]))
         assert [(c.method, c.target, c.body, c.content_id) for c in calls] == [
             ("DELETE", "/storage/v1/b/bk/o/a%2Fb%20c.txt?prettyPrint=false", b"", None),
             ("DELETE", "/storage/v1/b/bk/o/d?prettyPrint=false", b"", None),
@@ -102,8 +112,8 @@ class TestParse:
             b"PATCH /storage/v1/b/bk/o/x HTTP/1.1\r\nContent-Type: application/json\r\n"
             b'Content-Length: 11\r\n\r\n{"a": "b"}\n'
         )
-        get = b"Content-Type: application/http\r\n\r\nGET /storage/v1/b/bk/o/y\r\n\r\n"
-        patch_call, get_call = parse_batch_request(*raw_batch([patch, get]))
+        get = b"Content-Type: application/http\r\n\r\nGET /storage/v1/b/bk/o/y HTTP/1.1\r\n\r\n"
+        patch_call, get_call = calls_of(*raw_batch([patch, get]))
         assert (patch_call.method, patch_call.content_id) == ("PATCH", "item1")
         assert patch_call.body == b'{"a": "b"}\n'
         assert (get_call.method, get_call.target, get_call.content_id) == (
@@ -112,6 +122,27 @@ class TestParse:
             None,
         )
 
+    def test_object_https_own_batch(self) -> None:
+        """The request ObjectHttp.delete_many sends: each call's head ends in its own blank
+        line, and the CRLF before each delimiter is the delimiter's."""
+        with BatchEndpoint.serving() as endpoint:
+            ObjectHttp(endpoint.client(), "bk").delete_many(["a/b c.txt", "d"])
+        ((content_type, body),) = endpoint.received
+        calls = calls_of(content_type, body)
+        assert [(c.method, c.target, c.body) for c in calls] == [
+            ("DELETE", "/storage/v1/b/bk/o/a%2Fb%20c.txt", b""),
+            ("DELETE", "/storage/v1/b/bk/o/d", b""),
+        ]
+        assert all(c.content_id for c in calls)
+
+    def test_a_line_that_only_starts_like_a_delimiter_is_content(self) -> None:
+        patch = (
+            b"Content-Type: application/http\r\n\r\n"
+            b"PATCH /storage/v1/b/bk/o/x HTTP/1.1\r\nContent-Length: 9\r\n\r\n\r\n--b1x\r\n"
+        )
+        (call_,) = calls_of(*raw_batch([patch]))
+        assert call_.body == b"\r\n--b1x\r\n"
+
     @pytest.mark.parametrize(
         ("content_type", "body", "message"),
         [
@@ -119,34 +150,99 @@ class TestParse:
             (
                 "multipart/mixed; boundary=b1",
                 b"--b1\r\nContent-Type: application/http\r\n\r\nGET / HTTP/1.1\r\n\r\n",
-                "no closing boundary",
+                "no close delimiter",
+            ),
+            (
+                "multipart/mixed; boundary=b1",
+                b"--b1x\r\nContent-Type: application/http\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+                b"\r\n--b1x--\r\n",
+                "no close delimiter",
             ),
             ("multipart/mixed; boundary=b1", b"--b1--\r\n", "holds no calls"),
-            (
-                "multipart/mixed; boundary=b1",
-                b"--b1\r\nContent-Type: text/plain\r\n\r\nGET / HTTP/1.1\r\n\r\n\r\n--b1--",
-                "Content-Type: application/http",
-            ),
-            (
-                "multipart/mixed; boundary=b1",
-                b"--b1\r\nContent-Type: application/http\r\n\r\nGET\r\n\r\n\r\n--b1--",
-                "malformed request line",
-            ),
-            (
-                "multipart/mixed; boundary=b1",
-                b"--b1\r\nContent-Type: application/http\r\n\r\nGET nopath HTTP/1.1\r\n\r\n\r\n--b1--",
-                "names no path",
-            ),
         ],
     )
-    def test_malformed_batches_are_refused(
+    def test_a_malformed_batch_is_refused_whole(
         self, content_type: str, body: bytes, message: str
     ) -> None:
         with pytest.raises(BatchFormatError, match=message):
             parse_batch_request(content_type, body)
 
+    @pytest.mark.parametrize(
+        ("part", "message"),
+        [
+            # DELETE ObjectHttp's first version sent: the call's head has no blank line of
+            # its own (the CRLF raw_batch puts before the delimiter is the delimiter's).
+            (
+                b"Content-Type: application/http\r\n\r\nDELETE /storage/v1/b/bk/o/x HTTP/1.1\r\n",
+                "headers are not ended by an empty line",
+            ),
+            (b"Content-Type: application/http\r\n", "part headers are not ended"),
+            (
+                b"Content-Type: text/plain\r\n\r\nGET /storage/v1/b/bk/o/x HTTP/1.1\r\n\r\n",
+                "must be Content-Type: application/http",
+            ),
+            (
+                b"Content-Type: multipart/mixed; boundary=b2\r\n\r\n--b2\r\n"
+                b"Content-Type: application/http\r\n\r\nGET /storage/v1/b/bk/o/x HTTP/1.1\r\n"
+                b"\r\n\r\n--b2--",
+                "no nesting",
+            ),
+            (b"Content-Type: application/http\r\n\r\nGET\r\n\r\n", "request line"),
+            (
+                b"Content-Type: application/http\r\n\r\nGET /storage/v1/b/bk/o/x\r\n\r\n",
+                "request line",
+            ),
+            (
+                b"Content-Type: application/http\r\n\r\nGET /storage/v1/b/bk/o/x HTTP/1.1\r\n"
+                b"no colon\r\n\r\n",
+                "malformed header line",
+            ),
+            (
+                b"Content-Type: application/http\r\n\r\nPATCH /storage/v1/b/bk/o/x HTTP/1.1\r\n"
+                b"Content-Length: 50\r\n\r\n{}",
+                "its body has 2 bytes, its Content-Length says b'50'",
+            ),
+            (
+                b"Content-Type: application/http\r\n\r\nGET nopath HTTP/1.1\r\n\r\n",
+                "not one of the JSON API's",
+            ),
+            (
+                b"Content-Type: application/http\r\n\r\n"
+                b"POST /upload/storage/v1/b/bk/o?uploadType=media&name=u HTTP/1.1\r\n"
+                b"Content-Length: 2\r\n\r\nhi",
+                "no uploads, downloads or batches",
+            ),
+            (
+                b"Content-Type: application/http\r\n\r\n"
+                b"GET /storage/v1/b/bk/o/x?alt=media HTTP/1.1\r\n\r\n",
+                "no uploads, downloads or batches",
+            ),
+            (
+                b"Content-Type: application/http\r\n\r\nPOST /batch/storage/v1 HTTP/1.1\r\n\r\n",
+                "no uploads, downloads or batches",
+            ),
+        ],
+    )
+    def test_a_malformed_part_is_refused_alone(self, part: bytes, message: str) -> None:
+        good = b"Content-Type: application/http\r\n\r\nDELETE /storage/v1/b/bk/o/y HTTP/1.1\r\n\r\n"
+        first, refused, last = parse_batch_request(*raw_batch([good, part, good]))
+        assert isinstance(first, InnerRequest) and isinstance(last, InnerRequest)
+        assert isinstance(refused, RefusedPart)
+        assert refused.reason.startswith("part 2 of the batch request: ")
+        assert message in refused.reason
+
+    def test_a_refused_part_keeps_its_content_id(self) -> None:
+        part = b"Content-Type: text/plain\r\nContent-ID: <x+1>\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+        (refused,) = parse_batch_request(*raw_batch([part]))
+        assert refused == RefusedPart(
+            "part 1 of the batch request (Content-ID x+1): it is Content-Type 'text/plain': "
+            "each part of a batch request must be Content-Type: application/http, one HTTP "
+            "request (no nesting)",
+            "x+1",
+        )
+
     def test_at_most_100_calls(self) -> None:
-        assert len(parse_batch_request(*client_batch(["x"] * MAX_BATCH_CALLS))) == 100
+        assert len(calls_of(*client_batch(["x"] * MAX_BATCH_CALLS))) == 100
         with pytest.raises(BatchFormatError, match="at most 100 calls, this one holds 101"):
             parse_batch_request(*client_batch(["x"] * (MAX_BATCH_CALLS + 1)))
 

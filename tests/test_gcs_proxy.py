@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import functools
 import gc
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -534,6 +535,38 @@ class TestBatch:
         )
         assert answer.status_code == 400
         assert "multipart/mixed" in answer.json()["error"]["message"]
+
+    @pytest.mark.anyio
+    async def test_a_malformed_part_is_refused_alone(self, proxy: str, gcs: GcsEmulator) -> None:
+        # The first call as ObjectHttp.delete_many writes it; the second as its first version
+        # did, its head ended by no blank line of its own (the CRLF before "--b1" is the
+        # delimiter's, RFC 2046), which fake-gcs-server's own batch API refuses too.
+        await upload_each(gcs.endpoint, ["raw/kept", "raw/deleted"])
+        good = b"DELETE /storage/v1/b/%s/o/raw%%2Fdeleted HTTP/1.1\r\n\r\n" % BUCKET.encode()
+        bad = b"DELETE /storage/v1/b/%s/o/raw%%2Fkept HTTP/1.1\r\n" % BUCKET.encode()
+        body = b"".join(
+            b"--b1\r\nContent-Type: application/http\r\nContent-ID: <c+%d>\r\n\r\n%s\r\n"
+            % (index, call_)
+            for index, call_ in enumerate([good, bad])
+        )
+        answer = await http(
+            "POST",
+            f"{proxy}/batch/storage/v1",
+            data=body + b"--b1--\r\n",
+            headers={"Content-Type": "multipart/mixed; boundary=b1"},
+        )
+        assert answer.status_code == 200
+        boundary = answer.headers["Content-Type"].split("boundary=")[1].encode()
+        first, second = answer.content.split(b"--" + boundary)[1:-1]
+        assert b"Content-ID: <response-c+0>\r\n\r\nHTTP/1.1 204 No Content\r\n" in first
+        assert b"Content-ID: <response-c+1>\r\n\r\nHTTP/1.1 400 Bad Request\r\n" in second
+        error = json.loads(second.split(b"\r\n\r\n", 2)[2])["error"]
+        assert error["errors"][0]["reason"] == "invalid"
+        assert "part 2 of the batch request (Content-ID c+1)" in error["message"]
+        assert "not ended by an empty line" in error["message"]
+        assert await exists_directly(gcs, ["raw/kept", "raw/deleted"]) == [True, False]
+        seen = await stats(proxy)
+        assert (seen["requests"], seen["refused"]) == ({"POST": 1, "DELETE": 1}, 1)
 
 
 class TestBatchFaults:

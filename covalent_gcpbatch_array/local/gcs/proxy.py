@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP proxy in front of fake-gcs-server: ``python -m ...local.gcs_proxy``.
+"""A fault-injecting HTTP proxy in front of fake-gcs-server: ``python -m ...local.gcs.proxy``.
 
 With ``LocalCloud(gcs_faults=True)`` every Cloud Storage request, the executor's and the tasks',
 goes through this proxy, which forwards it to fake-gcs-server unchanged unless a planned fault
@@ -11,20 +11,23 @@ matches it. A fault is "the next ``count`` requests whose method is M and whose 
 - ``corrupt=True``: forward the request and pass the answer on with one byte of its body
   flipped (bit rot in transit: the client's checksum check, if any, must catch it).
 
-Batch requests (``POST /batch/storage/v1``, up to 100 calls in one multipart/mixed request),
-which fake-gcs-server lacks, are answered here (:mod:`.gcs_batch`): each call goes to
+Batch requests (``POST /batch/storage/v1``, up to 100 calls in one multipart/mixed request)
+are answered here (:mod:`.batch_requests`), not by fake-gcs-server's own batch API, which
+answers a delete ``200 null`` and a part without a ``Content-ID`` not at all: each call goes to
 fake-gcs-server as a request of its own, on the same kept-alive connections as every
-forwarded request, and meets the planned faults as one (a ``drop`` loses the whole batch's
-answer); a fault can also hit the batch request itself (``method="POST", path="/batch/"``).
+forwarded request, meets the checks below and the planned faults as one (a ``drop`` loses the
+whole batch's answer); a fault can also hit the batch request itself (``method="POST",
+path="/batch/"``). A malformed batch is refused with 400, a malformed part with its part's 400.
 
 Where fake-gcs-server answers otherwise than Cloud Storage, the proxy answers as Google does: an
 upload whose declared CRC32C or MD5 does not match its bytes is refused with 400
 (:mod:`.checksums`; a resumable upload sent in chunks is checked against what fake-gcs-server
-stored once it completes, and the object deleted if they differ), an object DELETE answers 204 without a body (in batch requests too), and a
-request whose precondition (``ifGenerationMatch`` and the three others) does not hold is refused
-with 412 (304 for a read), on every kind of upload, read and delete (:mod:`.preconditions`):
-the check and the write it guards hold a lock on the object's name, so of two concurrent
-creates only one succeeds. A resumable upload's conditions are checked when it completes (its
+stored once it completes, and the object deleted if they differ), an object DELETE answers 204
+without a body (in batch requests too), and a request whose precondition
+(``ifGenerationMatch`` and the three others) does not hold is refused with 412 (304 for a
+read), on every kind of upload, read and delete (:mod:`.preconditions`): the check and the
+write it guards hold a lock on the object's name, so of two concurrent creates only one
+succeeds. A resumable upload's conditions are checked when it completes (its
 session URL carries them, as Google's does).
 
 Process contract (like the Batch emulator's)::
@@ -71,6 +74,7 @@ from covalent_gcpbatch_array.local.gcs.batch_requests import (
     BatchFormatError,
     InnerRequest,
     InnerResponse,
+    RefusedPart,
     compose_batch_response,
     inner_headers,
     parse_batch_request,
@@ -211,7 +215,8 @@ class ProxyStats:
     answers_lost: int = 0  # of those failed or dropped: requests forwarded first
     corrupted: int = 0  # answers passed on with a flipped byte
     batches: int = 0  # batch requests answered (their calls count as requests of their own)
-    refused: int = 0  # uploads refused here as Google would (a checksum that does not match)
+    refused: int = 0  # refused here as Google would: a checksum that does not match, a
+    # malformed part of a batch request
     conditions_not_met: int = 0  # requests answered 412 or 304: a precondition did not hold
     faulted: deque[str] = field(default_factory=lambda: deque(maxlen=_FAULT_LOG))  # recent hits
 
@@ -450,7 +455,8 @@ class GcsProxy:
             raise OSError(f"answer {response.status} {answer[:200]!r}") from exc
 
     async def _batch(self, client: _Peer, request: h11.Request, fault: StorageFault | None) -> bool:
-        """Answer a batch request: each call goes to fake-gcs-server, which has no batch API."""
+        """Answer a batch request, each call through :meth:`_batch_call` (see the module's
+        docstring for why fake-gcs-server's own batch API is not asked)."""
         body = await _read_body(client)
         content_type = _header(request, b"content-type").decode("latin-1")
         try:
@@ -459,8 +465,12 @@ class GcsProxy:
             await _send_error(client, 400, str(exc))
             return True
         self.stats.batches += 1
-        answers: list[tuple[InnerRequest, InnerResponse]] = []
+        answers: list[tuple[InnerRequest | RefusedPart, InnerResponse]] = []
         for call in calls:
+            if isinstance(call, RefusedPart):
+                self.stats.refused += 1
+                answers.append((call, _error_answer(400, call.reason, reason="invalid")))
+                continue
             answer = await self._batch_call(request, call)
             if answer is None:
                 return False  # an injected drop: the whole batch's answer is lost
