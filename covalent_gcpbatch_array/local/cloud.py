@@ -8,12 +8,13 @@
         cloud.fail_calls("CreateJob", status=503, count=2)  # fault injection
         print(cloud.stats())                                # API calls answered, by method
 
-Cloud Storage is fake-gcs-server behind our proxy (:mod:`.gcs_proxy`), which answers batch
-requests (``/batch/storage/v1``, which fake-gcs-server lacks) and enforces the request
-preconditions it ignores: the executor (through :meth:`executor_config`), any client of
-:meth:`environment` and the Batch emulator's tasks reach storage through it (a task's outcome
-over 8 MiB is a resumable upload, whose ``ifGenerationMatch=0`` only the proxy honours). With
-``LocalCloud(gcs_faults=True)`` it also fails chosen requests of both::
+Cloud Storage is fake-gcs-server behind our proxy (:mod:`.gcs.proxy`), which answers batch
+requests (``/batch/storage/v1``) as Google does (fake-gcs-server's own batch API answers a
+delete ``200 null`` and a part without a ``Content-ID`` not at all) and enforces the request
+preconditions fake-gcs-server ignores: the executor (through :meth:`executor_config`), any
+client of :meth:`environment` and the Batch emulator's tasks reach storage through it (a task's
+outcome over 8 MiB is a resumable upload, whose ``ifGenerationMatch=0`` only the proxy
+honours). With ``LocalCloud(gcs_faults=True)`` it also fails chosen requests of both::
 
         cloud.fail_storage("PUT", status=503, count=2)      # or drop=True, path="result.pkl"
         print(cloud.storage_stats())                        # requests seen, faults injected
@@ -108,7 +109,8 @@ class LocalCloud(OneShotService):
     :param startup_timeout: seconds each server gets to become ready
     :param gcs_proxy: put our proxy in front of fake-gcs-server (the default): it answers
         Cloud Storage batch requests as Google does; ``False`` lets clients talk to
-        fake-gcs-server directly (one hop less, no batch API, preconditions not all enforced)
+        fake-gcs-server directly (one hop less, its own batch API, whose answers differ from
+        Google's, preconditions not all enforced)
     :param gcs_faults: let :meth:`fail_storage` fail chosen storage requests of the executor
         and the tasks (needs ``gcs_proxy``)
     :param jobs_per_window: job-creation quota per ``quota_window_seconds`` (``None``: none)
@@ -372,7 +374,7 @@ class LocalCloud(OneShotService):
 
     @property
     def gcs_endpoint(self) -> str:
-        """fake-gcs-server's own base URL (no injected faults, no batch API on this path)."""
+        """fake-gcs-server's own base URL (no injected faults; its own batch API, not Google's)."""
         return self._running()[1].endpoint
 
     @property
