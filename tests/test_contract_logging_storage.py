@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 import requests
+from google.auth.transport.urllib3 import AuthorizedHttp
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_array._core.clients import make_logging_client, make_storage_client
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.storage import TaskObject, TaskStore
 from covalent_gcpbatch_array.local import LocalCloud
-from covalent_gcpbatch_array.local.gcs.batch_requests import parse_batch_request
+from covalent_gcpbatch_array.local.gcs.batch_requests import InnerRequest, parse_batch_request
 from covalent_gcpbatch_array.local.gcs.checksums import multipart_parts
 from covalent_gcpbatch_array.local.logging.api import REQUEST_FIELDS
 from tests.polling import job_reached
@@ -68,7 +69,8 @@ class Exchange:
 
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Exchange]]:
-    """Every exchange the real clients make through ``requests`` while the test runs."""
+    """Every exchange the real clients make through ``requests``, and the executor through
+    google-auth's urllib3 transport, while the test runs."""
     exchanges: list[Exchange] = []
     send = requests.adapters.HTTPAdapter.send
 
@@ -89,7 +91,32 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Exchange]]:
         )
         return response
 
+    urlopen = AuthorizedHttp.urlopen
+
+    def recording_urlopen(
+        http: AuthorizedHttp,
+        method: str,
+        url: str,
+        body: Any = None,
+        headers: Any = None,
+        **kw: Any,
+    ) -> Any:
+        # The executor's hot path (ObjectHttp: media uploads and downloads, batch deletes).
+        response = urlopen(http, method, url, body=body, headers=headers, **kw)
+        exchanges.append(
+            Exchange(
+                method=method,
+                url=url,
+                headers={key: str(value) for key, value in (headers or {}).items()},
+                body=body.encode() if isinstance(body, str) else body or b"",
+                status=response.status,
+                answer=response.data,
+            )
+        )
+        return response
+
     monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", recording_send)
+    monkeypatch.setattr(AuthorizedHttp, "urlopen", recording_urlopen)
     yield exchanges
 
 
@@ -206,6 +233,7 @@ class TestStorage:
             if split.path == "/" + document["batchPath"]:
                 content_type = exchange.headers["Content-Type"]
                 for call in parse_batch_request(content_type, exchange.body):
+                    assert isinstance(call, InnerRequest), f"a batch part refused: {call}"
                     inner = Exchange(call.method, call.target, {}, call.body, 204, b"")
                     called.append(check_request(document, inner, "")["id"])
                 continue
