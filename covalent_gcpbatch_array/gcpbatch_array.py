@@ -206,17 +206,22 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
                 # flagged before our handle was stored is not cancelled through cancel().
                 if await self._cancel_requested():
                     raise ElectronCancelledError(f"{origin} was cancelled before it was submitted")
-                data = encode_input(
-                    function,
-                    tuple(args),
-                    kwargs,
-                    key=service.job_key(member),
-                    task=ref,
-                    origin=origin,
-                )
-                uploading = True
-                await _upload_unless_withdrawn(service.clients.store(config), ref, data, member)
-                del data
+                store = service.clients.store(config)
+                # Encoded only once it can be sent: a burst of thousands of electrons holds a
+                # few dozen encoded inputs (and upload tasks) at a time, not thousands.
+                async with store.input_slots:
+                    if not member.done:  # not cancelled or withdrawn while it waited
+                        data = encode_input(
+                            function,
+                            tuple(args),
+                            kwargs,
+                            key=service.job_key(member),
+                            task=ref,
+                            origin=origin,
+                        )
+                        uploading = True
+                        await _upload_unless_withdrawn(store, ref, data, member)
+                        del data
                 member.set_ready()
                 outcome = await member.wait()
         except ElectronCancelledError as exc:

@@ -23,11 +23,12 @@ from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeErr
 from google.api_core.exceptions import NotFound
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_array import gcpbatch_array
 from covalent_gcpbatch_array._core.clients import make_storage_client
 from covalent_gcpbatch_array._core.compat import give_task_streams
 from covalent_gcpbatch_array._core.contract import TaskRef
 from covalent_gcpbatch_array._core.runtime import ExecutorRuntime
-from covalent_gcpbatch_array._core.storage import TaskStore
+from covalent_gcpbatch_array._core.storage import INPUT_SLOTS, AsyncTaskStore, TaskStore
 from covalent_gcpbatch_array.exceptions import (
     BatchApiError,
     ConfigError,
@@ -116,6 +117,32 @@ def fail_on_odd(x: int) -> int:
 
 
 class TestPacking:
+    @pytest.mark.anyio
+    async def test_a_burst_holds_a_few_dozen_encoded_inputs_not_all(
+        self, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        held = most = 0
+        encode, upload = gcpbatch_array.encode_input, AsyncTaskStore.upload_input
+
+        def counting_encode(*args: Any, **kwargs: Any) -> bytes:
+            nonlocal held, most
+            held += 1
+            most = max(most, held)
+            return encode(*args, **kwargs)
+
+        async def counting_upload(store: AsyncTaskStore, ref: TaskRef, data: bytes) -> None:
+            nonlocal held
+            try:
+                await upload(store, ref, data)
+            finally:
+                held -= 1
+
+        monkeypatch.setattr(gcpbatch_array, "encode_input", counting_encode)
+        monkeypatch.setattr(AsyncTaskStore, "upload_input", counting_upload)
+        outcomes = await fan_out(cloud, square, list(range(100)))
+        assert outcomes == {index: index * index for index in range(100)}
+        assert 0 < most <= INPUT_SLOTS < 100
+
     @pytest.mark.anyio
     async def test_fifty_electrons_of_one_shape_make_one_job(self, cloud: LocalCloud) -> None:
         delta = Delta(cloud)

@@ -37,6 +37,7 @@ from covalent_gcpbatch_array._core.job_monitor import ArrayJobContext, BatchPayl
 from covalent_gcpbatch_array._core.jobs import JobsApi, new_job_id
 from covalent_gcpbatch_array._core.outcome import ElectronOutcome
 from covalent_gcpbatch_array._core.storage import (
+    INPUT_SLOTS,
     INPUT_THREADS,
     OTHER_THREADS,
     AsyncTaskStore,
@@ -96,6 +97,7 @@ class LoopClients:
         self._jobs_limiter = anyio.CapacityLimiter(BATCH_API_THREADS)
         self._store_limiter = anyio.CapacityLimiter(OTHER_THREADS)
         self._input_limiter = anyio.CapacityLimiter(INPUT_THREADS)
+        self._input_slots = anyio.CapacityLimiter(INPUT_SLOTS)
         self._jobs: dict[tuple[str, str, str], JobsApi] = {}
         self._stores: dict[tuple[str, str, str, str], AsyncTaskStore] = {}
 
@@ -122,6 +124,7 @@ class LoopClients:
                 TaskStore(client, config.bucket_name, config.bucket_prefix),
                 self._store_limiter,
                 self._input_limiter,
+                self._input_slots,
             )
         return self._stores[key]
 

@@ -52,6 +52,7 @@ from covalent_gcpbatch_array._core.object_http import BatchUnsupported, BucketNo
 from covalent_gcpbatch_array.exceptions import StorageError
 
 __all__ = [
+    "INPUT_SLOTS",
     "INPUT_THREADS",
     "OTHER_THREADS",
     "AsyncTaskStore",
@@ -548,6 +549,9 @@ class TaskStore:
 #: never queue behind the inputs of the next batches.
 INPUT_THREADS = 16
 OTHER_THREADS = 16
+#: Electrons encoding or uploading their input at once: twice the threads, so that the next
+#: inputs are ready when a thread frees.
+INPUT_SLOTS = 2 * INPUT_THREADS
 #: The backoff between the attempts of an input upload (seconds), google-cloud-storage's own.
 _FIRST_DELAY = 1.0
 _MAX_DELAY = 60.0
@@ -562,6 +566,8 @@ class AsyncTaskStore:
     :param input_limiter: bounds the threads of input uploads, kept apart so that reading a
         running job's results never waits behind the inputs of the next batches (default: a
         limiter of :data:`INPUT_THREADS` of its own)
+    :param input_slots: bounds the electrons that hold an encoded input on its way to the
+        bucket (:attr:`input_slots`; default: a limiter of :data:`INPUT_SLOTS` of its own)
     """
 
     def __init__(
@@ -569,10 +575,14 @@ class AsyncTaskStore:
         store: TaskStore,
         limiter: anyio.CapacityLimiter | None = None,
         input_limiter: anyio.CapacityLimiter | None = None,
+        input_slots: anyio.CapacityLimiter | None = None,
     ) -> None:
         self.sync = store
         self._limiter = limiter or anyio.CapacityLimiter(OTHER_THREADS)
         self._input_limiter = input_limiter or anyio.CapacityLimiter(INPUT_THREADS)
+        #: Held by an electron from encoding its input until the upload ends, so that a burst
+        #: keeps the upload threads busy without every electron's input in memory at once.
+        self.input_slots = input_slots or anyio.CapacityLimiter(INPUT_SLOTS)
 
     def layout(self, job_id: str) -> JobLayout:
         """The object names of job ``job_id``."""
