@@ -211,6 +211,7 @@ class GCPBatchArrayExecutor(AsyncBaseExecutor):
                 # few dozen encoded inputs (and upload tasks) at a time, not thousands.
                 async with store.input_slots:
                     if not member.done:  # not cancelled or withdrawn while it waited
+                        member.set_uploading()  # upload_timeout counts from here
                         data = encode_input(
                             function,
                             tuple(args),

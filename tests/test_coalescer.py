@@ -39,6 +39,7 @@ from covalent_gcpbatch_array.exceptions import (
     CoalescerClosedError,
     ElectronCancelledError,
     GCPBatchArrayError,
+    StorageError,
     TaskInfrastructureError,
 )
 from tests.virtual_time import HANG, fails_if_stuck, mock_clock_backend
@@ -118,15 +119,19 @@ async def run_electron(
     *,
     join_at: float,
     payload: Any,
+    queue_time: float = 0.0,
     upload_time: float = 0.0,
     upload_error: Exception | None = None,
 ) -> None:
-    """Play an electron's run(): join at ``join_at``, upload, wait, record what happened."""
+    """Play an electron's run(): join at ``join_at``, wait ``queue_time`` for its turn to
+    upload, upload, wait, record what happened."""
     await anyio.sleep_until(join_at)
     try:
         with coalescer.join(key, policy) as member:
             electron.member = member
             electron.joined_at = anyio.current_time()
+            await anyio.sleep(queue_time)
+            member.set_uploading()
             await anyio.sleep(upload_time)
             if upload_error is not None:
                 raise upload_error
@@ -137,6 +142,11 @@ async def run_electron(
         electron.error = exc
     finally:
         electron.finished_at = anyio.current_time()
+
+
+def launched_indices(electrons: list[Electron]) -> list[int]:
+    """The task indices of electrons that joined."""
+    return [e.member.index for e in electrons if e.member is not None]
 
 
 def start_electrons(
@@ -369,6 +379,42 @@ class TestReadiness:
         assert batch.flushed_at == t0 + 1.0
         assert cloud.launches[0].at == t0 + 5.0
         assert all(e.value is not None for e in fast + slow)
+
+    @pytest.mark.anyio
+    @fails_if_stuck
+    async def test_an_upload_over_settle_timeout_leaves_and_its_mates_launch(self) -> None:
+        policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100, settle_timeout=2.0)
+        cloud = FakeCloud()
+        t0 = anyio.current_time()
+        async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
+            fast = start_electrons(group, coalescer, cloud, policy, [t0, t0])
+            stuck = start_electrons(group, coalescer, cloud, policy, [t0], upload_time=100.0)
+        assert cloud.launches[0].at == t0 + 3.0  # the flush, then 2 s
+        assert cloud.launches[0].indices == sorted(launched_indices(fast))
+        assert all(e.value is not None for e in fast)
+        assert isinstance(stuck[0].error, StorageError)
+        assert "within 2 s of the start of its upload" in str(stuck[0].error)
+
+    @pytest.mark.anyio
+    @fails_if_stuck
+    async def test_an_upload_queued_behind_others_is_timed_from_its_start(self) -> None:
+        policy = BatchPolicy(window=1.0, idle_gap=0.0, max_size=100, settle_timeout=2.0)
+        cloud = FakeCloud()
+        t0 = anyio.current_time()
+        async with Coalescer(cloud.launch) as coalescer, anyio.create_task_group() as group:
+            first = start_electrons(group, coalescer, cloud, policy, [t0])
+            queued = start_electrons(
+                group, coalescer, cloud, policy, [t0], queue_time=10.0, upload_time=1.5
+            )
+            stuck = start_electrons(
+                group, coalescer, cloud, policy, [t0], queue_time=20.0, upload_time=100.0
+            )
+        # The queued upload took 1.5 s once started at t0 + 10, long after flush + 2 s: kept.
+        # The stuck one started at t0 + 20 and was let go 2 s later.
+        assert cloud.launches[0].at == t0 + 22.0
+        assert cloud.launches[0].indices == sorted(launched_indices(first + queued))
+        assert all(e.value is not None for e in first + queued)
+        assert isinstance(stuck[0].error, StorageError)
 
     @pytest.mark.anyio
     @fails_if_stuck

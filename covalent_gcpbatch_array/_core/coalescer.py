@@ -79,8 +79,10 @@ class BatchPolicy:
     window: float  # seconds a batch stays open after its first member joined (inf: no limit)
     idle_gap: float  # flush early once no member joined for this long; 0 disables
     max_size: int  # members per batch (the executor caps it at Batch's 100,000 tasks per job)
-    #: seconds a flushed batch waits for members not ready yet; then they leave it (withdrawn
-    #: with a StorageError) and it launches without them (inf: waits for every one)
+    #: seconds a flushed batch waits for a member whose upload started (counted from the
+    #: flush at the earliest) and is not ready yet; then it leaves the batch (withdrawn with a
+    #: StorageError), which launches without it (inf: waits for every one). A member that has
+    #: not started its upload (queued behind other uploads) is waited for.
     settle_timeout: float = math.inf
 
     def __post_init__(self) -> None:
@@ -187,6 +189,12 @@ class Member(Generic[T]):
     def done(self) -> bool:
         """True once the outcome is known (resolved, failed, withdrawn or cancelled)."""
         return self._state not in _PENDING
+
+    def set_uploading(self) -> None:
+        """Mark the upload of the input as started: from now on (or from the flush, if later)
+        the batch waits at most ``settle_timeout`` for it. A no-op unless JOINED."""
+        if self._state is MemberState.JOINED:
+            self._batch._upload_started(self)
 
     def set_ready(self) -> None:
         """Mark the input as uploaded. A no-op if the member already gave up or was failed."""
@@ -353,6 +361,8 @@ class Batch(Generic[K, T]):
         self._coalescer = coalescer
         self._last_join_at = now  # the idle deadline is this plus policy.idle_gap
         self._unready = 0  # members still JOINED: the launch waits for this to be 0
+        #: JOINED members whose upload started, with its time, in the order they started
+        self._uploading: dict[Member[T], float] = {}
         self._live = 0  # members LAUNCHED and without an outcome
         self._launched: list[Member[T]] = []  # the members given to the launch code
         self._cancelled: list[Member[T]] = []  # launched members cancelled, not yet reported
@@ -466,23 +476,39 @@ class Batch(Generic[K, T]):
             return math.inf
         return self._last_join_at + self.policy.idle_gap
 
-    async def _wait_settled(self) -> None:
-        while self._unready:
-            await self._wait_change()
+    def _upload_started(self, member: Member[T]) -> None:
+        self._uploading[member] = anyio.current_time()
+        if len(self._uploading) == 1:
+            self._notify()  # the first deadline to watch
 
-    def _withdraw_unready(self) -> None:
-        """Let the members whose input is still not ready leave: their job-mates go on."""
-        for member in self.members:
-            if member.state is MemberState.JOINED:
-                member.withdraw(
-                    StorageError(
-                        f"the input of task {member.index} of batch {self.batch_id} was not "
-                        f"uploaded within {self.policy.settle_timeout:g} s of the batch's "
-                        "flush: the batch was launched without it (Cloud Storage kept failing "
-                        "or the input is very large); dispatch the electron again, and for a "
-                        "large input on a slow link raise the executor's upload_timeout"
+    async def _settle(self) -> None:
+        """Wait until no member is JOINED, withdrawing each whose upload has run for
+        ``settle_timeout`` (counted from the flush at the earliest): its job-mates go on.
+
+        Uploads start in order, so the first one still running has the first deadline.
+        """
+        timeout = self.policy.settle_timeout
+        while self._unready:
+            first = next(iter(self._uploading.items()), None)
+            if first is None:
+                deadline = math.inf
+            else:
+                member, started_at = first
+                deadline = max(started_at, cast(float, self.flushed_at)) + timeout
+                if deadline <= anyio.current_time():
+                    member.withdraw(
+                        StorageError(
+                            f"the input of task {member.index} of batch {self.batch_id} was "
+                            f"not uploaded within {timeout:g} s of the start of its upload (or "
+                            "of the batch's flush): the batch was launched without it (Cloud "
+                            "Storage kept failing or the input is very large); dispatch the "
+                            "electron again, and for a large input on a slow link raise the "
+                            "executor's upload_timeout"
+                        )
                     )
-                )
+                    continue
+            with anyio.CancelScope(deadline=deadline):
+                await self._wait_change()
 
     def _launch_ready_members(self) -> int:
         for member in self.members:
@@ -496,6 +522,7 @@ class Batch(Generic[K, T]):
         counts[old] -= 1
         counts[new] += 1
         if old is MemberState.JOINED:
+            self._uploading.pop(member, None)
             self._unready -= 1
             if not self._unready:
                 self._notify()
@@ -662,9 +689,7 @@ class Coalescer(Generic[K, T]):
         failure: Callable[[Member[T]], BaseException] = _closed_error
         try:
             await batch._wait_flushed()
-            with anyio.move_on_after(batch.policy.settle_timeout):
-                await batch._wait_settled()
-            batch._withdraw_unready()
+            await batch._settle()
             if batch._launch_ready_members():
                 self._set_phase(batch, BatchPhase.LAUNCHED)
                 try:
