@@ -111,3 +111,30 @@ class TestReadmeLayout:
     def test_every_listed_path_exists(self) -> None:
         missing = sorted(p for p in self._listed_paths() if not (ROOT / p).exists())
         assert missing == []
+
+
+class TestReadmeHeadline:
+    """The README's numbers against the original plugin are those of the committed results."""
+
+    def _result(self, arrival: str, mode: str) -> dict[str, object]:
+        path = ROOT / "benchmarks" / "results" / f"original-{arrival}-{mode}-1000.json"
+        loaded: dict[str, object] = json.loads(path.read_text())
+        return loaded
+
+    def test_jobs_calls_and_time_come_from_the_1000_electron_run(self) -> None:
+        text = " ".join((ROOT / "README.md").read_text().split())
+        ours, theirs = self._result("burst", "batched"), self._result("burst", "original")
+        assert f"**jobs:** {ours['jobs_created']:,} instead of {theirs['jobs_created']:,}" in text
+        assert (
+            f"**Batch API calls:** {ours['api_calls_total']:,} instead of "
+            f"{theirs['api_calls_total']:,}"
+        ) in text
+        assert (
+            f"**time to the last result:** {ours['time_to_last_result_s']:.1f} s instead of "
+            f"{theirs['time_to_last_result_s']:.1f} s"
+        ) in text
+        served, seed = self._result("covalent", "batched"), self._result("covalent", "original")
+        assert (
+            f"through a Covalent server: {served['time_to_last_result_s']:.1f} s in "
+            f"{served['jobs_created']} jobs, instead of {seed['time_to_last_result_s']:,.0f} s"
+        ) in text
