@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from benchmarks.behaviour_cases import CASES, behaviour_electron, describe_error
 from benchmarks.behaviours import behaviour_path, not_run, run_behaviour
 from benchmarks.graph_aware import window_bound
 from benchmarks.harness import Arrival, Mode, RunSpec, environment
+from benchmarks.packed_inputs import main as packed_inputs_main
+from benchmarks.packed_inputs import pack
 from benchmarks.plots import draw_all
 from benchmarks.profiling import frame_name, summarise
 from benchmarks.report import (
@@ -569,3 +572,19 @@ class TestBehaviours:
         assert (target["function_started"], target["function_finished"]) == (1, 0)
         assert [m["outcome"] for m in mates] == ["result", "result"]
         assert result["jobs_created"] == 1
+
+
+class TestPackedInputs:
+    def test_pack_puts_an_offset_table_before_the_envelopes(self) -> None:
+        packed = pack([b"ab", b"", b"cde"])
+        assert packed == struct.pack(">4Q", 0, 2, 2, 5) + b"abcde"
+
+    @pytest.mark.slow
+    def test_both_ways_are_measured_on_the_local_cloud(self, tmp_path: Path) -> None:
+        out = tmp_path / "packed.json"
+        packed_inputs_main(["--electrons", "20", "--rounds", "1", "--json", str(out)])
+        result = json.loads(out.read_text())
+        cpu = result["cpu_ms_per_electron"]
+        assert len(cpu["per-electron"]) == len(cpu["packed"]) == 1
+        assert cpu["per-electron"][0] > 0 and cpu["packed"][0] >= 0
+        assert result["environment"]["cpus"] == os.cpu_count()
