@@ -623,6 +623,10 @@ class BatchScheduler:
             self._start_ready_tasks()
 
     def _task_running(self, job: JobRecord, task: TaskRecord) -> None:
+        if job.drained is not None:
+            # Its process started just as the job was cancelled or deleted: the task was
+            # already stopped (FAILED), and the attempt is being cancelled.
+            return
         job.set_task_state(task, TaskState.RUNNING)
         if job.state is JobState.SCHEDULED:
             job.set_state(JobState.RUNNING)
