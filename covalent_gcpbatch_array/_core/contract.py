@@ -40,6 +40,7 @@ __all__ = [
     "RESERVED_EXIT_CODES",
     "RUNNER_MODULE",
     "TaskRef",
+    "task_index_of",
     "validate_job_id",
     "validate_prefix",
 ]
@@ -90,6 +91,11 @@ _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-
 #: An object name is at most 1,024 bytes; the rest of the longest one (``/{job id of up to 63}
 #: /tasks/{index}/{file name}``) takes at most 124, so the prefix may take 900.
 MAX_PREFIX_LENGTH = 900
+
+
+def task_index_of(task_name: str) -> int:
+    """The index of a Batch task from its resource name ``.../tasks/{index}``."""
+    return int(task_name.rsplit("/", 1)[-1])
 
 
 def validate_job_id(job_id: str) -> str:

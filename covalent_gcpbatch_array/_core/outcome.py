@@ -17,6 +17,7 @@ from covalent_gcpbatch_array._core.contract import (
     EXIT_NO_INPUT,
     EXIT_ORPHANED,
     RESERVED_EXIT_CODES,
+    task_index_of,
 )
 from covalent_gcpbatch_array.exceptions import TaskInfrastructureError, TimeLimitExceeded
 
@@ -41,8 +42,8 @@ class ElectronOutcome:
 
 
 def task_index(task: batch_v1.Task) -> int:
-    """The index of a task from its resource name ``.../tasks/{index}``."""
-    return int(task.name.rsplit("/", 1)[-1])
+    """The index of a task (from its resource name ``.../tasks/{index}``)."""
+    return task_index_of(task.name)
 
 
 def task_exit_code(task: batch_v1.Task) -> int | None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from google.api_core import exceptions as api_exceptions
 
 from covalent_gcpbatch_array._core.compat import batch_rest_session
+from covalent_gcpbatch_array._core.contract import task_index_of
 
 if TYPE_CHECKING:
     import requests
@@ -100,7 +101,7 @@ class TaskStateReader:
             raise api_exceptions.from_http_response(response)
         body = response.json()
         states = {
-            int(task["name"].rsplit("/", 1)[-1]): task.get("status", {}).get("state", _NO_STATE)
+            task_index_of(task["name"]): task.get("status", {}).get("state", _NO_STATE)
             for task in body.get("tasks", ())
         }
         return states, body.get("nextPageToken", "")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from covalent_gcpbatch_array._core.contract import task_index_of
 from covalent_gcpbatch_array.local.cloud import LocalCloud
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def run_demo(*, tasks: int = 8, provisioning_delay: float = 0.0, out: TextIO = s
                 say(f"  {event.description}")
             for task in client.list_tasks(parent=f"{job.name}/taskGroups/group0"):
                 if task.status.state.name == "FAILED":
-                    index = int(task.name.rsplit("/", 1)[1])
+                    index = task_index_of(task.name)
                     say(f"  task {index} stderr: {cloud.task_output(job_id, index, 0, 'stderr')}")
         else:
             ok = _check_objects(cloud, tasks, preempted, say)
